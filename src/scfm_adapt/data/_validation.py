@@ -1,0 +1,101 @@
+"""Checks run on user data before a model touches it. Messages say what is wrong and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import sparse
+
+from ..errors import GeneMismatchError, InvalidCountsError
+
+
+def get_matrix(adata, layer: str | None):
+    """``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer."""
+    if layer is None:
+        if adata.X is None:
+            raise InvalidCountsError("adata.X is empty; pass `layer=` naming the counts layer.")
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"Layer {layer!r} not found in adata.layers (has {list(adata.layers)}). "
+            "Pass the name of the layer holding raw counts, or layer=None for adata.X."
+        )
+    return adata.layers[layer]
+
+
+def _values(matrix, chunk: int = 4096):
+    """Yield the stored values of a dense, sparse or backed matrix, a block of rows at a time."""
+    if sparse.issparse(matrix):
+        yield np.asarray(matrix.data)
+        return
+    n = matrix.shape[0]
+    for start in range(0, n, chunk):
+        block = matrix[start : start + chunk]
+        yield np.asarray(block.toarray() if sparse.issparse(block) else block)
+
+
+def check_counts(matrix, where: str = "adata.X") -> None:
+    """Raise :class:`~scfm_adapt.errors.InvalidCountsError` unless ``matrix`` holds raw counts.
+
+    Checks for NaN/inf, negative and non-integer values. Sparse matrices are checked on
+    their stored values only, so this costs one pass over the non-zeros.
+    """
+    if 0 in matrix.shape:
+        raise InvalidCountsError(
+            f"{where} is empty (shape {matrix.shape}); select at least one cell and one gene."
+        )
+    for vals in _values(matrix):
+        if vals.size == 0:
+            continue
+        if not np.issubdtype(vals.dtype, np.number):
+            raise InvalidCountsError(f"{where} has non-numeric dtype {vals.dtype}.")
+        if np.issubdtype(vals.dtype, np.floating):
+            if not np.isfinite(vals).all():
+                raise InvalidCountsError(
+                    f"{where} contains NaN or infinite values; a count likelihood needs "
+                    "finite raw counts. Remove or fill those entries first."
+                )
+            frac = vals != np.round(vals)
+            if frac.any():
+                raise InvalidCountsError(
+                    f"{where} contains non-integer values (e.g. {vals[frac][0]:.4g})"
+                    "; NB/ZINB/Poisson likelihoods need raw counts. Pass the raw counts "
+                    "(often adata.layers['counts'] or adata.raw) through `layer=`, not "
+                    "normalised or log-transformed data."
+                )
+        if (vals < 0).any():
+            raise InvalidCountsError(
+                f"{where} contains negative values; raw counts are >= 0. Pass the raw "
+                "counts through `layer=`, not scaled or centred data."
+            )
+
+
+def check_genes(var_names: Sequence[str], reference: Sequence[str], what: str = "model") -> None:
+    """Raise :class:`~scfm_adapt.errors.GeneMismatchError` unless the genes equal ``reference``.
+
+    Same genes in another order and missing or extra genes get different messages and fixes.
+    """
+    var_names, reference = list(map(str, var_names)), list(map(str, reference))
+    if var_names == reference:
+        return
+    query, ref = set(var_names), set(reference)
+    if len(query) != len(var_names):
+        raise GeneMismatchError(
+            "adata.var_names has duplicates; call adata.var_names_make_unique() first."
+        )
+    if query == ref:
+        raise GeneMismatchError(
+            f"adata has the {what}'s genes in another order. Reorder them with "
+            f"`adata = adata[:, {what}_var_names].copy()`."
+        )
+    missing, extra = (
+        [g for g in reference if g not in query],
+        [g for g in var_names if g not in ref],
+    )
+    raise GeneMismatchError(
+        f"adata's genes differ from the {what}'s: {len(missing)} of its {len(reference)} genes "
+        f"are missing (e.g. {missing[:5]}) and {len(extra)} are extra (e.g. {extra[:5]}). "
+        f"Subset or reorder adata to the {what}'s genes (`adata[:, var_names]`) when it "
+        "has them all, or map the data onto the model as a query."
+    )

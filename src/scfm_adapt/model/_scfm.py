@@ -1,0 +1,552 @@
+"""``SCFM``: the user-facing model class (the only layer, with ``tl``, that sees AnnData)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+)
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from .. import __version__
+from ..data import check_counts, check_genes, get_matrix
+from ..errors import CheckpointError, UnknownCategoryError
+from ..module import MODULE_KEYS, SCFMModule
+from ..train import SCFMTrainingPlan
+from ._io import read_checkpoint, write_checkpoint
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("vae", "prior")
+
+
+def _transfer_errors(fn, *args, **kwargs):
+    """Run a registry transfer and turn scvi-tools' unknown-category error into ours."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        if "not found in source registry" in str(e) or "Cannot transfer" in str(e):
+            raise UnknownCategoryError(
+                f"{e} The model only knows the categories it was trained with: drop those "
+                "cells, relabel them to a known category, or map the data as a query "
+                "onto the model (which extends the categories)."
+            ) from e
+        raise
+
+
+class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
+    """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
+
+    Stage 1 encodes each cell's counts into ``n_tokens`` latent tokens and decodes them with
+    an NB, ZINB or Poisson likelihood (library size and dispersion live in the decoder).
+    Stage 2 trains a Diffusion Transformer over those tokens, conditioned on the registered
+    covariates through adaLN-Zero, with a null condition for classifier-free guidance.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    gene_likelihood
+        ``"nb"`` (default), ``"zinb"`` or ``"poisson"``.
+    dispersion
+        ``"gene"`` (default) or ``"gene-batch"``.
+    n_tokens, token_dim
+        Each cell's latent is ``n_tokens`` tokens of width ``token_dim``.
+    **module_kwargs
+        Further sizes passed to :class:`~scfm_adapt.module.SCFMModule` (``encoder_hidden``,
+        ``encoder_depth``, ``decoder_hidden``, ``dit_hidden``, ``dit_depth``, ``p_uncond`` ...).
+
+    Examples
+    --------
+    >>> import scfm_adapt as sfa
+    >>> adata = sfa.datasets.pbmc68k()
+    >>> sfa.model.SCFM.setup_anndata(adata, labels_key="bulk_labels")
+    >>> model = sfa.model.SCFM(adata)
+    >>> model.train(max_epochs=50)
+    >>> sfa.tl.embed(adata, model)  # adata.obsm["X_scfm"]
+    """
+
+    _module_cls = SCFMModule
+    _training_plan_cls = SCFMTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        gene_likelihood: Literal["nb", "zinb", "poisson"] = "nb",
+        dispersion: Literal["gene", "gene-batch"] = "gene",
+        n_tokens: int = 8,
+        token_dim: int = 16,
+        registry: dict | None = None,
+        var_names: Sequence[str] | None = None,
+        **module_kwargs,
+    ):
+        super().__init__(adata, registry=registry)
+        self.init_kwargs_ = {
+            "gene_likelihood": gene_likelihood,
+            "dispersion": dispersion,
+            "n_tokens": n_tokens,
+            "token_dim": token_dim,
+            **module_kwargs,
+        }
+        stats = self.summary_stats
+        cat_state = self.registry_["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
+        n_cats = list(cat_state.get("state_registry", {}).get("n_cats_per_key", []))
+        self.module = self._module_cls(
+            n_input=stats.n_vars,
+            n_batch=stats.n_batch,
+            n_labels=stats.n_labels,
+            n_cats_per_cov=n_cats,
+            n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
+            gene_likelihood=gene_likelihood,
+            dispersion=dispersion,
+            n_tokens=n_tokens,
+            token_dim=token_dim,
+            **module_kwargs,
+        )
+        self.var_names_ = [str(g) for g in (adata.var_names if adata is not None else var_names)]
+        self.trained_stages_: list[str] = []
+        self.histories_: dict[str, dict] = {}
+        self.init_params_ = self._get_init_params(locals())
+        self._model_summary_string = self._summary()
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData's counts and covariates with the model class.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes with raw counts in ``X`` or ``layers[layer]``.
+        layer
+            Layer holding raw counts; ``None`` uses ``X``.
+        batch_key
+            ``obs`` column of batches (decoder covariate and prior condition).
+        labels_key
+            ``obs`` column of cell labels (prior condition, used by annotation).
+        categorical_covariate_keys, continuous_covariate_keys
+            Further ``obs`` columns; categorical ones condition the decoder and the prior,
+            continuous ones the prior.
+
+        Raises
+        ------
+        InvalidCountsError
+            When the counts are non-integer, negative, NaN/inf, or the AnnData is empty.
+        KeyError
+            When a named layer or ``obs`` column does not exist.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        for key in [
+            batch_key,
+            labels_key,
+            *(categorical_covariate_keys or []),
+            *(continuous_covariate_keys or []),
+        ]:
+            if key is not None and key not in adata.obs:
+                raise KeyError(
+                    f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+                )
+        check_counts(get_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X")
+        if not adata.obs_names.is_unique:
+            raise ValueError("adata.obs_names has duplicates; call adata.obs_names_make_unique().")
+        if not adata.var_names.is_unique:
+            raise ValueError("adata.var_names has duplicates; call adata.var_names_make_unique().")
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        _transfer_errors(manager.register_fields, adata, **kwargs)
+        cls.register_manager(manager)
+
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        if adata is not None and adata is not self.adata:
+            check_genes(adata.var_names, self.var_names_)
+            layer = self.registry_["setup_args"].get("layer")
+            check_counts(
+                get_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X"
+            )
+        return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        stage: Literal["both", "vae", "prior"] = "both",
+        max_epochs_prior: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 20,
+        lr: float = 1e-3,
+        lr_prior: float = 5e-4,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train stage 1 (the token VAE), stage 2 (the DiT prior) or both, in that order.
+
+        Each stage runs scvi-tools' data splitter, training plan and Lightning trainer, with
+        validation, early stopping on the validation loss and a progress bar; any Lightning
+        accelerator, ``devices`` and ``strategy`` (e.g. ``"ddp"``) pass through.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs of the VAE stage; ``None`` uses scvi-tools' heuristic for the data size.
+        stage
+            ``"both"``, ``"vae"`` or ``"prior"`` (the prior needs a trained VAE).
+        max_epochs_prior
+            Epochs of the prior stage; defaults to ``max_epochs``.
+        lr, lr_prior
+            Learning rates of the two stages.
+        plan_kwargs
+            Extra :class:`~scvi.train.TrainingPlan` arguments for both stages.
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``), e.g.
+            ``precision="bf16-mixed"`` or ``enable_progress_bar=False``.
+        """
+        from scvi.model._utils import get_max_epochs_heuristic
+
+        stages = list(STAGES) if stage == "both" else [stage]
+        if stages == ["prior"] and "vae" not in self.trained_stages_:
+            raise RuntimeError("Train the VAE first: model.train(stage='vae') or stage='both'.")
+        max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        for st in stages:
+            epochs = max_epochs if st == "vae" else (max_epochs_prior or max_epochs)
+            kwargs = {"lr": lr if st == "vae" else lr_prior, **(plan_kwargs or {})}
+            if st == "vae":
+                kwargs.setdefault("n_epochs_kl_warmup", max(1, epochs // 3))
+            else:
+                kwargs.setdefault("optimizer", "AdamW")
+                kwargs.setdefault("weight_decay", 0.0)
+            self.module.set_stage(st)
+            if st == "prior":
+                self._fit_latent_scale(batch_size)
+            self.history_, self.is_trained_ = None, False
+            try:
+                with warnings.catch_warnings():
+                    # The frozen half is in eval mode on purpose (no dropout while it encodes).
+                    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                    super().train(
+                        max_epochs=epochs,
+                        accelerator=accelerator,
+                        devices=devices,
+                        train_size=train_size,
+                        validation_size=validation_size,
+                        batch_size=batch_size,
+                        early_stopping=early_stopping,
+                        early_stopping_patience=early_stopping_patience,
+                        early_stopping_monitor="elbo_validation",
+                        plan_kwargs=kwargs,
+                        **trainer_kwargs,
+                    )
+            finally:
+                self.histories_[st] = self.history_ or {}
+                self.is_trained_ = bool(self.trained_stages_) or self.history_ is not None
+            if st not in self.trained_stages_:
+                self.trained_stages_.append(st)
+        self.module.set_stage("vae")
+        self.module.eval()
+        self.is_trained_ = True
+        self._model_summary_string = self._summary()
+
+    @property
+    def history(self) -> dict[str, dict[str, pd.DataFrame]]:
+        """Training curves per stage: ``{"vae": {...}, "prior": {...}}``, each scvi-style."""
+        return self.histories_
+
+    @torch.inference_mode()
+    def _fit_latent_scale(self, batch_size: int) -> None:
+        """Set the factor that brings stage-1 token samples to unit variance for diffusion."""
+        self.module.eval()
+        sq, n = 0.0, 0
+        idx = np.random.default_rng(0).permutation(self.adata.n_obs)[:4096]
+        for tensors in self._batches(self.adata, idx, batch_size):
+            z = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.Z]
+            sq += z.float().pow(2).sum().item()
+            n += z.numel()
+        self.module.latent_scale.fill_(1.0 / max(np.sqrt(sq / n), 1e-6))
+
+    # ------------------------------------------------------------------ inference
+    def _batches(
+        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        device = self.module.device
+        for tensors in loader:
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        return_tokens: bool = False,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Cell embeddings from the stage-1 encoder.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (defaults to the training data).
+        indices
+            Cells to embed (default: all).
+        give_mean
+            Posterior mean (default) or a sample.
+        return_tokens
+            Return the tokens ``(n_cells, n_tokens, token_dim)`` instead of their mean.
+
+        Returns
+        -------
+        ``(n_cells, token_dim)`` pooled embedding (mean over tokens), or the tokens.
+        """
+        self._check_if_trained(warn=True)
+        self.module.eval()
+        out = []
+        for tensors in self._batches(adata, indices, batch_size):
+            qz = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.QZ]
+            z = qz.loc if give_mean else qz.sample()  # (B, T, d)
+            out.append((z if return_tokens else z.mean(1)).float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _batch_code(self, transform_batch) -> int | None:
+        if transform_batch is None:
+            return None
+        mapping = list(
+            self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        )
+        if transform_batch not in mapping:
+            raise UnknownCategoryError(
+                f"transform_batch={transform_batch!r} is not a batch of the model ({mapping})."
+            )
+        return mapping.index(transform_batch)
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1.0,
+        n_samples: int = 1,
+        return_numpy: bool = False,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Denoised expression: the decoder's mean at a fixed library size.
+
+        Parameters
+        ----------
+        transform_batch
+            Decode every cell as if it came from this batch (counterfactual batch).
+        gene_list
+            Return only these genes.
+        library_size
+            Scale of each cell's expression: a number (1 gives fractions) or ``"latent"``
+            for the observed library size.
+        n_samples
+            Posterior samples averaged (1 uses the posterior mean).
+
+        Returns
+        -------
+        Cells × genes DataFrame (or array with ``return_numpy=True``).
+        """
+        adata = self._validate_anndata(adata)
+        code = self._batch_code(transform_batch)
+        genes = np.asarray(self.var_names_)
+        cols = np.arange(len(genes))
+        if gene_list is not None:
+            missing = [g for g in gene_list if g not in set(genes)]
+            if missing:
+                raise KeyError(f"Genes not in the model: {missing[:5]} ...")
+            cols = pd.Index(genes).get_indexer(list(gene_list))
+        self.module.eval()
+        out = []
+        for tensors in self._batches(adata, indices, batch_size):
+            inf = self.module.inference(
+                **self.module._get_inference_input(tensors), n_samples=n_samples
+            )
+            z = inf[MODULE_KEYS.QZ].loc if n_samples == 1 else inf[MODULE_KEYS.Z]
+            lib = (
+                inf[MODULE_KEYS.LIBRARY]
+                if library_size == "latent"
+                else torch.full_like(inf[MODULE_KEYS.LIBRARY], float(library_size))
+            )
+            tb = (
+                None
+                if code is None
+                else torch.full_like(tensors[REGISTRY_KEYS.BATCH_KEY].view(-1), code)
+            )
+            px = self.module.decode(z, lib, self.module.conditions(tensors), transform_batch=tb)
+            mean = px.mean if n_samples == 1 else px.mean.mean(0)
+            out.append(mean[:, cols].float().cpu().numpy())
+        values = np.concatenate(out)
+        if return_numpy:
+            return values
+        obs = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+        return pd.DataFrame(values, index=obs, columns=genes[cols])
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Counts drawn from the posterior predictive: ``(n_cells, n_genes[, n_samples])``."""
+        self.module.eval()
+        out = []
+        for tensors in self._batches(adata, indices, batch_size):
+            x = self.module.sample(tensors, n_samples=n_samples)  # (B, G) or (S, B, G)
+            out.append((x.permute(1, 2, 0) if n_samples > 1 else x).cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def get_reconstruction_error(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, float]:
+        """Mean negative log-likelihood of the counts per cell (lower is better).
+
+        Like scvi-tools' method of the same name: one posterior sample per cell, so the
+        numbers of the two are comparable.
+        """
+        self.module.eval()
+        stage, total, n = self.module.stage, 0.0, 0
+        self.module.set_stage("vae")
+        try:
+            for tensors in self._batches(adata, indices, batch_size):
+                _, _, loss = self.module(tensors)
+                total += loss.reconstruction_loss_sum.item()
+                n += tensors[REGISTRY_KEYS.X_KEY].shape[0]
+        finally:
+            self.module.set_stage(stage)
+        return {"reconstruction_loss": total / n}
+
+    # ------------------------------------------------------------------ save / load
+    def save(
+        self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False
+    ) -> Path:
+        """Save to folder ``dir_path`` (safetensors weights + JSON config), atomically.
+
+        The config holds the genes, the setup registry (category mappings), the model's
+        init arguments and training history; ``save_anndata`` also writes ``adata.h5ad``.
+        """
+        history = {st: {k: v for k, v in h.items()} for st, h in self.histories_.items()}
+        config = {
+            "model": type(self).__name__,
+            "scfm_adapt_version": __version__,
+            "init_kwargs": self.init_kwargs_,
+            "var_names": self.var_names_,
+            "registry": self.registry_,
+            "trained_stages": self.trained_stages_,
+            "history": history,
+        }
+        path = write_checkpoint(dir_path, self.module.state_dict(), config, overwrite=overwrite)
+        if save_anndata:
+            self.adata.write_h5ad(path / "adata.h5ad")
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> SCFM:
+        """Load a model saved by :meth:`save`, onto ``adata`` when given.
+
+        Raises
+        ------
+        CheckpointError
+            Missing, truncated or modified files, or an unknown format.
+        GeneMismatchError
+            ``adata``'s genes differ from the model's.
+        UnknownCategoryError
+            ``adata`` holds a batch or covariate category the model never saw.
+        """
+        state, config = read_checkpoint(dir_path)
+        if config.get("model") != cls.__name__:
+            raise CheckpointError(
+                f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}; "
+                f"load it with scfm_adapt.model.{config.get('model')}.load."
+            )
+        registry = config["registry"]
+        if adata is not None:
+            check_genes(adata.var_names, config["var_names"])
+            _transfer_errors(
+                cls.setup_anndata, adata, source_registry=registry, **registry["setup_args"]
+            )
+            model = cls(adata, **config["init_kwargs"])
+        else:
+            model = cls(
+                None, registry=registry, var_names=config["var_names"], **config["init_kwargs"]
+            )
+        model.module.load_state_dict(state, strict=True)
+        model.trained_stages_ = list(config.get("trained_stages", []))
+        model.histories_ = config.get("history", {})
+        model.is_trained_ = bool(model.trained_stages_)
+        model._model_summary_string = model._summary()
+        from scvi.model._utils import parse_device_args
+
+        _, _, dev = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch"
+        )
+        model.to_device(dev)
+        model.module.eval()
+        return model
+
+    # ------------------------------------------------------------------ printing
+    def _summary(self) -> str:
+        m = self.module
+        n_params = sum(p.numel() for p in m.parameters())
+        conds = ", ".join(m.dit.condition_names) or "none"
+        stages = ", ".join(self.trained_stages_) or "none"
+        return (
+            f"SCFM: {m.n_input} genes → {m.n_tokens} latent tokens × {m.token_dim}, "
+            f"{m.gene_likelihood.upper()} likelihood, dispersion per {m.dispersion}\n"
+            f"  encoder: {len(m.encoder.blocks)}-block transformer, width {m.encoder.hidden}\n"
+            f"  prior: DiT, {len(m.dit.blocks)} adaLN-Zero blocks, conditions: {conds}\n"
+            f"  parameters: {n_params:,}; trained stages: {stages}"
+        )
+
+    def __repr__(self) -> str:
+        return self._model_summary_string

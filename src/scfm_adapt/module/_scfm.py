@@ -1,0 +1,334 @@
+"""The SCFM module: a token VAE over counts (stage 1) and a DiT prior over its tokens (stage 2).
+
+Both stages follow scvi-tools' protocol ``inference → generative → loss``:
+
+* ``stage="vae"``: inference encodes counts into posterior tokens and samples them;
+  generative decodes the tokens into a count distribution; the loss is the negative ELBO.
+* ``stage="prior"``: inference encodes (the VAE is frozen); generative noises the tokens
+  and denoises them with the DiT; the loss is the denoising error.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal, Poisson
+from torch.distributions import kl_divergence as kl
+
+from ..diffusion import NoiseSchedule, ddim_sample
+from ..nn import DiT, TokenDecoder, TokenEncoder
+from ._keys import MODULE_KEYS as K
+
+Stage = Literal["vae", "prior"]
+LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
+
+
+class SCFMModule(BaseModuleClass):
+    """Latent-token VAE plus a conditional Diffusion Transformer prior.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch, n_labels
+        Number of batches and labels (1 when not registered).
+    n_cats_per_cov
+        Number of categories of each extra categorical covariate.
+    n_continuous_cov
+        Number of continuous covariates.
+    n_tokens, token_dim
+        Shape ``(n_tokens, token_dim)`` of one cell's latent.
+    encoder_hidden, encoder_depth, n_heads
+        Width and depth of the encoder transformer over tokens.
+    decoder_hidden
+        Hidden width of the decoder.
+    gene_likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    dispersion
+        ``"gene"`` or ``"gene-batch"``.
+    dit_hidden, dit_depth, dit_heads, dit_mlp_ratio
+        Size of the DiT prior (the defaults keep stage 2 about as fast as stage 1 on a CPU).
+    p_uncond
+        Probability of dropping each condition while training the prior (classifier-free
+        guidance).
+    n_diffusion_steps, prediction
+        The noise schedule (parameter-free, see :class:`~scfm_adapt.diffusion.NoiseSchedule`).
+    ema_decay
+        Decay of the exponential moving average of the DiT weights used for sampling.
+    dropout
+        Dropout in the encoder.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_cats_per_cov: list[int] | None = None,
+        n_continuous_cov: int = 0,
+        n_tokens: int = 8,
+        token_dim: int = 16,
+        encoder_hidden: int = 64,
+        encoder_depth: int = 2,
+        n_heads: int = 4,
+        decoder_hidden: int = 256,
+        gene_likelihood: str = "nb",
+        dispersion: str = "gene",
+        dit_hidden: int = 128,
+        dit_depth: int = 3,
+        dit_heads: int = 4,
+        dit_mlp_ratio: float = 2.0,
+        p_uncond: float = 0.1,
+        n_diffusion_steps: int = 1000,
+        prediction: str = "eps",
+        ema_decay: float = 0.999,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if gene_likelihood not in LIKELIHOODS:
+            raise ValueError(f"gene_likelihood={gene_likelihood!r}; choose one of {LIKELIHOODS}.")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion={dispersion!r}; choose one of {DISPERSIONS}.")
+        self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
+        self.n_cats_per_cov = list(n_cats_per_cov or [])
+        self.n_tokens, self.token_dim = n_tokens, token_dim
+        self.gene_likelihood, self.dispersion = gene_likelihood, dispersion
+        self.ema_decay = ema_decay
+        self.stage: Stage = "vae"
+        self.schedule = NoiseSchedule(n_diffusion_steps, "cosine", prediction)
+
+        self.encoder = TokenEncoder(
+            n_input, n_tokens, token_dim, encoder_hidden, encoder_depth, n_heads, dropout
+        )
+        self.decoder = TokenDecoder(
+            n_input,
+            n_tokens,
+            token_dim,
+            decoder_hidden,
+            categorical_sizes=[n_batch, *self.n_cats_per_cov],
+            zero_inflation=gene_likelihood == "zinb",
+        )
+        n_r = n_batch if dispersion == "gene-batch" else 1
+        self.px_r = nn.Parameter(torch.randn(n_input, n_r) * 0.1)
+
+        # Conditions of the prior: every registered covariate with more than one value.
+        cond_sizes = {"batch": n_batch, "labels": n_labels}
+        cond_sizes.update({f"cat_cov_{i}": n for i, n in enumerate(self.n_cats_per_cov)})
+        cond_sizes = {k: n for k, n in cond_sizes.items() if n > 1}
+        self.dit = DiT(
+            n_tokens,
+            token_dim,
+            dit_hidden,
+            dit_depth,
+            dit_heads,
+            dit_mlp_ratio,
+            categorical_sizes=cond_sizes,
+            n_continuous=n_continuous_cov,
+            p_uncond=p_uncond,
+        )
+        self.dit_ema = copy.deepcopy(self.dit).requires_grad_(False)
+        # Scale that brings stage-1 tokens to unit variance before diffusion (set by the model).
+        self.register_buffer("latent_scale", torch.ones(()))
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, stage: Stage) -> None:
+        """Select what ``loss`` trains and freeze everything else."""
+        if stage not in ("vae", "prior"):
+            raise ValueError(f"stage={stage!r}; use 'vae' or 'prior'.")
+        self.stage = stage
+        vae_parts = (self.encoder, self.decoder)
+        for part in vae_parts:
+            part.requires_grad_(stage == "vae")
+        self.px_r.requires_grad_(stage == "vae")
+        self.dit.requires_grad_(stage == "prior")
+        self.dit_ema.requires_grad_(False)
+        # Lightning keeps each submodule's train/eval mode: set it here, so that the frozen
+        # VAE encodes without dropout while the prior trains (and vice versa).
+        self.train()
+        for part in (*vae_parts, self.dit_ema) if stage == "prior" else (self.dit, self.dit_ema):
+            part.eval()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA step of the DiT weights (warm-up: short runs still track the weights)."""
+        self.ema_steps += 1
+        decay = min(self.ema_decay, (1 + self.ema_steps.item()) / (10 + self.ema_steps.item()))
+        for p_ema, p in zip(self.dit_ema.parameters(), self.dit.parameters()):
+            p_ema.lerp_(p.detach(), 1 - decay)
+
+    # ------------------------------------------------------------------ protocol
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        return {
+            K.X: tensors[REGISTRY_KEYS.X_KEY],
+            K.BATCH: tensors[REGISTRY_KEYS.BATCH_KEY],
+        }
+
+    def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
+        return {
+            K.Z: inference_outputs[K.Z],
+            K.LIBRARY: inference_outputs[K.LIBRARY],
+            "conditions": self.conditions(tensors),
+        }
+
+    def conditions(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Covariate tensors keyed by condition name (batch, labels, cat_cov_i, continuous)."""
+        out = {"batch": tensors[REGISTRY_KEYS.BATCH_KEY].long().view(-1)}
+        if REGISTRY_KEYS.LABELS_KEY in tensors:
+            out["labels"] = tensors[REGISTRY_KEYS.LABELS_KEY].long().view(-1)
+        cats = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        if cats is not None:
+            for i in range(cats.shape[1]):
+                out[f"cat_cov_{i}"] = cats[:, i].long()
+        conts = tensors.get(REGISTRY_KEYS.CONT_COVS_KEY)
+        if conts is not None:
+            out["continuous"] = conts.float()
+        return out
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log1p`` of counts scaled to 10,000 per cell, and the observed library size."""
+        library = x.sum(-1, keepdim=True)
+        return torch.log1p(x / library.clamp(min=1.0) * 1e4), library
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1) -> dict:
+        """Posterior over latent tokens ``(B, n_tokens, token_dim)`` and a sample of it."""
+        x_norm, library = self.normalize(x)
+        mean, var = self.encoder(x_norm)
+        qz = Normal(mean, var.sqrt())
+        z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+        return {K.QZ: qz, K.Z: z, K.LIBRARY: library}
+
+    def decode(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
+        transform_batch: torch.Tensor | None = None,
+    ) -> torch.distributions.Distribution:
+        """Count distribution of tokens ``z`` (any leading sample dims) at ``library``."""
+        batch = conditions["batch"] if transform_batch is None else transform_batch
+        covs = [batch] + [conditions[f"cat_cov_{i}"] for i in range(len(self.n_cats_per_cov))]
+        lead = z.shape[:-2]
+        z2 = z.reshape(-1, *z.shape[-2:])
+        reps = z2.shape[0] // batch.shape[0]
+        covs = [c.repeat(reps) for c in covs]
+        scale, zi_logits = self.decoder(z2, covs)  # (S*B, G)
+        scale = scale.view(*lead, -1)
+        rate = library * scale
+        if self.gene_likelihood == "poisson":
+            return Poisson(rate)
+        if self.dispersion == "gene-batch":
+            theta = F.linear(F.one_hot(batch.long(), self.n_batch).float(), self.px_r).exp()
+        else:
+            theta = self.px_r[:, 0].exp()
+        if self.gene_likelihood == "zinb":
+            return ZeroInflatedNegativeBinomial(
+                mu=rate, theta=theta, zi_logits=zi_logits.view(*lead, -1), scale=scale
+            )
+        return NegativeBinomial(mu=rate, theta=theta, scale=scale)
+
+    def denoise(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        conditions: dict[str, torch.Tensor] | None = None,
+        drop: dict[str, torch.Tensor] | None = None,
+        use_ema: bool = False,
+    ) -> torch.Tensor:
+        net = self.dit_ema if use_ema else self.dit
+        return net(x_t, t, self._dit_conditions(conditions), drop)
+
+    def _dit_conditions(self, conditions: dict | None) -> dict:
+        conditions = conditions or {}
+        names = set(self.dit.cat_embed) | {"continuous"}
+        return {k: v for k, v in conditions.items() if k in names}
+
+    @auto_move_data
+    def generative(self, z: torch.Tensor, library: torch.Tensor, conditions: dict) -> dict:
+        if self.stage == "vae":
+            return {K.PX: self.decode(z, library, conditions)}
+        x0 = z.detach() * self.latent_scale  # (B, T, d)
+        t = self.schedule.sample_t(x0.shape[0], x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        conds = self._dit_conditions(conditions)
+        drop = None
+        if self.training and self.dit.p_uncond > 0:
+            drop = {k: torch.rand(x0.shape[0], device=x0.device) < self.dit.p_uncond for k in conds}
+        return {
+            K.DIFF_OUT: self.dit(x_t, t, conds, drop),
+            K.DIFF_TARGET: self.schedule.target(x0, t, noise),
+        }
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        if self.stage == "vae":
+            x = tensors[REGISTRY_KEYS.X_KEY]
+            rec = -generative_outputs[K.PX].log_prob(x).sum(-1)  # (B,)
+            prior = Normal(torch.zeros_like(inference_outputs[K.QZ].loc), 1.0)
+            kl_z = kl(inference_outputs[K.QZ], prior).sum((-1, -2))  # (B,)
+            loss = (rec + kl_weight * kl_z).mean()
+            return LossOutput(loss=loss, reconstruction_loss=rec, kl_local=kl_z)
+        err = generative_outputs[K.DIFF_OUT] - generative_outputs[K.DIFF_TARGET]
+        mse = err.float().pow(2).mean((-1, -2))  # (B,)
+        # The denoising error stands in the ELBO slot so that scvi-tools' metrics,
+        # early stopping and history work unchanged for the prior stage.
+        return LossOutput(
+            loss=mse.mean(),
+            reconstruction_loss=mse,
+            kl_local=torch.zeros_like(mse),
+            extra_metrics={"diffusion_mse": mse.mean().detach()},
+        )
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_tokens(
+        self,
+        n: int,
+        conditions: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float = 1.0,
+        n_steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Draw latent tokens from the prior (EMA weights), in stage-1 units.
+
+        ``guidance_scale`` 1 is plain conditional sampling, 0 unconditional, above 1
+        classifier-free guidance ``out_null + s (out_cond - out_null)``.
+        """
+        device = self.latent_scale.device
+        conds = self._dit_conditions(conditions)
+        x_T = torch.randn((n, self.n_tokens, self.token_dim), generator=generator, device=device)
+
+        def denoise(x, t):
+            cond = self.dit_ema(x, t, conds)
+            if guidance_scale == 1.0 or not conds:
+                return cond
+            null = self.dit_ema(x, t, {})
+            return null + guidance_scale * (cond - null)
+
+        x0 = ddim_sample(denoise, self.schedule, x_T, n_steps, eta, generator, progress)
+        return x0 / self.latent_scale
+
+    @torch.no_grad()
+    def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
+        """Posterior predictive counts for the cells in ``tensors``, ``(S, B, G)`` or ``(B, G)``."""
+        inf = self.inference(**self._get_inference_input(tensors), n_samples=n_samples)
+        px = self.decode(inf[K.Z], inf[K.LIBRARY], self.conditions(tensors))
+        return px.sample()

@@ -1,0 +1,21 @@
+"""Pure torch building blocks: no AnnData, no scvi-tools, no noise schedule."""
+
+from ._attention import MLP, Attention, TransformerBlock
+from ._dit import DiT, DiTBlock, FinalLayer, modulate
+from ._embedding import CategoricalEmbedder, ContinuousEmbedder, TimestepEmbedder
+from ._tokens import TokenDecoder, TokenEncoder
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "CategoricalEmbedder",
+    "ContinuousEmbedder",
+    "DiT",
+    "DiTBlock",
+    "FinalLayer",
+    "TimestepEmbedder",
+    "TokenDecoder",
+    "TokenEncoder",
+    "TransformerBlock",
+    "modulate",
+]

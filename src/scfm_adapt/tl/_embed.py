@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import logging
+
+from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+
+def embed(
+    adata: AnnData,
+    model,
+    *,
+    key_added: str = "X_scfm",
+    tokens: bool = False,
+    batch_size: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Write the model's cell embedding into ``adata.obsm[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the model's genes (raw counts where the model was set up to read them).
+    model
+        A trained :class:`~scfm_adapt.model.SCFM` (or any model with
+        ``get_latent_representation``).
+    key_added
+        Name of the ``obsm`` slot; the parameters go to ``adata.uns[key_added]["params"]``.
+    tokens
+        Also write the latent tokens, flattened, to ``obsm[key_added + "_tokens"]``.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None`` (or the copy), having written:
+
+    ``obsm[key_added]``
+        ``(n_cells, token_dim)`` pooled posterior mean; use it as
+        ``sc.pp.neighbors(adata, use_rep=key_added)``.
+    ``obsm[key_added + "_tokens"]``
+        ``(n_cells, n_tokens * token_dim)``, only when ``tokens=True``.
+    ``uns[key_added]["params"]``
+        The parameters of this call.
+    """
+    adata = adata.copy() if copy else adata
+    if tokens:
+        tok = model.get_latent_representation(adata, return_tokens=True, batch_size=batch_size)
+        adata.obsm[f"{key_added}_tokens"] = tok.reshape(tok.shape[0], -1)
+        adata.obsm[key_added] = tok.mean(1)
+    else:
+        adata.obsm[key_added] = model.get_latent_representation(adata, batch_size=batch_size)
+    adata.uns[key_added] = {
+        "params": {"model": type(model).__name__, "tokens": tokens, "pooling": "mean"}
+    }
+    logger.info("added obsm[%r]%s", key_added, f" and obsm[{key_added + '_tokens'!r}]" * tokens)
+    return adata if copy else None

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import logging
+
+from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+
+def normalize_expression(
+    adata: AnnData,
+    model,
+    *,
+    key_added: str = "scfm_normalized",
+    transform_batch: str | None = None,
+    library_size: float = 1e4,
+    batch_size: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Write the model's denoised expression into ``adata.layers[key_added]``.
+
+    Parameters
+    ----------
+    transform_batch
+        Decode every cell as if from this batch.
+    library_size
+        Counts per cell of the written expression (10,000 by default, as ``normalize_total``).
+
+    Returns
+    -------
+    ``None`` (or a copy), having written ``layers[key_added]`` (cells × genes, float32) and
+    ``uns[key_added]["params"]``.
+    """
+    adata = adata.copy() if copy else adata
+    adata.layers[key_added] = model.get_normalized_expression(
+        adata,
+        transform_batch=transform_batch,
+        library_size=library_size,
+        return_numpy=True,
+        batch_size=batch_size,
+    ).astype("float32")
+    adata.uns[key_added] = {
+        "params": {
+            "model": type(model).__name__,
+            "transform_batch": transform_batch,
+            "library_size": library_size,
+        }
+    }
+    logger.info("added layers[%r]", key_added)
+    return adata if copy else None

@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny synthetic AnnData (unit tests only) and the real-data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``$SCFM_ADAPT_DATA`` or ``../shared/data`` beside the repository, if it exists."""
+    env = os.environ.get("SCFM_ADAPT_DATA")
+    p = Path(env) if env else REPO.parent / "shared" / "data"
+    return p.resolve() if p.is_dir() else None
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    import scvi
+    import torch
+
+    scvi.settings.seed = 0
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("real data absent: set $SCFM_ADAPT_DATA or provide ../shared/data")
+    return d
+
+
+def make_adata(n_cells: int = 96, n_genes: int = 40, seed: int = 0):
+    """Synthetic NB counts with 3 cell types, 2 batches, a categorical and a continuous covariate.
+
+    For unit tests only: real evaluation uses the data sets in ../shared/data.
+    """
+    import anndata as ad
+    import pandas as pd
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, 3, n_cells)
+    batch = rng.integers(0, 2, n_cells)
+    programs = rng.gamma(2.0, 1.0, (3, n_genes))
+    mu = programs[types] * (1 + 0.3 * batch)[:, None] * rng.uniform(0.5, 2, n_cells)[:, None]
+    counts = rng.negative_binomial(5, 5 / (5 + mu)).astype(np.float32)
+    counts[:, 0] += 1  # no empty cells
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical([f"type{t}" for t in types]),
+            "batch": pd.Categorical([f"b{b}" for b in batch]),
+            "donor_sex": pd.Categorical(rng.choice(["F", "M"], n_cells)),
+            "age": rng.normal(50, 10, n_cells),
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
+    return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=var)
+
+
+@pytest.fixture
+def adata():
+    return make_adata()
+
+
+TINY = {
+    "n_tokens": 4,
+    "token_dim": 4,
+    "encoder_hidden": 16,
+    "encoder_depth": 1,
+    "n_heads": 2,
+    "decoder_hidden": 32,
+    "dit_hidden": 32,
+    "dit_depth": 2,
+    "dit_heads": 2,
+    "n_diffusion_steps": 100,
+}
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict:
+    return dict(TINY)
+
+
+@pytest.fixture
+def trained(adata, tiny_kwargs):
+    import scfm_adapt as sfa
+
+    sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = sfa.model.SCFM(adata, **tiny_kwargs)
+    model.train(max_epochs=3, enable_progress_bar=False, early_stopping=False, batch_size=32)
+    return model

@@ -1,0 +1,73 @@
+"""Pure torch blocks: shapes, identity at init, null conditions."""
+
+import torch
+
+from scfm_adapt.nn import (
+    DiT,
+    DiTBlock,
+    TimestepEmbedder,
+    TokenDecoder,
+    TokenEncoder,
+    TransformerBlock,
+)
+from scfm_adapt.nn._embedding import CategoricalEmbedder, ContinuousEmbedder
+
+
+def test_transformer_block_shapes():
+    x = torch.randn(5, 7, 16)
+    assert TransformerBlock(16, 4)(x).shape == (5, 7, 16)
+
+
+def test_adaln_zero_block_is_identity_at_init():
+    block = DiTBlock(32, 4)
+    x, c = torch.randn(6, 5, 32), torch.randn(6, 32)
+    assert torch.equal(block(x, c), x)
+
+
+def test_adaln_block_is_not_identity_once_modulation_is_nonzero():
+    block = DiTBlock(32, 4)
+    torch.nn.init.normal_(block.adaLN[1].weight)
+    x, c = torch.randn(6, 5, 32), torch.randn(6, 32)
+    assert not torch.allclose(block(x, c), x)
+
+
+def test_dit_output_is_zero_at_init_and_shaped_like_tokens():
+    dit = DiT(8, 4, hidden=32, depth=2, n_heads=2, categorical_sizes={"batch": 3}, n_continuous=2)
+    x, t = torch.randn(5, 8, 4), torch.randint(0, 1000, (5,))
+    out = dit(x, t, {"batch": torch.tensor([0, 1, 2, 0, 1]), "continuous": torch.randn(5, 2)})
+    assert out.shape == (5, 8, 4)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_null_condition_equals_missing_condition():
+    dit = DiT(4, 4, hidden=32, depth=1, n_heads=2, categorical_sizes={"batch": 3}, n_continuous=1)
+    t = torch.arange(4)
+    conds = {"batch": torch.tensor([0, 1, 2, 1]), "continuous": torch.randn(4, 1)}
+    all_drop = {k: torch.ones(4, dtype=torch.bool) for k in conds}
+    c_dropped = dit.embed_conditions(t, conds, all_drop)
+    c_missing = dit.embed_conditions(t, {})
+    c_cond = dit.embed_conditions(t, conds)
+    assert torch.allclose(c_dropped, c_missing)
+    assert not torch.allclose(c_cond, c_missing)
+
+
+def test_embedders():
+    emb = CategoricalEmbedder(3, 8)
+    idx = torch.tensor([0, 1, 2])
+    dropped = emb(idx, torch.tensor([True, False, True]))
+    assert torch.equal(dropped[0], emb.table.weight[3]) and torch.equal(dropped[1], emb(idx)[1])
+    cont = ContinuousEmbedder(2, 8)
+    out = cont(torch.randn(3, 2), torch.tensor([False, True, False]))
+    assert torch.equal(out[1], cont.null)
+    assert TimestepEmbedder(16)(torch.tensor([0, 10, 999])).shape == (3, 16)
+
+
+def test_token_encoder_and_decoder_shapes():
+    enc = TokenEncoder(50, n_tokens=6, token_dim=3, hidden=16, depth=1, n_heads=2)
+    mean, var = enc(torch.randn(4, 50))
+    assert mean.shape == var.shape == (4, 6, 3)
+    assert (var > 0).all()
+    dec = TokenDecoder(50, 6, 3, hidden=16, categorical_sizes=[2], zero_inflation=True)
+    scale, logits = dec(mean, [torch.tensor([0, 1, 0, 1])])
+    assert scale.shape == logits.shape == (4, 50)
+    assert torch.allclose(scale.sum(-1), torch.ones(4))
