@@ -23,9 +23,12 @@ TINY = dict(
 
 
 def _tensors(n=32, g=30, seed=0):
+    """Counts from 3 expression programmes (learnable structure), 2 batches, 3 labels."""
     gen = torch.Generator().manual_seed(seed)
+    programs = torch.rand(3, g, generator=gen) ** 3 * 20
+    kind = torch.randint(0, 3, (n,), generator=gen)
     return {
-        R.X_KEY: torch.poisson(torch.rand(n, g, generator=gen) * 4),
+        R.X_KEY: torch.poisson(programs[kind], generator=gen),
         R.BATCH_KEY: torch.randint(0, 2, (n, 1), generator=gen),
         R.LABELS_KEY: torch.randint(0, 3, (n, 1), generator=gen),
     }
@@ -82,7 +85,9 @@ def test_loss_falls_over_a_few_steps(stage):
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-    assert np.mean(losses[-10:]) < 0.95 * np.mean(losses[:10])
+    # seen: ~0.79 (vae) and ~0.60 (prior) over seeds 0-2
+    bound = {"vae": 0.88, "prior": 0.75}[stage]
+    assert np.mean(losses[-10:]) < bound * np.mean(losses[:10])
 
 
 def test_stages_freeze_the_other_half():
