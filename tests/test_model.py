@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import sparse
 
 import scfm_adapt as sfa
@@ -84,23 +85,24 @@ def test_save_refuses_to_overwrite_and_is_atomic(trained, adata, tmp_path, monke
         trained.save(path)
     before = (path / "model.safetensors").read_bytes()
     calls = []
+    real = _io._fsync_write
 
     def failing_write(p, data):
         calls.append(p)
         if len(calls) == 2:  # after the weights, while writing the config
             raise OSError("disk full (simulated)")
-        return _io._fsync_write.__wrapped__(p, data)
+        return real(p, data)
 
-    failing_write.__wrapped__ = None
-    real = _io._fsync_write
-    failing_write.__wrapped__ = real
     monkeypatch.setattr(_io, "_fsync_write", failing_write)
+    with torch.no_grad():  # new weights: an in-place write would change the file
+        trained.module.px_r.add_(1.0)
     with pytest.raises(OSError, match="simulated"):
         trained.save(path, overwrite=True)
     monkeypatch.setattr(_io, "_fsync_write", real)
     assert (path / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left behind
-    sfa.model.SCFM.load(path, adata=adata)
+    old = sfa.model.SCFM.load(path, adata=adata)
+    assert torch.allclose(old.module.px_r + 1.0, trained.module.px_r)
 
 
 def test_damaged_checkpoints_are_refused(trained, adata, tmp_path):

@@ -469,7 +469,6 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
         The config holds the genes, the setup registry (category mappings), the model's
         init arguments and training history; ``save_anndata`` also writes ``adata.h5ad``.
         """
-        history = {st: {k: v for k, v in h.items()} for st, h in self.histories_.items()}
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
@@ -477,7 +476,7 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             "var_names": self.var_names_,
             "registry": self.registry_,
             "trained_stages": self.trained_stages_,
-            "history": history,
+            "history": self.histories_,
         }
         path = write_checkpoint(dir_path, self.module.state_dict(), config, overwrite=overwrite)
         if save_anndata:
