@@ -265,3 +265,21 @@ def test_train_and_embed_on_gpu_with_bf16(adata, tiny_kwargs, tmp_path):
     assert np.isfinite(z).all()
     cpu = sfa.model.SCFM.load(model.save(tmp_path / "m"), adata=adata, accelerator="cpu")
     np.testing.assert_allclose(cpu.get_latent_representation(), z, rtol=1e-3, atol=1e-4)
+
+
+def test_each_stage_trains_in_train_mode_with_the_other_half_frozen(adata, tiny_kwargs):
+    """The prior must train in train mode (CFG condition dropout), the frozen VAE in eval."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen = []
+
+    class Modes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            m = pl_module.module
+            seen.append((m.stage, m.training, m.encoder.training, m.dit.training))
+
+    sfa.model.SCFM.setup_anndata(adata, batch_key="batch")
+    model = sfa.model.SCFM(adata, **tiny_kwargs)
+    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False, callbacks=[Modes()])
+    assert ("vae", True, True, False) in seen and ("prior", True, False, True) in seen
+    assert {s[0] for s in seen} == {"vae", "prior"} and len(set(seen)) == 2

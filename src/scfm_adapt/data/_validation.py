@@ -71,6 +71,11 @@ def check_counts(matrix, where: str = "adata.X") -> None:
             )
 
 
+def check_layer_counts(adata, layer: str | None) -> None:
+    """:func:`check_counts` on ``adata.X`` or ``adata.layers[layer]``, naming the slot."""
+    check_counts(get_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X")
+
+
 def check_genes(var_names: Sequence[str], reference: Sequence[str], what: str = "model") -> None:
     """Raise :class:`~scfm_adapt.errors.GeneMismatchError` unless the genes equal ``reference``.
 

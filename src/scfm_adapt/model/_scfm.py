@@ -23,7 +23,7 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import __version__
-from ..data import check_counts, check_genes, get_matrix
+from ..data import check_genes, check_layer_counts
 from ..errors import CheckpointError, UnknownCategoryError
 from ..module import MODULE_KEYS, SCFMModule
 from ..train import SCFMTrainingPlan
@@ -169,7 +169,7 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
                 raise KeyError(
                     f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
                 )
-        check_counts(get_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X")
+        check_layer_counts(adata, layer)
         if not adata.obs_names.is_unique:
             raise ValueError("adata.obs_names has duplicates; call adata.obs_names_make_unique().")
         if not adata.var_names.is_unique:
@@ -188,10 +188,7 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
             check_genes(adata.var_names, self.var_names_)
-            layer = self.registry_["setup_args"].get("layer")
-            check_counts(
-                get_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X"
-            )
+            check_layer_counts(adata, self.registry_["setup_args"].get("layer"))
         return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
 
     # ------------------------------------------------------------------ training
@@ -242,6 +239,7 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             raise RuntimeError("Train the VAE first: model.train(stage='vae') or stage='both'.")
         max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        callbacks = trainer_kwargs.pop("callbacks", None) or []
         for st in stages:
             epochs = max_epochs if st == "vae" else (max_epochs_prior or max_epochs)
             kwargs = {"lr": lr if st == "vae" else lr_prior, **(plan_kwargs or {})}
@@ -250,9 +248,12 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             else:
                 kwargs.setdefault("optimizer", "AdamW")
                 kwargs.setdefault("weight_decay", 0.0)
-            self.module.set_stage(st)
             if st == "prior":
-                self._fit_latent_scale(batch_size)
+                self._fit_latent_scale(batch_size)  # before set_stage: it switches to eval
+            self.module.set_stage(st)
+            # scvi-tools' Trainer appends its own callbacks to the list it is given: each
+            # stage gets a fresh copy, or stage 2 would inherit stage 1's early stopping.
+            stage_kwargs = {**trainer_kwargs, "callbacks": list(callbacks)}
             self.history_, self.is_trained_ = None, False
             try:
                 with warnings.catch_warnings():
@@ -269,11 +270,13 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
                         early_stopping_patience=early_stopping_patience,
                         early_stopping_monitor="elbo_validation",
                         plan_kwargs=kwargs,
-                        **trainer_kwargs,
+                        **stage_kwargs,
                     )
+            except BaseException:
+                self.is_trained_ = bool(self.trained_stages_)
+                raise
             finally:
                 self.histories_[st] = self.history_ or {}
-                self.is_trained_ = bool(self.trained_stages_) or self.history_ is not None
             if st not in self.trained_stages_:
                 self.trained_stages_.append(st)
         self.module.set_stage("vae")
@@ -385,7 +388,7 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
         -------
         Cells × genes DataFrame (or array with ``return_numpy=True``).
         """
-        adata = self._validate_anndata(adata)
+        adata = self.adata if adata is None else adata  # validated once, by _batches
         code = self._batch_code(transform_batch)
         genes = np.asarray(self.var_names_)
         cols = np.arange(len(genes))
