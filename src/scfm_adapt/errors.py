@@ -20,14 +20,24 @@ class UnknownCategoryError(SCFMInputError):
     """A categorical covariate holds a category the model has never seen."""
 
 
+class AdapterMismatchError(SCFMInputError):
+    """A saved adapter was made for another model (other genes or sizes)."""
+
+
+class TooFewGenesError(GeneMismatchError):
+    """A query data set shares too few genes with a reference model to map onto it."""
+
+
 class CheckpointError(SCFMInputError):
     """A checkpoint folder is missing, truncated, tampered with or of an unknown format."""
 
 
 __all__ = [
+    "AdapterMismatchError",
     "CheckpointError",
     "GeneMismatchError",
     "InvalidCountsError",
     "SCFMInputError",
+    "TooFewGenesError",
     "UnknownCategoryError",
 ]

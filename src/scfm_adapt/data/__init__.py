@@ -1,5 +1,15 @@
 """Input checks and gene alignment between AnnData objects and models."""
 
+from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
 from ._validation import check_counts, check_genes, check_layer_counts, get_matrix
 
-__all__ = ["check_counts", "check_genes", "check_layer_counts", "get_matrix"]
+__all__ = [
+    "OBSERVED_KEY",
+    "GeneOverlap",
+    "align_genes",
+    "check_counts",
+    "check_genes",
+    "check_layer_counts",
+    "gene_overlap",
+    "get_matrix",
+]

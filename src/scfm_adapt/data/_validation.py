@@ -102,5 +102,7 @@ def check_genes(var_names: Sequence[str], reference: Sequence[str], what: str = 
         f"adata's genes differ from the {what}'s: {len(missing)} of its {len(reference)} genes "
         f"are missing (e.g. {missing[:5]}) and {len(extra)} are extra (e.g. {extra[:5]}). "
         f"Subset or reorder adata to the {what}'s genes (`adata[:, var_names]`) when it "
-        "has them all, or map the data onto the model as a query."
+        "has them all; otherwise align it with `scfm_adapt.data.align_genes(adata, "
+        "model.var_names_)` (missing genes are masked) and map it onto the model with "
+        "`SCFM.load_query_data`."
     )

@@ -27,6 +27,7 @@ from ..data import check_genes, check_layer_counts
 from ..errors import CheckpointError, UnknownCategoryError
 from ..module import MODULE_KEYS, SCFMModule
 from ..train import SCFMTrainingPlan
+from ._adaptation import AdaptationMixin
 from ._io import read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,10 @@ def _transfer_errors(fn, *args, **kwargs):
         raise
 
 
-class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
+ADAPT_PREFIX = "__adaptation__/"
+
+
+class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
 
     Stage 1 encodes each cell's counts into ``n_tokens`` latent tokens and decodes them with
@@ -102,26 +106,35 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             "token_dim": token_dim,
             **module_kwargs,
         }
-        stats = self.summary_stats
-        cat_state = self.registry_["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
-        n_cats = list(cat_state.get("state_registry", {}).get("n_cats_per_key", []))
-        self.module = self._module_cls(
-            n_input=stats.n_vars,
-            n_batch=stats.n_batch,
-            n_labels=stats.n_labels,
-            n_cats_per_cov=n_cats,
-            n_continuous_cov=stats.get("n_extra_continuous_covs", 0),
-            gene_likelihood=gene_likelihood,
-            dispersion=dispersion,
-            n_tokens=n_tokens,
-            token_dim=token_dim,
-            **module_kwargs,
-        )
+        self.module = self._make_module()
         self.var_names_ = [str(g) for g in (adata.var_names if adata is not None else var_names)]
         self.trained_stages_: list[str] = []
         self.histories_: dict[str, dict] = {}
         self.init_params_ = self._get_init_params(locals())
         self._model_summary_string = self._summary()
+
+    def _registry_sizes(self) -> dict:
+        stats = self.summary_stats
+        cat_state = self.registry_["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
+        n_cats = list(cat_state.get("state_registry", {}).get("n_cats_per_key", []))
+        return {"batch": stats.n_batch, "labels": stats.n_labels, "cat_covs": n_cats}
+
+    def _make_module(self, extension: dict | None = None) -> SCFMModule:
+        """A fresh module for the registry; ``extension`` categories are added as new rows
+        on top of a module of the pretrained sizes (query models, see load_query_data)."""
+        sizes = self._registry_sizes()
+        ext = extension or {"batch": 0, "labels": 0, "cat_covs": [0] * len(sizes["cat_covs"])}
+        module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_batch=sizes["batch"] - ext["batch"],
+            n_labels=sizes["labels"] - ext["labels"],
+            n_cats_per_cov=[a - b for a, b in zip(sizes["cat_covs"], ext["cat_covs"])],
+            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+            **self.init_kwargs_,
+        )
+        if extension:
+            module.extend_categories(ext["batch"], ext["labels"], ext["cat_covs"])
+        return module
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -248,7 +261,11 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             else:
                 kwargs.setdefault("optimizer", "AdamW")
                 kwargs.setdefault("weight_decay", 0.0)
-            if st == "prior":
+            fresh = self.module.active_adapter is None and not self.module.masks_genes
+            if st == "vae" and fresh:
+                self._fit_gene_frac()
+            if st == "prior" and (fresh or "prior" not in self.trained_stages_):
+                # The DiT of a pretrained model keeps the scale it was trained with.
                 self._fit_latent_scale(batch_size)  # before set_stage: it switches to eval
             self.module.set_stage(st)
             # scvi-tools' Trainer appends its own callbacks to the list it is given: each
@@ -288,6 +305,16 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
     def history(self) -> dict[str, dict[str, pd.DataFrame]]:
         """Training curves per stage: ``{"vae": {...}, "prior": {...}}``, each scvi-style."""
         return self.histories_
+
+    @torch.no_grad()
+    def _fit_gene_frac(self) -> None:
+        """Record each gene's share of all counts (used to rescale cells missing genes)."""
+        from ..data import get_matrix
+
+        x = get_matrix(self.adata, self.registry_["setup_args"].get("layer"))
+        col = np.asarray(x.sum(0)).ravel().astype(np.float64)
+        frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
+        self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
 
     @torch.inference_mode()
     def _fit_latent_scale(self, batch_size: int) -> None:
@@ -472,6 +499,7 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
         The config holds the genes, the setup registry (category mappings), the model's
         init arguments and training history; ``save_anndata`` also writes ``adata.h5ad``.
         """
+        meta, adapt_tensors = self.module.adaptation_state()
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
@@ -480,8 +508,20 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             "registry": self.registry_,
             "trained_stages": self.trained_stages_,
             "history": self.histories_,
+            "extension": self.module.extension,
+            "adaptation": meta,
         }
-        path = write_checkpoint(dir_path, self.module.state_dict(), config, overwrite=overwrite)
+        merged = self.module.merged
+        if merged:  # store the pristine base weights; loading merges again
+            self.module.unmerge_adapter()
+        try:
+            # copies: re-merging below edits the base weights in place
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        finally:
+            if merged:
+                self.module.merge_adapter()
+        state.update({ADAPT_PREFIX + k: v for k, v in adapt_tensors.items()})
+        path = write_checkpoint(dir_path, state, config, overwrite=overwrite)
         if save_anndata:
             self.adata.write_h5ad(path / "adata.h5ad")
         return path
@@ -522,7 +562,18 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
             model = cls(
                 None, registry=registry, var_names=config["var_names"], **config["init_kwargs"]
             )
+        extension = config.get("extension")
+        if extension and any([extension["batch"], extension["labels"], *extension["cat_covs"]]):
+            model.module = model._make_module(extension)
+        meta = config.get("adaptation", {})
+        model.module.build_adapters(meta)
+        adapt_tensors = {
+            k[len(ADAPT_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(ADAPT_PREFIX)
+        }
+        if "px_r_extra" in state and model.module.px_r_extra is None:
+            raise CheckpointError(f"{dir_path}: px_r_extra without a batch extension.")
         model.module.load_state_dict(state, strict=True)
+        model.module.restore_adaptation(meta, adapt_tensors)
         model.trained_stages_ = list(config.get("trained_stages", []))
         model.histories_ = config.get("history", {})
         model.is_trained_ = bool(model.trained_stages_)
@@ -542,12 +593,19 @@ class SCFM(UnsupervisedTrainingMixin, BaseModelClass):
         n_params = sum(p.numel() for p in m.parameters())
         conds = ", ".join(m.dit.condition_names) or "none"
         stages = ", ".join(self.trained_stages_) or "none"
+        adapters = ", ".join(
+            f"{n} ({s.strategy}{', active' if n == m.active_adapter else ''})"
+            for n, s in m.adapter_specs.items()
+        )
+        extra = f"\n  adapters: {adapters}" if adapters else ""
+        if m.masks_genes:
+            extra += f"\n  query genes observed: {int(m.gene_mask.sum())} of {m.n_input}"
         return (
             f"SCFM: {m.n_input} genes → {m.n_tokens} latent tokens × {m.token_dim}, "
             f"{m.gene_likelihood.upper()} likelihood, dispersion per {m.dispersion}\n"
             f"  encoder: {len(m.encoder.blocks)}-block transformer, width {m.encoder.hidden}\n"
             f"  prior: DiT, {len(m.dit.blocks)} adaLN-Zero blocks, conditions: {conds}\n"
-            f"  parameters: {n_params:,}; trained stages: {stages}"
+            f"  parameters: {n_params:,}; trained stages: {stages}{extra}"
         )
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from torch.distributions import kl_divergence as kl
 
 from ..diffusion import NoiseSchedule, ddim_sample
 from ..nn import DiT, TokenDecoder, TokenEncoder
+from ._adapt import AdaptableMixin
 from ._keys import MODULE_KEYS as K
 
 Stage = Literal["vae", "prior"]
@@ -31,8 +32,13 @@ LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 
 
-class SCFMModule(BaseModuleClass):
+class SCFMModule(AdaptableMixin, BaseModuleClass):
     """Latent-token VAE plus a conditional Diffusion Transformer prior.
+
+    Named adapters (LoRA, bottleneck adapters, partial or full unfreezing, linear probe)
+    come from :class:`~scfm_adapt.module.AdaptableMixin`; new batch or covariate categories
+    from :meth:`extend_categories`; genes absent from a query data set are masked with
+    :meth:`set_gene_mask`.
 
     Parameters
     ----------
@@ -138,6 +144,14 @@ class SCFMModule(BaseModuleClass):
         # Scale that brings stage-1 tokens to unit variance before diffusion (set by the model).
         self.register_buffer("latent_scale", torch.ones(()))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        # Fraction of all counts that falls on each gene in the pretraining data (set by the
+        # model); with ``gene_mask`` it rescales the library of cells missing some genes.
+        self.register_buffer("ref_gene_frac", torch.full((n_input,), 1.0 / n_input))
+        self.register_buffer("gene_mask", torch.ones(n_input, dtype=torch.bool))
+        self.px_r_extra: nn.Parameter | None = None
+        # Categories added after pretraining (query mapping), to rebuild the shapes on load.
+        self.extension = {"batch": 0, "labels": 0, "cat_covs": [0] * len(self.n_cats_per_cov)}
+        self._init_adaptation()
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: Stage) -> None:
@@ -146,16 +160,76 @@ class SCFMModule(BaseModuleClass):
             raise ValueError(f"stage={stage!r}; use 'vae' or 'prior'.")
         self.stage = stage
         vae_parts = (self.encoder, self.decoder)
-        for part in vae_parts:
-            part.requires_grad_(stage == "vae")
-        self.px_r.requires_grad_(stage == "vae")
-        self.dit.requires_grad_(stage == "prior")
-        self.dit_ema.requires_grad_(False)
+        params = dict(self.named_parameters())
+        for name, on in self.trainable_mask(stage).items():
+            params[name].requires_grad_(on)
         # Lightning keeps each submodule's train/eval mode: set it here, so that the frozen
         # VAE encodes without dropout while the prior trains (and vice versa).
         self.train()
         for part in (*vae_parts, self.dit_ema) if stage == "prior" else (self.dit, self.dit_ema):
             part.eval()
+
+    # ------------------------------------------------------------------ query mapping
+    def extend_categories(
+        self, n_new_batch: int = 0, n_new_labels: int = 0, n_new_cats: list[int] | None = None
+    ) -> None:
+        """Add categories for a query data set: new batches and covariate levels.
+
+        New rows live in separate parameters (``*.extra``, ``px_r_extra``); the pretrained
+        rows are untouched. Call before ``add_adapter``: extension rows train along with
+        whichever adapter is active.
+        """
+        n_new_cats = list(n_new_cats or [0] * len(self.n_cats_per_cov))
+        if len(n_new_cats) != len(self.n_cats_per_cov) or min(
+            [n_new_batch, n_new_labels, *n_new_cats]
+        ) < 0:
+            raise ValueError(f"Expected {len(self.n_cats_per_cov)} non-negative counts.")
+        if n_new_labels and "labels" in self.dit.cat_embed:
+            for net in (self.dit, self.dit_ema):
+                net.cat_embed["labels"].extend(n_new_labels)
+        self.n_labels += n_new_labels
+        sizes = [n_new_batch, *n_new_cats]
+        for emb, k in zip(self.decoder.cov_embed, sizes):
+            emb.extend(k)
+        if n_new_batch and "batch" in self.dit.cat_embed:
+            for net in (self.dit, self.dit_ema):
+                net.cat_embed["batch"].extend(n_new_batch)
+        for i, k in enumerate(n_new_cats):
+            name = f"cat_cov_{i}"
+            if k and name in self.dit.cat_embed:
+                for net in (self.dit, self.dit_ema):
+                    net.cat_embed[name].extend(k)
+        if n_new_batch:
+            if self.dispersion == "gene-batch":
+                init = self.px_r.detach().mean(1, keepdim=True).expand(-1, n_new_batch)
+                prev = [] if self.px_r_extra is None else [self.px_r_extra.data]
+                self.px_r_extra = nn.Parameter(torch.cat([*prev, init.clone()], 1))
+            self.n_batch += n_new_batch
+        self.n_cats_per_cov = [n + k for n, k in zip(self.n_cats_per_cov, n_new_cats)]
+        ext = self.extension
+        ext["batch"] += n_new_batch
+        ext["labels"] += n_new_labels
+        ext["cat_covs"] = [a + b for a, b in zip(ext["cat_covs"], n_new_cats)]
+        self.set_stage(self.stage)
+
+    def set_gene_mask(self, observed: torch.Tensor | None) -> None:
+        """Mark genes absent from the data (``False``): their inputs carry no signal, the
+        library is rescaled by the pretraining share of the observed genes, and their
+        likelihood terms are left out. ``None`` observes every gene."""
+        if observed is None:
+            self.gene_mask.fill_(True)
+            return
+        observed = torch.as_tensor(observed, dtype=torch.bool, device=self.gene_mask.device)
+        if observed.shape != self.gene_mask.shape:
+            raise ValueError(
+                f"gene mask has shape {tuple(observed.shape)}, expected "
+                f"{tuple(self.gene_mask.shape)}."
+            )
+        self.gene_mask.copy_(observed)
+
+    @property
+    def masks_genes(self) -> bool:
+        return not bool(self.gene_mask.all())
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -163,7 +237,8 @@ class SCFMModule(BaseModuleClass):
         self.ema_steps += 1
         decay = min(self.ema_decay, (1 + self.ema_steps.item()) / (10 + self.ema_steps.item()))
         for p_ema, p in zip(self.dit_ema.parameters(), self.dit.parameters()):
-            p_ema.lerp_(p.detach(), 1 - decay)
+            if p.requires_grad:  # frozen (pretrained) weights keep their own EMA values
+                p_ema.lerp_(p.detach(), 1 - decay)
 
     # ------------------------------------------------------------------ protocol
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -193,11 +268,21 @@ class SCFMModule(BaseModuleClass):
             out["continuous"] = conts.float()
         return out
 
-    @staticmethod
-    def normalize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log1p`` of counts scaled to 10,000 per cell, and the observed library size."""
-        library = x.sum(-1, keepdim=True)
-        return torch.log1p(x / library.clamp(min=1.0) * 1e4), library
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log1p`` of counts scaled to 10,000 per cell, and the observed library size.
+
+        With masked genes the library is divided by the pretraining share of the observed
+        genes, so that the scale matches cells that have every gene, and masked genes are
+        zero (no signal into the encoder's linear map).
+        """
+        if not self.masks_genes:
+            library = x.sum(-1, keepdim=True)
+            return torch.log1p(x / library.clamp(min=1.0) * 1e4), library
+        x = x * self.gene_mask.to(x.dtype)
+        library = x.sum(-1, keepdim=True)  # of the observed genes only
+        share = (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)
+        x_norm = torch.log1p(x / (library / share).clamp(min=1.0) * 1e4)
+        return x_norm, library
 
     @auto_move_data
     def inference(self, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1) -> dict:
@@ -224,11 +309,18 @@ class SCFMModule(BaseModuleClass):
         covs = [c.repeat(reps) for c in covs]
         scale, zi_logits = self.decoder(z2, covs)  # (S*B, G)
         scale = scale.view(*lead, -1)
-        rate = library * scale
+        if self.masks_genes:  # observed counts cover only the observed genes
+            share = (scale * self.gene_mask.to(scale.dtype)).sum(-1, keepdim=True)
+            rate = library * scale / share.clamp(min=1e-8)
+        else:
+            rate = library * scale
         if self.gene_likelihood == "poisson":
             return Poisson(rate)
         if self.dispersion == "gene-batch":
-            theta = F.linear(F.one_hot(batch.long(), self.n_batch).float(), self.px_r).exp()
+            px_r = self.px_r
+            if self.px_r_extra is not None:
+                px_r = torch.cat([px_r, self.px_r_extra], 1)
+            theta = F.linear(F.one_hot(batch.long(), self.n_batch).float(), px_r).exp()
         else:
             theta = self.px_r[:, 0].exp()
         if self.gene_likelihood == "zinb":
@@ -279,7 +371,10 @@ class SCFMModule(BaseModuleClass):
     ) -> LossOutput:
         if self.stage == "vae":
             x = tensors[REGISTRY_KEYS.X_KEY]
-            rec = -generative_outputs[K.PX].log_prob(x).sum(-1)  # (B,)
+            log_p = generative_outputs[K.PX].log_prob(x)  # (B, G)
+            if self.masks_genes:  # a masked gene is unobserved, not an observed zero
+                log_p = log_p * self.gene_mask.to(log_p.dtype)
+            rec = -log_p.sum(-1)  # (B,)
             prior = Normal(torch.zeros_like(inference_outputs[K.QZ].loc), 1.0)
             kl_z = kl(inference_outputs[K.QZ], prior).sum((-1, -2))  # (B,)
             loss = (rec + kl_weight * kl_z).mean()

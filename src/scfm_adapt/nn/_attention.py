@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._adapters import AdapterHost
+
 
 class Attention(nn.Module):
     """Multi-head self-attention on PyTorch's fused scaled-dot-product kernel."""
@@ -45,8 +47,12 @@ class MLP(nn.Module):
         return self.fc2(self.drop(F.gelu(self.fc1(x), approximate="tanh")))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm transformer block (used by the token encoder)."""
+class TransformerBlock(AdapterHost):
+    """Pre-LayerNorm transformer block (used by the token encoder).
+
+    Named bottleneck adapters (see :class:`~scfm_adapt.nn.AdapterHost`) act on the outputs
+    of the attention and MLP sublayers, before the residual sum.
+    """
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 2.0, dropout: float = 0.0):
         super().__init__()
@@ -54,7 +60,8 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, n_heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+        self._init_adapters(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self._adapt("attn", self.attn(self.norm1(x)))
+        return x + self._adapt("mlp", self.mlp(self.norm2(x)))

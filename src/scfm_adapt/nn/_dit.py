@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._adapters import AdapterHost
 from ._attention import MLP, Attention
 from ._embedding import CategoricalEmbedder, ContinuousEmbedder, TimestepEmbedder
 
@@ -18,11 +19,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(AdapterHost):
     """Transformer block whose norms are modulated by the condition (adaLN-Zero).
 
     The modulation's linear layer starts at zero, so the gates are zero and the block is
-    the identity at initialisation.
+    the identity at initialisation. Named bottleneck adapters act on the sublayer outputs
+    before the gates.
     """
 
     def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
@@ -34,11 +36,14 @@ class DiTBlock(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN[1].weight)
         nn.init.zeros_(self.adaLN[1].bias)
+        self._init_adapters(dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # (B, D)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        a = self._adapt("attn", self.attn(modulate(self.norm1(x), shift1, scale1)))
+        x = x + gate1.unsqueeze(1) * a
+        m = self._adapt("mlp", self.mlp(modulate(self.norm2(x), shift2, scale2)))
+        return x + gate2.unsqueeze(1) * m
 
 
 class FinalLayer(nn.Module):

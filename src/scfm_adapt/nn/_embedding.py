@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from ._adapters import ExtendableEmbedding
+
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of a (possibly fractional) time step, then an MLP."""
@@ -29,20 +31,30 @@ class TimestepEmbedder(nn.Module):
 class CategoricalEmbedder(nn.Module):
     """Embedding of one categorical covariate with an extra *null* row.
 
-    Index ``n_categories`` is the null condition used for classifier-free guidance; during
-    training each label is replaced by it with probability ``p_uncond``.
+    The last index (``n_categories``) is the null condition used for classifier-free
+    guidance; during training each label is replaced by it with probability ``p_uncond``.
+    :meth:`extend` adds categories (new trainable rows, inserted before the null row) and
+    leaves the pretrained rows untouched.
     """
 
     def __init__(self, n_categories: int, dim: int, p_uncond: float = 0.1):
         super().__init__()
-        self.n_categories = n_categories
+        self.n_base = n_categories
         self.p_uncond = p_uncond
-        self.table = nn.Embedding(n_categories + 1, dim)
+        self.table = ExtendableEmbedding(n_categories + 1, dim, insert_at=n_categories)
         nn.init.normal_(self.table.weight, std=0.02)
+
+    @property
+    def n_categories(self) -> int:
+        return self.n_base + self.table.n_extra
 
     @property
     def null_index(self) -> int:
         return self.n_categories
+
+    def extend(self, k: int) -> None:
+        """Add ``k`` categories whose embeddings start at the mean pretrained embedding."""
+        self.table.extend(k)
 
     def forward(self, idx: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         idx = idx.long().view(-1)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._adapters import ExtendableEmbedding
 from ._attention import TransformerBlock
 
 
@@ -43,13 +44,17 @@ class TokenEncoder(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, 2 * token_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states of the last block, ``(B, n_tokens, hidden)``."""
         b = x.shape[0]
         h = self.gene_to_tokens(self.drop(x)).view(b, self.n_tokens, self.hidden)  # (B, T, H)
         h = h + self.pos_embed
         for block in self.blocks:
             h = block(h)  # (B, T, H)
-        mean, raw_var = self.head(self.norm(h)).chunk(2, dim=-1)  # (B, T, d) each
+        return self.norm(h)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_var = self.head(self.features(x)).chunk(2, dim=-1)  # (B, T, d) each
         return mean, F.softplus(raw_var) + self.var_eps
 
 
@@ -72,7 +77,9 @@ class TokenDecoder(nn.Module):
     ):
         super().__init__()
         self.fc = nn.Linear(n_tokens * token_dim, hidden)
-        self.cov_embed = nn.ModuleList(nn.Embedding(n, hidden) for n in categorical_sizes or [])
+        self.cov_embed = nn.ModuleList(
+            ExtendableEmbedding(n, hidden) for n in categorical_sizes or []
+        )
         for emb in self.cov_embed:
             nn.init.zeros_(emb.weight)
         self.norm = nn.LayerNorm(hidden)
