@@ -99,6 +99,8 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         dropout: float = 0.1,
     ):
         super().__init__()
+        # Constructor arguments, to rebuild this module from a checkpoint (see ``rebuild``).
+        self.hparams_ = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if gene_likelihood not in LIKELIHOODS:
             raise ValueError(f"gene_likelihood={gene_likelihood!r}; choose one of {LIKELIHOODS}.")
         if dispersion not in DISPERSIONS:
@@ -152,6 +154,22 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         # Categories added after pretraining (query mapping), to rebuild the shapes on load.
         self.extension = {"batch": 0, "labels": 0, "cat_covs": [0] * len(self.n_cats_per_cov)}
         self._init_adaptation()
+
+    def config(self) -> dict:
+        """JSON that, with ``state_dict()``, rebuilds this module (:meth:`rebuild`)."""
+        meta, _ = self.adaptation_state()
+        return {"hparams": self.hparams_, "extension": self.extension, "adaptation": meta}
+
+    @classmethod
+    def rebuild(cls, config: dict) -> SCFMModule:
+        """An empty module shaped like the one ``config`` describes, adapters included;
+        then ``load_state_dict`` and ``restore_adaptation``."""
+        module = cls(**config["hparams"])
+        ext = config.get("extension") or {}
+        if any([ext.get("batch", 0), ext.get("labels", 0), *ext.get("cat_covs", [])]):
+            module.extend_categories(ext["batch"], ext["labels"], ext["cat_covs"])
+        module.build_adapters(config.get("adaptation", {}))
+        return module
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: Stage) -> None:

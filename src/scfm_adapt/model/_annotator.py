@@ -1,0 +1,541 @@
+"""``CellAnnotator``: cell-type annotation on an adapted pretrained SCFM."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from .. import __version__
+from ..data import check_genes, check_layer_counts, get_matrix
+from ..errors import CheckpointError, UnknownCategoryError
+from ..module import SCFMModule
+from ..module._annotator import AnnotatorModule
+from ._io import read_checkpoint, write_checkpoint
+from ._scfm import SCFM
+
+logger = logging.getLogger(__name__)
+
+
+class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
+    """Cell-type annotation by adapting a pretrained :class:`SCFM`.
+
+    A copy of the pretrained model's encoder is adapted with ``strategy`` (only the
+    adapter and a classification head train; the pretrained model itself is not
+    modified) and read out by a head on its last hidden states. After training, the
+    probabilities are calibrated by temperature scaling on the validation cells, and an
+    out-of-distribution (OOD) score, the Mahalanobis distance of a cell's features to the
+    nearest class mean, is fitted so that cells of none of the known types are flagged
+    rather than forced into a class.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`, with the pretrained model's genes.
+    pretrained
+        A trained :class:`SCFM`, or the folder it was saved to.
+    strategy
+        ``"linear_probe"``, ``"lora"`` (default), ``"adapter"``, ``"partial"`` or ``"full"``
+        (see :meth:`SCFM.adapt`).
+    head
+        ``"linear"`` or ``"mlp"``.
+    class_weight
+        ``None`` or ``"balanced"`` (inverse class frequency in the cross-entropy, which
+        helps rare types and macro-F1).
+    adapter_name
+        Name of the adapter added to the copy of the backbone.
+    **adapt_kwargs
+        ``rank``, ``alpha``, ``target_modules``, ``bottleneck``, ``n_blocks`` ... of
+        :meth:`SCFM.adapt`; ``parts`` defaults to ``("encoder",)``.
+
+    Examples
+    --------
+    >>> sfa.model.CellAnnotator.setup_anndata(adata, labels_key="cell_type")
+    >>> annotator = sfa.model.CellAnnotator(adata, pretrained=model, strategy="lora")
+    >>> annotator.train(max_epochs=30)
+    >>> sfa.tl.annotate(query, annotator)  # obs["scfm_label"], obs["scfm_label_confidence"]
+    """
+
+    _module_cls = AnnotatorModule
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        pretrained: SCFM | str | Path | None = None,
+        strategy: str = "lora",
+        *,
+        head: str = "linear",
+        dropout: float = 0.1,
+        class_weight: str | None = None,
+        adapter_name: str = "annotation",
+        registry: dict | None = None,
+        _backbone: SCFMModule | None = None,
+        **adapt_kwargs,
+    ):
+        super().__init__(adata, registry=registry)
+        if _backbone is None:
+            if pretrained is None:
+                raise ValueError("Give the pretrained SCFM (a model or a folder) to adapt.")
+            if isinstance(pretrained, str | Path):
+                pretrained = SCFM.load(pretrained)
+            if not isinstance(pretrained, SCFM):
+                raise TypeError(f"pretrained must be an SCFM, not {type(pretrained).__name__}.")
+            if not pretrained.is_trained_:
+                raise ValueError("The pretrained SCFM is not trained; train it first.")
+            check_genes(adata.var_names, pretrained.var_names_, what="pretrained model")
+            backbone = copy.deepcopy(pretrained.module).cpu()
+            if adapter_name in backbone.adapter_specs:
+                raise ValueError(
+                    f"The pretrained model already has an adapter {adapter_name!r}; "
+                    "pass another adapter_name."
+                )
+            adapt_kwargs.setdefault("parts", ("encoder",))
+            backbone.add_adapter(adapter_name, strategy, **adapt_kwargs)
+            self.var_names_ = list(pretrained.var_names_)
+        else:
+            backbone = _backbone
+            self.var_names_ = [str(g) for g in adata.var_names] if adata is not None else []
+        mapping = self._label_mapping()
+        self.classes_ = [str(c) for c in mapping[:-1]]
+        if not self.classes_:
+            raise ValueError("No labelled cells: every cell has the unlabeled category.")
+        weights = None
+        if class_weight == "balanced" and adata is not None:
+            codes = self.get_from_registry(adata, REGISTRY_KEYS.LABELS_KEY).ravel()
+            counts = np.bincount(codes[codes < len(self.classes_)], minlength=len(self.classes_))
+            w = counts.sum() / (len(self.classes_) * np.maximum(counts, 1))
+            weights = torch.as_tensor(w, dtype=torch.float32)
+        elif class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight={class_weight!r}; use None or 'balanced'.")
+        self.module = self._module_cls(
+            backbone,
+            n_classes=len(self.classes_),
+            head=head,
+            dropout=dropout,
+            unlabeled_code=len(self.classes_),
+            class_weights=weights,
+        )
+        self.init_kwargs_ = {"head": head, "dropout": dropout, "class_weight": class_weight}
+        active = backbone.active_adapter
+        self.strategy_ = strategy if active is None else backbone.adapter_specs[active].strategy
+        self.calibration_: dict = {}
+        self._freeze()
+        self.init_params_ = self._get_init_params(locals())
+        self._model_summary_string = self._summary()
+
+    def _label_mapping(self) -> np.ndarray:
+        state = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
+        return np.asarray(state["categorical_mapping"])
+
+    @property
+    def unlabeled_category_(self) -> str:
+        return str(self._label_mapping()[-1])
+
+    def _freeze(self) -> None:
+        """The adapter's encoder-side weights and the head train; nothing else."""
+        bb = self.module.backbone
+        bb.set_stage("vae")
+        for n, p in bb.named_parameters():
+            if not n.startswith("encoder."):
+                p.requires_grad_(False)
+        self.module.head.requires_grad_(True)
+
+    def parameter_report(self) -> dict[str, int | float]:
+        """Trainable parameters (adapter + head) against the backbone's."""
+        self._freeze()
+        rep = self.module.backbone.parameter_report("vae")
+        train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+        head = sum(p.numel() for p in self.module.head.parameters())
+        return {
+            "trainable": train,
+            "head": head,
+            "adapter": train - head,
+            "backbone": rep["backbone"],
+            "fraction": train / rep["backbone"],
+        }
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        unlabeled_category: str = "Unknown",
+        layer: str | None = None,
+        batch_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register counts and labels.
+
+        Parameters
+        ----------
+        labels_key
+            ``obs`` column of cell types; cells labelled ``unlabeled_category`` are not used
+            to fit the classifier.
+        unlabeled_category
+            The label of unlabelled cells; also the label given to cells flagged as none of
+            the known types.
+        layer
+            Layer with raw counts (``None``: ``X``).
+        batch_key
+            Recorded with the setup. The encoder is batch-agnostic, so predictions never
+            depend on it and cells from unseen batches can be annotated.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if labels_key not in adata.obs:
+            raise KeyError(
+                f"{labels_key!r} is not a column of adata.obs (columns: {list(adata.obs)})."
+            )
+        if batch_key is not None and batch_key not in adata.obs:
+            raise KeyError(f"{batch_key!r} is not a column of adata.obs.")
+        check_layer_counts(adata, layer)
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    def _query_view(self, adata: AnnData) -> AnnData:
+        """A light AnnData over ``adata``'s counts (no copy) with every cell unlabelled, so
+        that unseen labels or batches never block prediction."""
+        check_genes(adata.var_names, self.var_names_, what="annotator")
+        layer = self.registry_["setup_args"].get("layer")
+        check_layer_counts(adata, layer)
+        labels_key = self.registry_["setup_args"]["labels_key"]
+        obs = pd.DataFrame({labels_key: self.unlabeled_category_}, index=adata.obs_names)
+        view = AnnData(X=get_matrix(adata, layer), obs=obs, var=pd.DataFrame(index=adata.var_names))
+        self._validate_anndata(view)
+        return view
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int = 50,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 128,
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 8,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        ood_quantile: float = 0.99,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ) -> None:
+        """Fit the adapter and head (cross-entropy), then calibrate and fit the OOD score.
+
+        Parameters
+        ----------
+        max_epochs
+            Upper bound; early stopping on the validation cross-entropy usually stops sooner.
+        train_size, validation_size
+            Split of the cells; the validation cells (at least some are needed) drive early
+            stopping, the temperature and the OOD threshold.
+        ood_quantile
+            Share of validation cells whose OOD score stays under the threshold (the
+            in-distribution false-flag rate is about ``1 - ood_quantile``).
+        **trainer_kwargs
+            Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar=False``).
+        """
+        self._freeze()
+        plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", "eps": 1e-8}
+        plan.update(plan_kwargs or {})
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        self.module.train()
+        if self.strategy_ == "linear_probe":  # frozen features: no dropout inside
+            self.module.backbone.eval()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+            super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                early_stopping_monitor="elbo_validation",
+                plan_kwargs=plan,
+                **trainer_kwargs,
+            )
+        self.module.eval()
+        self._calibrate(ood_quantile, batch_size)
+        self._model_summary_string = self._summary()
+
+    @torch.inference_mode()
+    def _outputs(self, adata: AnnData | None, indices=None, batch_size: int | None = None):
+        self.module.eval()
+        adata = self._validate_anndata(adata)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        logits, feats, labels = [], [], []
+        for tensors in loader:
+            out = self.module.inference(tensors[REGISTRY_KEYS.X_KEY].to(self.device))
+            logits.append(out["logits"].cpu())
+            feats.append(out["features"].float().cpu())
+            labels.append(tensors[REGISTRY_KEYS.LABELS_KEY].view(-1).long())
+        return torch.cat(logits), torch.cat(feats), torch.cat(labels)
+
+    def _calibrate(self, ood_quantile: float, batch_size: int) -> None:
+        """Temperature scaling (validation NLL) and the Mahalanobis OOD statistics."""
+        from sklearn.covariance import LedoitWolf
+
+        k = len(self.classes_)
+        tr_logits, tr_feats, tr_y = self._outputs(self.adata, self.train_indices, batch_size)
+        val_idx = self.validation_indices
+        if val_idx is None or len(val_idx) == 0:
+            warnings.warn(
+                "No validation cells: the temperature stays 1 and the OOD threshold comes "
+                "from training cells (optimistic). Keep train_size < 1 to calibrate.",
+                stacklevel=2,
+            )
+            va_logits, va_feats, va_y = tr_logits, tr_feats, tr_y
+        else:
+            va_logits, va_feats, va_y = self._outputs(self.adata, val_idx, batch_size)
+        lab = va_y < k
+        temperature = 1.0
+        if lab.sum() > 0 and val_idx is not None and len(val_idx):
+            temperature = fit_temperature(va_logits[lab], va_y[lab])
+        m = self.module
+        m.temperature.fill_(temperature)
+        lab_tr = tr_y < k
+        feats, y = tr_feats[lab_tr].double(), tr_y[lab_tr]
+        means = torch.zeros(k, feats.shape[1], dtype=torch.float64)
+        for c in range(k):
+            if (y == c).any():
+                means[c] = feats[y == c].mean(0)
+            else:
+                means[c] = float("inf")  # a class without training cells is never nearest
+        centred = feats - means[y]
+        lw = LedoitWolf(assume_centered=True).fit(centred.numpy())
+        m.class_means.copy_(means.float().to(m.class_means.device))
+        m.precision.copy_(torch.as_tensor(lw.precision_, dtype=torch.float32).to(m.precision.device))
+        scores = m.ood_score(va_feats.to(m.precision.device)).cpu()
+        threshold = float(torch.quantile(scores, ood_quantile))
+        m.ood_threshold.fill_(threshold)
+        probs = torch.softmax(va_logits[lab] / temperature, -1)
+        self.calibration_ = {
+            "temperature": temperature,
+            "ood_threshold": threshold,
+            "ood_quantile": ood_quantile,
+            "n_validation": int(len(va_y)),
+            "validation_accuracy": float((probs.argmax(-1) == va_y[lab]).float().mean())
+            if lab.any()
+            else float("nan"),
+            "validation_ece": float(expected_calibration_error(probs.numpy(), va_y[lab].numpy()))
+            if lab.any()
+            else float("nan"),
+        }
+
+    # ------------------------------------------------------------------ prediction
+    def predict_details(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        min_confidence: float | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Per cell: label, confidence, OOD score and flag; and the class probabilities.
+
+        A cell is flagged (``is_ood``) when its OOD score exceeds the fitted threshold or,
+        with ``min_confidence``, its calibrated confidence is below it; its ``label`` is
+        then the unlabeled category (``"Unknown"`` by default) while ``best_label`` keeps
+        the most probable known type.
+
+        Returns
+        -------
+        ``(table, probabilities)``: two DataFrames indexed by cell.
+        """
+        self._check_if_trained(warn=False)
+        target = self.adata if adata is None else self._query_view(adata)
+        logits, feats, _ = self._outputs(target, indices, batch_size)
+        m = self.module
+        probs = torch.softmax(logits / m.temperature.cpu(), -1).numpy()
+        scores = m.ood_score(feats.to(m.precision.device)).cpu().numpy()
+        conf = probs.max(1)
+        best = np.asarray(self.classes_, dtype=object)[probs.argmax(1)]
+        flag = scores > float(m.ood_threshold)
+        if min_confidence is not None:
+            flag |= conf < min_confidence
+        names = target.obs_names if indices is None else target.obs_names[np.asarray(indices)]
+        table = pd.DataFrame(
+            {
+                "label": np.where(flag, self.unlabeled_category_, best),
+                "best_label": best,
+                "confidence": conf,
+                "ood_score": scores,
+                "is_ood": flag,
+            },
+            index=names,
+        )
+        return table, pd.DataFrame(probs, index=names, columns=self.classes_)
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        soft: bool = False,
+        min_confidence: float | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray | pd.DataFrame:
+        """Predicted cell types, or with ``soft=True`` calibrated class probabilities.
+
+        Hard predictions label flagged cells (see :meth:`predict_details`) with the
+        unlabeled category instead of forcing them into a known type.
+        """
+        table, probs = self.predict_details(adata, indices, min_confidence, batch_size)
+        return probs if soft else table["label"].to_numpy()
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self, adata: AnnData | None = None, indices=None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """The adapted encoder's posterior-mean embedding (mean over tokens)."""
+        target = self.adata if adata is None else self._query_view(adata)
+        target = self._validate_anndata(target)
+        loader = self._make_data_loader(adata=target, indices=indices, batch_size=batch_size)
+        self.module.eval()
+        bb = self.module.backbone
+        out = []
+        for tensors in loader:
+            x_norm, _ = bb.normalize(tensors[REGISTRY_KEYS.X_KEY].to(self.device))
+            out.append(bb.encoder(x_norm)[0].mean(1).float().cpu().numpy())
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, dir_path: str | Path, overwrite: bool = False) -> Path:
+        """Save (safetensors + JSON, atomically): backbone config with its adapters, head,
+        temperature, OOD statistics, classes and registry."""
+        bb = self.module.backbone
+        meta, adapt_tensors = bb.adaptation_state()
+        config = {
+            "model": type(self).__name__,
+            "scfm_adapt_version": __version__,
+            "backbone": bb.config(),
+            "init_kwargs": self.init_kwargs_,
+            "classes": self.classes_,
+            "strategy": self.strategy_,
+            "var_names": self.var_names_,
+            "registry": self.registry_,
+            "calibration": self.calibration_,
+            "history": self.history_ or {},
+        }
+        merged = bb.merged
+        if merged:
+            bb.unmerge_adapter()
+        try:
+            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        finally:
+            if merged:
+                bb.merge_adapter()
+        state.update({"__adaptation__/" + k: v for k, v in adapt_tensors.items()})
+        return write_checkpoint(dir_path, state, config, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> CellAnnotator:
+        """Load an annotator saved by :meth:`save` (``adata`` optional: it can predict on
+        any AnnData with the right genes)."""
+        state, config = read_checkpoint(dir_path)
+        if config.get("model") != cls.__name__:
+            raise CheckpointError(f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}.")
+        registry = config["registry"]
+        backbone = SCFMModule.rebuild(config["backbone"])
+        if adata is not None:
+            check_genes(adata.var_names, config["var_names"], what="annotator")
+            try:
+                cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            except ValueError as e:
+                raise UnknownCategoryError(f"{e} (labels unknown to the annotator)") from e
+        model = cls(
+            adata,
+            registry=registry,
+            strategy=config.get("strategy", "lora"),
+            _backbone=backbone,
+            **config["init_kwargs"],
+        )
+        model.var_names_ = list(config["var_names"])
+        adapt = {
+            k[len("__adaptation__/") :]: state.pop(k)
+            for k in list(state)
+            if k.startswith("__adaptation__/")
+        }
+        model.module.load_state_dict(state, strict=True)
+        backbone.restore_adaptation(config["backbone"]["adaptation"], adapt)
+        model._freeze()
+        model.calibration_ = config.get("calibration", {})
+        model.history_ = config.get("history") or None
+        model.is_trained_ = True
+        model.module.eval()
+        model._model_summary_string = model._summary()
+        return model
+
+    def _summary(self) -> str:
+        rep = self.parameter_report()
+        cal = self.calibration_
+        extra = (
+            f"\n  calibrated: temperature {cal['temperature']:.3f}, OOD threshold "
+            f"{cal['ood_threshold']:.2f} (q={cal['ood_quantile']})"
+            if cal
+            else ""
+        )
+        return (
+            f"CellAnnotator: {len(self.classes_)} cell types on an SCFM encoder "
+            f"({self.strategy_}, {self.init_kwargs_['head']} head)\n"
+            f"  trainable: {rep['trainable']:,} ({rep['adapter']:,} adapter + {rep['head']:,} "
+            f"head) = {rep['fraction']:.2%} of the {rep['backbone']:,}-parameter backbone"
+            + extra
+        )
+
+    def __repr__(self) -> str:
+        return self._model_summary_string
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
+    """Temperature minimising the NLL of ``softmax(logits / T)`` (Guo et al., 2017), with a
+    weak prior on ``log T`` that matters only for small validation sets."""
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    logits, y = logits.detach().float(), y.long()
+
+    n = max(len(y), 1)
+
+    def closure():
+        opt.zero_grad()
+        # A weak N(0, 1) prior on log T: with few, perfectly separated validation cells
+        # the plain NLL would send T to 0 (infinitely confident).
+        nll = torch.nn.functional.cross_entropy(logits / log_t.exp(), y)
+        loss = nll + 0.5 * log_t.pow(2) / n
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """ECE of the top-class confidence with ``n_bins`` equal-width bins."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
