@@ -308,5 +308,6 @@ def test_query_mapping_new_batch_and_masked_genes(trained, adata):
     _, _, l1 = m(tensors)
     torch.manual_seed(0)
     _, _, l2 = m({**tensors, "X": x2})
-    assert torch.equal(l1.reconstruction_loss["reconstruction_loss"],
-                       l2.reconstruction_loss["reconstruction_loss"])
+    assert torch.equal(
+        l1.reconstruction_loss["reconstruction_loss"], l2.reconstruction_loss["reconstruction_loss"]
+    )

@@ -1,5 +1,7 @@
 """Model classes: the only code, with ``tl``, that sees AnnData and the registry."""
 
+from ._annotator import CellAnnotator
+from ._distill import distill
 from ._scfm import SCFM
 
-__all__ = ["SCFM"]
+__all__ = ["SCFM", "CellAnnotator", "distill"]

@@ -211,7 +211,9 @@ class AdaptationMixin:
         previous = self.module.active_adapter
         self.module.add_adapter(name, spec["strategy"], tuple(spec["parts"]), **kwargs)
         try:
-            self.module.load_adapter_tensors(name, {k: v.to(self.device) for k, v in tensors.items()})
+            self.module.load_adapter_tensors(
+                name, {k: v.to(self.device) for k, v in tensors.items()}
+            )
         except Exception:
             self.module.delete_adapter(name)
             self.module.set_adapter(previous)

@@ -325,7 +325,9 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         centred = feats - means[y]
         lw = LedoitWolf(assume_centered=True).fit(centred.numpy())
         m.class_means.copy_(means.float().to(m.class_means.device))
-        m.precision.copy_(torch.as_tensor(lw.precision_, dtype=torch.float32).to(m.precision.device))
+        m.precision.copy_(
+            torch.as_tensor(lw.precision_, dtype=torch.float32).to(m.precision.device)
+        )
         scores = m.ood_score(va_feats.to(m.precision.device)).cpu()
         threshold = float(torch.quantile(scores, ood_quantile))
         m.ood_threshold.fill_(threshold)
@@ -334,7 +336,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             "temperature": temperature,
             "ood_threshold": threshold,
             "ood_quantile": ood_quantile,
-            "n_validation": int(len(va_y)),
+            "n_validation": len(va_y),
             "validation_accuracy": float((probs.argmax(-1) == va_y[lab]).float().mean())
             if lab.any()
             else float("nan"),
@@ -423,7 +425,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         """Save (safetensors + JSON, atomically): backbone config with its adapters, head,
         temperature, OOD statistics, classes and registry."""
         bb = self.module.backbone
-        meta, adapt_tensors = bb.adaptation_state()
+        _, adapt_tensors = bb.adaptation_state()
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
@@ -453,7 +455,9 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         any AnnData with the right genes)."""
         state, config = read_checkpoint(dir_path)
         if config.get("model") != cls.__name__:
-            raise CheckpointError(f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}.")
+            raise CheckpointError(
+                f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}."
+            )
         registry = config["registry"]
         backbone = SCFMModule.rebuild(config["backbone"])
         if adata is not None:
@@ -498,8 +502,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             f"CellAnnotator: {len(self.classes_)} cell types on an SCFM encoder "
             f"({self.strategy_}, {self.init_kwargs_['head']} head)\n"
             f"  trainable: {rep['trainable']:,} ({rep['adapter']:,} adapter + {rep['head']:,} "
-            f"head) = {rep['fraction']:.2%} of the {rep['backbone']:,}-parameter backbone"
-            + extra
+            f"head) = {rep['fraction']:.2%} of the {rep['backbone']:,}-parameter backbone" + extra
         )
 
     def __repr__(self) -> str:

@@ -212,7 +212,7 @@ class AdaptableMixin:
         k = spec.options.get("n_blocks", 0)
         if spec.strategy == "partial" and k < 1:
             raise ValueError(f"n_blocks={k}: partial unfreezing needs at least one block.")
-        for n, p in self.named_parameters():
+        for n, _ in self.named_parameters():
             if _is_added(n) or is_extension(n):
                 continue
             part = next((pt for pt in spec.parts if n.startswith(_PARAM_PARTS[pt])), None)
@@ -453,7 +453,9 @@ class AdaptableMixin:
         for d in meta.get("adapters", []):
             spec = AdapterSpec.from_json(d)
             o = spec.options
-            kwargs = {k: o[k] for k in ("rank", "alpha", "dropout", "bottleneck", "n_blocks") if k in o}
+            kwargs = {
+                k: o[k] for k in ("rank", "alpha", "dropout", "bottleneck", "n_blocks") if k in o
+            }
             if o.get("target_modules"):
                 kwargs["target_modules"] = o["target_modules"]
             self.add_adapter(spec.name, spec.strategy, spec.parts, **kwargs)

@@ -53,7 +53,12 @@ class AnnotatorModule(BaseModuleClass):
         self.feature_dim = dim
         layers: list[nn.Module] = [nn.Dropout(dropout)]
         if head == "mlp":
-            layers += [nn.Linear(dim, 256), nn.GELU(), nn.Dropout(dropout), nn.Linear(256, n_classes)]
+            layers += [
+                nn.Linear(dim, 256),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(256, n_classes),
+            ]
         else:
             layers += [nn.Linear(dim, n_classes)]
         self.head = nn.Sequential(*layers)

@@ -198,9 +198,10 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         whichever adapter is active.
         """
         n_new_cats = list(n_new_cats or [0] * len(self.n_cats_per_cov))
-        if len(n_new_cats) != len(self.n_cats_per_cov) or min(
-            [n_new_batch, n_new_labels, *n_new_cats]
-        ) < 0:
+        if (
+            len(n_new_cats) != len(self.n_cats_per_cov)
+            or min([n_new_batch, n_new_labels, *n_new_cats]) < 0
+        ):
             raise ValueError(f"Expected {len(self.n_cats_per_cov)} non-negative counts.")
         if n_new_labels and "labels" in self.dit.cat_embed:
             for net in (self.dit, self.dit_ema):
