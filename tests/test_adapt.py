@@ -89,6 +89,8 @@ def test_only_intended_parameters_train(trained):
     trained.adapt("linear_probe", name="lp", verbose=False)
     assert _trainable(m, "vae") == set() == _trainable(m, "prior")
     assert trained.parameter_report()["trainable"] == 0
+    with pytest.raises(ValueError, match="Nothing trains in stage 'vae'"):
+        trained.train(max_epochs=1, stage="vae", **FAST)
 
     trained.adapt("full", name="fu", parts=("encoder",), verbose=False)
     vae = _trainable(m, "vae")

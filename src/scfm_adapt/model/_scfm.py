@@ -268,6 +268,13 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 # The DiT of a pretrained model keeps the scale it was trained with.
                 self._fit_latent_scale(batch_size)  # before set_stage: it switches to eval
             self.module.set_stage(st)
+            if not any(p.requires_grad for p in self.module.parameters()):
+                raise ValueError(
+                    f"Nothing trains in stage {st!r}: the active adapter "
+                    f"{self.module.active_adapter!r} freezes every weight of it (a linear probe "
+                    "trains only task heads, e.g. in CellAnnotator). Choose another strategy "
+                    "or stage, or call set_adapter(None) to train the base model."
+                )
             # scvi-tools' Trainer appends its own callbacks to the list it is given: each
             # stage gets a fresh copy, or stage 2 would inherit stage 1's early stopping.
             stage_kwargs = {**trainer_kwargs, "callbacks": list(callbacks)}
