@@ -46,17 +46,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from _common import dense, environment_info, fmt, markdown_table
+from _common import dense, environment_info, fmt, markdown_table, quiet
 
 #: Kang 2018 donors held out as test cells of ``kang8``.
 KANG_TEST_DONORS = ("1244", "1488")
@@ -210,6 +208,8 @@ def metrics(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) ->
     """
     from sklearn.metrics import f1_score
 
+    from scfm_adapt.model._annotator import expected_calibration_error
+
     y = np.asarray(y_true).astype(str)
     classes = np.asarray([str(c) for c in classes])
     proba = np.asarray(proba, dtype=np.float64)
@@ -221,15 +221,10 @@ def metrics(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str]) ->
     labels = np.union1d(y, pred)
     f1 = f1_score(y, pred, labels=labels, average=None, zero_division=0)
 
-    conf = proba.max(axis=1)
-    bins = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
-    ece = 0.0
-    for b in range(ECE_BINS):
-        in_bin = bins == b
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-
     index = {c: i for i, c in enumerate(classes)}
+    codes = np.array([index.get(c, -1) for c in y])  # -1: a label no class can match
+    ece = expected_calibration_error(proba, codes, n_bins=ECE_BINS)
+
     known = np.array([c in index for c in y])
     if known.any():
         cols = np.array([index[c] for c in y[known]])
@@ -373,21 +368,6 @@ def knn_pca(split: Split) -> Result:
 
 
 # --------------------------------------------------------------------------- scvi-tools
-def _quiet() -> None:
-    """Silence Lightning's and scvi-tools' per-run info messages."""
-    for name in (
-        "lightning.pytorch",
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric",
-        "scvi",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*predefined_split.*")
-    warnings.filterwarnings("ignore", message=".*Make sure the registered X field.*")
-    warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
 def _epochs(n_cells: int, budget: int, cap: int) -> int:
@@ -440,7 +420,7 @@ def _reference_scvi(split: Split) -> tuple[Any, Any, Any, float]:
     if "scvi" not in split._cache:
         import scvi
 
-        _quiet()
+        quiet()
         start = time.perf_counter()
         train, test = _scvi_inputs(split)
         scvi.settings.seed = split.seed
@@ -627,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    _quiet()
+    quiet()
     env = environment_info()
     print("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     start = time.perf_counter()

@@ -7,6 +7,7 @@ the annotation, generation and perturbation benchmarks can reuse them unchanged.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -14,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -26,6 +28,26 @@ NA = "n/a"
 
 
 # --------------------------------------------------------------------------- splits
+def quiet() -> None:
+    """Silence Lightning's and scvi-tools' per-run info messages and routine warnings."""
+    for name in (
+        "lightning.pytorch",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric",
+        "scvi",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (
+        ".*does not have many workers.*",
+        ".*predefined_split.*",
+        ".*Make sure the registered X field.*",
+        ".*log_every_n_steps.*",
+        ".*module\\(s\\) in eval mode.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
 def donor_split(
     donors: Sequence[Any], test_donors: Sequence[str] | None = None, n_test: int = 2
 ) -> tuple[list[str], list[str]]:

@@ -31,13 +31,12 @@ from _annotation import (
     DATASETS,
     Result,
     Split,
-    _quiet,
     evaluate,
     format_per_class,
     format_table,
     load_split,
 )
-from _common import environment_info
+from _common import environment_info, quiet
 
 STRATEGIES = ("linear_probe", "lora", "adapter", "partial", "full")
 RESULTS = Path(__file__).parent / "results"
@@ -114,7 +113,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     scvi.settings.seed = 0
-    _quiet()
+    quiet()
     print("Environment: " + ", ".join(f"{k} {v}" for k, v in environment_info().items()))
     start = time.perf_counter()
     for name in args.datasets:

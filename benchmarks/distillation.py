@@ -54,12 +54,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +70,7 @@ from _common import (
     fmt,
     knn_transfer,
     markdown_table,
+    quiet,
     throughput,
     timer,
     write_json,
@@ -113,12 +112,6 @@ def _log(msg: str) -> None:
     print(f"[distillation] {msg}", file=sys.stderr, flush=True)
 
 
-def _quiet() -> None:
-    """Silence Lightning's and scvi-tools' per-run info messages."""
-    for name in ("lightning.pytorch", "lightning.fabric", "scvi"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*predefined_split.*")
 
 
 # =========================================================================== training
@@ -393,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator=args.accelerator,
         seed=args.seed,
     )
-    _quiet()
+    quiet()
     torch.set_num_threads(cfg.threads)
     load_before = os.getloadavg()
     adata = sfa.datasets.kang2018_ctrl()

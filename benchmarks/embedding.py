@@ -58,11 +58,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +79,7 @@ from _common import (
     pass_fail,
     pca_baseline,
     peak_rss_mib,
+    quiet,
     run_isolated,
     throughput,
     timer,
@@ -323,7 +322,7 @@ def run_worker(name: str, workdir: Path) -> None:
 
     cfg = Config(**json.loads((workdir / "config.json").read_text()))
     torch.set_num_threads(cfg.threads)
-    _quiet()
+    quiet()
     adata, train_mask, _, _ = load_data(cfg)
     emb, record = FITTERS[name](cfg, adata, train_mask)
     record.update(
@@ -336,17 +335,6 @@ def run_worker(name: str, workdir: Path) -> None:
     write_json(workdir / f"{name}.json", record)
 
 
-def _quiet() -> None:
-    """Silence Lightning's and scvi-tools' per-run info messages."""
-    for name in (
-        "lightning.pytorch",
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric",
-        "scvi",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*predefined_split.*")
 
 
 # =========================================================================== evaluation

@@ -228,7 +228,6 @@ def test_errors(trained, tmp_path, tiny_kwargs):
         trained.merge_adapter()
     trained.adapt("lora", verbose=False)
     path = trained.save_adapter(tmp_path / "a")
-    other = sfa.datasets  # noqa: F841  (lazy import check)
     from conftest import make_adata
 
     ad2 = make_adata(n_genes=30)

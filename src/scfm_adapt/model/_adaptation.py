@@ -12,6 +12,7 @@ import torch
 
 from .. import __version__
 from ..errors import AdapterMismatchError, CheckpointError
+from ..module import AdapterSpec
 from ._io import read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -142,13 +143,11 @@ class AdaptationMixin:
         self.module.unmerge_adapter()
 
     def _fingerprint(self) -> dict:
-        kw = self.init_kwargs_
-        defaults = {"encoder_hidden": 64, "encoder_depth": 2, "decoder_hidden": 256}
-        defaults.update({"dit_hidden": 128, "dit_depth": 3})
+        """What an adapter must agree on with its base: genes and sizes."""
         return {
             "n_genes": len(self.var_names_),
             "genes_sha256": genes_digest(self.var_names_),
-            **{k: kw.get(k, defaults.get(k)) for k in _SHAPE_KEYS},
+            **{k: self.module.hparams_[k] for k in _SHAPE_KEYS},
         }
 
     def save_adapter(
@@ -202,14 +201,10 @@ class AdaptationMixin:
                 f"The adapter in {dir_path} was trained on another base model ({what}). "
                 "Load it onto the model it was made for."
             )
-        spec = config["spec"]
-        name = name or spec["name"]
-        o = spec.get("options", {})
-        kwargs = {k: o[k] for k in ("rank", "alpha", "dropout", "bottleneck", "n_blocks") if k in o}
-        if o.get("target_modules"):
-            kwargs["target_modules"] = tuple(o["target_modules"])
+        spec = AdapterSpec.from_json(config["spec"])
+        name = name or spec.name
         previous = self.module.active_adapter
-        self.module.add_adapter(name, spec["strategy"], tuple(spec["parts"]), **kwargs)
+        self.module.add_adapter(name, spec.strategy, spec.parts, **spec.add_kwargs())
         try:
             self.module.load_adapter_tensors(
                 name, {k: v.to(self.device) for k, v in tensors.items()}
@@ -223,6 +218,20 @@ class AdaptationMixin:
         self.module.eval()
         self._model_summary_string = self._summary()
         return name
+
+    @classmethod
+    def trained_model(cls, model, what: str = "model"):
+        """``model`` itself, or the model saved in folder ``model``; it must be trained."""
+        if isinstance(model, str | Path):
+            model = cls.load(model)
+        if not isinstance(model, cls):
+            raise TypeError(
+                f"{what} must be a {cls.__name__} or a folder holding one, not "
+                f"{type(model).__name__}."
+            )
+        if not model.is_trained_:
+            raise ValueError(f"The {what} {cls.__name__} is not trained; train it first.")
+        return model
 
     # ------------------------------------------------------------------ query mapping
     @classmethod
@@ -275,12 +284,7 @@ class AdaptationMixin:
 
         from ..data import OBSERVED_KEY, align_genes, gene_overlap
 
-        if isinstance(reference, str | Path):
-            reference = cls.load(reference)
-        if not isinstance(reference, cls):
-            raise TypeError(f"reference must be a {cls.__name__} or a folder holding one.")
-        if not reference.is_trained_:
-            raise ValueError("The reference model is not trained; train it first.")
+        reference = cls.trained_model(reference, "reference")
         setup_args = dict(reference.registry_["setup_args"])
         layer = setup_args.get("layer")
         overlap = gene_overlap(adata.var_names, reference.var_names_)

@@ -92,12 +92,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         if _backbone is None:
             if pretrained is None:
                 raise ValueError("Give the pretrained SCFM (a model or a folder) to adapt.")
-            if isinstance(pretrained, str | Path):
-                pretrained = SCFM.load(pretrained)
-            if not isinstance(pretrained, SCFM):
-                raise TypeError(f"pretrained must be an SCFM, not {type(pretrained).__name__}.")
-            if not pretrained.is_trained_:
-                raise ValueError("The pretrained SCFM is not trained; train it first.")
+            pretrained = SCFM.trained_model(pretrained, "pretrained")
             check_genes(adata.var_names, pretrained.var_names_, what="pretrained model")
             backbone = copy.deepcopy(pretrained.module).cpu()
             if adapter_name in backbone.adapter_specs:
@@ -435,7 +430,6 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         """Save (safetensors + JSON, atomically): backbone config with its adapters, head,
         temperature, OOD statistics, classes and registry."""
         bb = self.module.backbone
-        _, adapt_tensors = bb.adaptation_state()
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
@@ -448,15 +442,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             "calibration": self.calibration_,
             "history": self.history_ or {},
         }
-        merged = bb.merged
-        if merged:
-            bb.unmerge_adapter()
-        try:
-            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        finally:
-            if merged:
-                bb.merge_adapter()
-        state.update({"__adaptation__/" + k: v for k, v in adapt_tensors.items()})
+        state = bb.checkpoint_state(owner=self.module)
         return write_checkpoint(dir_path, state, config, overwrite=overwrite)
 
     @classmethod
@@ -484,11 +470,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             **config["init_kwargs"],
         )
         model.var_names_ = list(config["var_names"])
-        adapt = {
-            k[len("__adaptation__/") :]: state.pop(k)
-            for k in list(state)
-            if k.startswith("__adaptation__/")
-        }
+        adapt = backbone.pop_adaptation_tensors(state)
         model.module.load_state_dict(state, strict=True)
         backbone.restore_adaptation(config["backbone"]["adaptation"], adapt)
         model._freeze()

@@ -49,9 +49,6 @@ def _transfer_errors(fn, *args, **kwargs):
         raise
 
 
-ADAPT_PREFIX = "__adaptation__/"
-
-
 class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
 
@@ -506,7 +503,6 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
         The config holds the genes, the setup registry (category mappings), the model's
         init arguments and training history; ``save_anndata`` also writes ``adata.h5ad``.
         """
-        meta, adapt_tensors = self.module.adaptation_state()
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
@@ -516,18 +512,9 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
             "trained_stages": self.trained_stages_,
             "history": self.histories_,
             "extension": self.module.extension,
-            "adaptation": meta,
+            "adaptation": self.module.adaptation_meta(),
         }
-        merged = self.module.merged
-        if merged:  # store the pristine base weights; loading merges again
-            self.module.unmerge_adapter()
-        try:
-            # copies: re-merging below edits the base weights in place
-            state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-        finally:
-            if merged:
-                self.module.merge_adapter()
-        state.update({ADAPT_PREFIX + k: v for k, v in adapt_tensors.items()})
+        state = self.module.checkpoint_state()
         path = write_checkpoint(dir_path, state, config, overwrite=overwrite)
         if save_anndata:
             self.adata.write_h5ad(path / "adata.h5ad")
@@ -574,9 +561,7 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
             model.module = model._make_module(extension)
         meta = config.get("adaptation", {})
         model.module.build_adapters(meta)
-        adapt_tensors = {
-            k[len(ADAPT_PREFIX) :]: state.pop(k) for k in list(state) if k.startswith(ADAPT_PREFIX)
-        }
+        adapt_tensors = model.module.pop_adaptation_tensors(state)
         if "px_r_extra" in state and model.module.px_r_extra is None:
             raise CheckpointError(f"{dir_path}: px_r_extra without a batch extension.")
         model.module.load_state_dict(state, strict=True)

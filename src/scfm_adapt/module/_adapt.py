@@ -45,6 +45,7 @@ _PREFIX = {
 }
 _PARAM_PARTS = {"encoder": ("encoder.",), "decoder": ("decoder.", "px_r"), "dit": ("dit.",)}
 STAGE_PARTS = {"vae": ("encoder", "decoder"), "prior": ("dit",)}
+ADAPT_PREFIX = "__adaptation__/"  # checkpoint keys of parked adapter weights
 
 
 @dataclass
@@ -62,6 +63,14 @@ class AdapterSpec:
         d["parts"] = list(self.parts)
         return d
 
+    def add_kwargs(self) -> dict:
+        """Keyword arguments of ``add_adapter`` that rebuild this adapter."""
+        o = self.options
+        kwargs = {k: o[k] for k in ("rank", "alpha", "dropout", "bottleneck", "n_blocks") if k in o}
+        if o.get("target_modules"):
+            kwargs["target_modules"] = tuple(o["target_modules"])
+        return kwargs
+
     @classmethod
     def from_json(cls, d: dict) -> AdapterSpec:
         return cls(
@@ -77,6 +86,15 @@ def _is_added(name: str) -> bool:
 def canonical(name: str) -> str:
     """Parameter name without peft's ``.base_layer`` (stable as LoRA adapters come and go)."""
     return name.replace(".base_layer", "")
+
+
+def _neutral_key(param: str, adapter: str) -> str | None:
+    """``param``'s key in an adapter checkpoint, with the adapter's name replaced by ``@``
+    (so it loads under any name); ``None`` when ``param`` is not that adapter's."""
+    for tag in (f"lora_A.{adapter}.", f"lora_B.{adapter}.", f".adapters.{adapter}."):
+        if tag in param:
+            return param.replace(tag, tag.replace(f"{adapter}.", "@."))
+    return None
 
 
 def is_extension(name: str) -> bool:
@@ -160,11 +178,11 @@ class AdaptableMixin:
 
     def _lora_pattern(self, spec: AdapterSpec) -> str:
         alts = []
+        linear = self._linear_names()
         for part in spec.parts:
             targets = spec.options.get("target_modules") or DEFAULT_TARGETS[part]
             names = "|".join(re.escape(t) for t in targets)
             pattern = rf"^{_PREFIX[part]}\.(?:{names})$"
-            linear = self._linear_names()
             if not any(re.match(pattern, n) for n in linear):
                 there = [n for n in linear if n.startswith(part)]
                 raise ValueError(
@@ -395,13 +413,11 @@ class AdaptableMixin:
                 else self._tuned_values.get(name, self._base_values[name])
             )
             return {k: v.detach().cpu().contiguous() for k, v in vals.items()}
-        tag = {"lora": (f"lora_A.{name}.", f"lora_B.{name}."), "adapter": (f".adapters.{name}.",)}
-        out = {}
-        for n, p in self.named_parameters():
-            for t in tag.get(spec.strategy, ()):
-                if t in n:
-                    out[n.replace(t, t.replace(f"{name}.", "@."))] = p.detach().cpu().contiguous()
-        return out
+        return {
+            key: p.detach().cpu().contiguous()
+            for n, p in self.named_parameters()
+            if (key := _neutral_key(n, name)) is not None
+        }
 
     @torch.no_grad()
     def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -426,13 +442,10 @@ class AdaptableMixin:
             else:
                 self._tuned_values[name] = {k: v.clone() for k, v in tensors.items()}
             return
-        params = dict(self.named_parameters())
-        for n in params:
-            key = n
-            for t in (f"lora_A.{name}.", f"lora_B.{name}.", f".adapters.{name}."):
-                key = key.replace(t, t.replace(f"{name}.", "@."))
-            if key in tensors and key != n:
-                params[n].copy_(tensors[key])
+        for n, p in self.named_parameters():
+            key = _neutral_key(n, name)
+            if key is not None:
+                p.copy_(tensors[key])
 
     def adaptation_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """JSON and tensors that, with the state dict, rebuild every adapter exactly."""
@@ -441,24 +454,46 @@ class AdaptableMixin:
             tensors.update({f"{name}/base/{k}": v for k, v in vals.items()})
         for name, vals in self._tuned_values.items():
             tensors.update({f"{name}/tuned/{k}": v for k, v in vals.items()})
-        meta = {
+        return self.adaptation_meta(), {
+            k: v.detach().cpu().contiguous() for k, v in tensors.items()
+        }
+
+    def adaptation_meta(self) -> dict:
+        """JSON part of :meth:`adaptation_state`: specs, active adapter, merged or not."""
+        return {
             "adapters": [s.to_json() for s in self.adapter_specs.values()],
             "active": self.active_adapter,
             "merged": self.merged,
         }
-        return meta, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    def checkpoint_state(self, owner: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """``owner``'s state dict (default: this module; a module holding this one as a
+        part works too) with a merged LoRA taken out of the base weights, plus the parked
+        adapter weights under ``ADAPT_PREFIX``. Loading merges again (:meth:`restore_adaptation`).
+        """
+        merged = self.merged
+        if merged:
+            self.unmerge_adapter()
+        try:  # copies: re-merging below edits the base weights in place
+            state = {k: v.detach().clone() for k, v in (owner or self).state_dict().items()}
+        finally:
+            if merged:
+                self.merge_adapter()
+        _, parked = self.adaptation_state()
+        state.update({ADAPT_PREFIX + k: v for k, v in parked.items()})
+        return state
+
+    @staticmethod
+    def pop_adaptation_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Remove and return the parked adapter weights of a :meth:`checkpoint_state`."""
+        keys = [k for k in state if k.startswith(ADAPT_PREFIX)]
+        return {k[len(ADAPT_PREFIX) :]: state.pop(k) for k in keys}
 
     def build_adapters(self, meta: dict) -> None:
         """Recreate the adapters' structure (before ``load_state_dict``)."""
         for d in meta.get("adapters", []):
             spec = AdapterSpec.from_json(d)
-            o = spec.options
-            kwargs = {
-                k: o[k] for k in ("rank", "alpha", "dropout", "bottleneck", "n_blocks") if k in o
-            }
-            if o.get("target_modules"):
-                kwargs["target_modules"] = o["target_modules"]
-            self.add_adapter(spec.name, spec.strategy, spec.parts, **kwargs)
+            self.add_adapter(spec.name, spec.strategy, spec.parts, **spec.add_kwargs())
         self.set_adapter(None)
 
     def restore_adaptation(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -468,14 +503,11 @@ class AdaptableMixin:
             name, kind, param = key.split("/", 2)
             store = self._base_values if kind == "base" else self._tuned_values
             store.setdefault(name, {})[param] = v.to(self.latent_scale.device)
-        # The state dict holds the active adapter's weights in place: activate it without
-        # the parking logic of set_adapter.
+        # The state dict holds the active adapter's weights in place (only inactive ones are
+        # parked), so activating it from "none" writes nothing.
         self.active_adapter = None
         active = meta.get("active")
         if active is not None:
-            parked = self._tuned_values.pop(active, None)
             self.set_adapter(active)
-            if parked is not None:
-                self._write_params(parked)
             if meta.get("merged"):
                 self.merge_adapter()

@@ -157,8 +157,11 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
 
     def config(self) -> dict:
         """JSON that, with ``state_dict()``, rebuilds this module (:meth:`rebuild`)."""
-        meta, _ = self.adaptation_state()
-        return {"hparams": self.hparams_, "extension": self.extension, "adaptation": meta}
+        return {
+            "hparams": self.hparams_,
+            "extension": self.extension,
+            "adaptation": self.adaptation_meta(),
+        }
 
     @classmethod
     def rebuild(cls, config: dict) -> SCFMModule:
