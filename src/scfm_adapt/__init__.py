@@ -11,11 +11,21 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("model", "tl", "datasets", "data", "module", "nn", "diffusion", "train")
+_SUBMODULES = (
+    "model",
+    "tl",
+    "metrics",
+    "datasets",
+    "data",
+    "module",
+    "nn",
+    "diffusion",
+    "train",
+)
 __all__ = [*_SUBMODULES, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import data, datasets, diffusion, model, module, nn, tl, train  # noqa: F401
+    from . import data, datasets, diffusion, metrics, model, module, nn, tl, train  # noqa: F401
 
 
 def __getattr__(name: str):

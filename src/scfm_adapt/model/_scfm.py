@@ -28,6 +28,7 @@ from ..errors import CheckpointError, UnknownCategoryError
 from ..module import MODULE_KEYS, SCFMModule
 from ..train import SCFMTrainingPlan
 from ._adaptation import AdaptationMixin
+from ._generation import GenerationMixin
 from ._io import read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _transfer_errors(fn, *args, **kwargs):
         raise
 
 
-class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
 
     Stage 1 encodes each cell's counts into ``n_tokens`` latent tokens and decodes them with
@@ -319,18 +320,27 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
         col = np.asarray(x.sum(0)).ravel().astype(np.float64)
         frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
         self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
+        # Start the library model at the data's log-normal fit (its output bias).
+        log_lib = np.log(np.maximum(np.asarray(x.sum(1)).ravel(), 1.0))
+        bias = self.module.decoder.lib_out.bias
+        bias[0] = float(log_lib.mean())
+        bias[1] = float(np.log(np.expm1(max(log_lib.std(), 1e-2))))
 
     @torch.inference_mode()
     def _fit_latent_scale(self, batch_size: int) -> None:
         """Set the factor that brings stage-1 token samples to unit variance for diffusion."""
         self.module.eval()
-        sq, n = 0.0, 0
+        sq, n, peak = 0.0, 0, 0.0
         idx = np.random.default_rng(0).permutation(self.adata.n_obs)[:4096]
         for tensors in self._batches(self.adata, idx, batch_size):
             z = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.Z]
             sq += z.float().pow(2).sum().item()
             n += z.numel()
-        self.module.latent_scale.fill_(1.0 / max(np.sqrt(sq / n), 1e-6))
+            peak = max(peak, z.float().abs().max().item())
+        scale = 1.0 / max(np.sqrt(sq / n), 1e-6)
+        self.module.latent_scale.fill_(scale)
+        # Samplers clip predicted tokens a little beyond the largest seen.
+        self.module.latent_clip.fill_(1.5 * peak * scale)
 
     # ------------------------------------------------------------------ inference
     def _batches(
@@ -400,13 +410,24 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
         n_samples: int = 1,
         return_numpy: bool = False,
         batch_size: int | None = None,
+        transfer: Literal["decoder", "inversion"] = "decoder",
+        n_steps: int = 50,
+        strength: float = 0.9,
     ) -> pd.DataFrame | np.ndarray:
         """Denoised expression: the decoder's mean at a fixed library size.
 
         Parameters
         ----------
         transform_batch
-            Decode every cell as if it came from this batch (counterfactual batch).
+            Express every cell as if it came from this batch (counterfactual batch).
+        transfer
+            How ``transform_batch`` acts: ``"decoder"`` decodes the cell's own tokens with
+            the other batch's decoder embedding (scVI's way); ``"inversion"`` also moves
+            the tokens, by DDIM inversion under the cell's batch and regeneration under
+            the target batch with the DiT prior (see :meth:`counterfactual`; needs a
+            prior conditioned on the batch, and ``n_samples=1``).
+        n_steps, strength
+            DDIM steps and strength of the ``"inversion"`` transfer.
         gene_list
             Return only these genes.
         library_size
@@ -421,6 +442,18 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         adata = self.adata if adata is None else adata  # validated once, by _batches
         code = self._batch_code(transform_batch)
+        if transfer not in ("decoder", "inversion"):
+            raise ValueError(f"transfer={transfer!r}; use 'decoder' or 'inversion'.")
+        inversion = transfer == "inversion" and code is not None
+        if inversion:
+            self._check_prior()
+            if "batch" not in self.module.dit.cat_embed:
+                raise ValueError(
+                    "transfer='inversion' needs a prior conditioned on the batch; this model "
+                    "has one batch or none registered. Use transfer='decoder'."
+                )
+            if n_samples != 1:
+                raise ValueError("transfer='inversion' uses the posterior mean: n_samples=1.")
         genes = np.asarray(self.var_names_)
         cols = np.arange(len(genes))
         if gene_list is not None:
@@ -431,10 +464,16 @@ class SCFM(AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         out = []
         for tensors in self._batches(adata, indices, batch_size):
-            inf = self.module.inference(
-                **self.module._get_inference_input(tensors), n_samples=n_samples
-            )
-            z = inf[MODULE_KEYS.QZ].loc if n_samples == 1 else inf[MODULE_KEYS.Z]
+            if inversion:
+                z, library, _, _ = self._counterfactual_batch(
+                    tensors, {"batch": code}, n_steps, strength, 1.0
+                )
+                inf = {MODULE_KEYS.LIBRARY: library}
+            else:
+                inf = self.module.inference(
+                    **self.module._get_inference_input(tensors), n_samples=n_samples
+                )
+                z = inf[MODULE_KEYS.QZ].loc if n_samples == 1 else inf[MODULE_KEYS.Z]
             lib = (
                 inf[MODULE_KEYS.LIBRARY]
                 if library_size == "latent"

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributions import Normal, Poisson
 from torch.distributions import kl_divergence as kl
 
-from ..diffusion import NoiseSchedule, ddim_sample
+from ..diffusion import NoiseSchedule, ddim_invert, ddim_sample
 from ..nn import DiT, TokenDecoder, TokenEncoder
 from ._adapt import AdaptableMixin
 from ._keys import MODULE_KEYS as K
@@ -145,6 +145,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         self.dit_ema = copy.deepcopy(self.dit).requires_grad_(False)
         # Scale that brings stage-1 tokens to unit variance before diffusion (set by the model).
         self.register_buffer("latent_scale", torch.ones(()))
+        # Bound of the scaled tokens (set with latent_scale): samplers clip the predicted
+        # clean tokens to it.
+        self.register_buffer("latent_clip", torch.full((), 5.0))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
         # Fraction of all counts that falls on each gene in the pretraining data (set by the
         # model); with ``gene_mask`` it rescales the library of cells missing some genes.
@@ -211,8 +214,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
                 net.cat_embed["labels"].extend(n_new_labels)
         self.n_labels += n_new_labels
         sizes = [n_new_batch, *n_new_cats]
-        for emb, k in zip(self.decoder.cov_embed, sizes):
+        for emb, lib_emb, k in zip(self.decoder.cov_embed, self.decoder.lib_embed, sizes):
             emb.extend(k)
+            lib_emb.extend(k)
         if n_new_batch and "batch" in self.dit.cat_embed:
             for net in (self.dit, self.dit_ema):
                 net.cat_embed["batch"].extend(n_new_batch)
@@ -324,7 +328,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
     ) -> torch.distributions.Distribution:
         """Count distribution of tokens ``z`` (any leading sample dims) at ``library``."""
         batch = conditions["batch"] if transform_batch is None else transform_batch
-        covs = [batch] + [conditions[f"cat_cov_{i}"] for i in range(len(self.n_cats_per_cov))]
+        covs = self._decoder_covariates({**conditions, "batch": batch})
         lead = z.shape[:-2]
         z2 = z.reshape(-1, *z.shape[-2:])
         reps = z2.shape[0] // batch.shape[0]
@@ -397,10 +401,21 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             if self.masks_genes:  # a masked gene is unobserved, not an observed zero
                 log_p = log_p * self.gene_mask.to(log_p.dtype)
             rec = -log_p.sum(-1)  # (B,)
-            prior = Normal(torch.zeros_like(inference_outputs[K.QZ].loc), 1.0)
-            kl_z = kl(inference_outputs[K.QZ], prior).sum((-1, -2))  # (B,)
-            loss = (rec + kl_weight * kl_z).mean()
-            return LossOutput(loss=loss, reconstruction_loss=rec, kl_local=kl_z)
+            qz = inference_outputs[K.QZ]
+            prior = Normal(torch.zeros_like(qz.loc), 1.0)
+            kl_z = kl(qz, prior).sum((-1, -2))  # (B,)
+            lib_nll = self.library_nll(
+                qz.loc.detach(), inference_outputs[K.LIBRARY], self.conditions(tensors)
+            )
+            loss = (rec + kl_weight * kl_z).mean() + lib_nll.mean()
+            # The library model is fitted beside the ELBO (on detached tokens), so the
+            # ELBO stays comparable with scVI's; its NLL is logged on its own.
+            return LossOutput(
+                loss=loss,
+                reconstruction_loss=rec,
+                kl_local=kl_z,
+                extra_metrics={"library_nll": lib_nll.mean().detach()},
+            )
         err = generative_outputs[K.DIFF_OUT] - generative_outputs[K.DIFF_TARGET]
         mse = err.float().pow(2).mean((-1, -2))  # (B,)
         # The denoising error stands in the ELBO slot so that scvi-tools' metrics,
@@ -412,36 +427,140 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             extra_metrics={"diffusion_mse": mse.mean().detach()},
         )
 
+    def _decoder_covariates(self, conditions: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [conditions["batch"]] + [
+            conditions[f"cat_cov_{i}"] for i in range(len(self.n_cats_per_cov))
+        ]
+
+    def library_nll(
+        self, z: torch.Tensor, library: torch.Tensor, conditions: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Negative log-likelihood of each cell's log library size under the library model.
+
+        With masked genes the observed library is rescaled to the full gene set first.
+        """
+        if self.masks_genes:
+            library = library / (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)
+        mu, sigma = self.decoder.library(z, self._decoder_covariates(conditions))
+        return -Normal(mu, sigma).log_prob(library.clamp(min=1.0).log()).sum(-1)
+
+    @torch.no_grad()
+    def sample_library(
+        self,
+        z: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Library sizes ``(B, 1)`` drawn from the library model given tokens ``z``."""
+        mu, sigma = self.decoder.library(z, self._decoder_covariates(conditions))
+        noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return (mu + sigma * noise).exp()
+
     # ------------------------------------------------------------------ sampling
+    def guided_denoiser(
+        self,
+        conditions: dict[str, torch.Tensor] | None = None,
+        guidance_scale: float | dict[str, float] = 1.0,
+        use_ema: bool = True,
+    ):
+        """The DiT as a ``denoise(x_t, t)`` callable with classifier-free guidance.
+
+        ``guidance_scale`` is one number for all conditions jointly,
+        ``out_null + s (out_cond - out_null)`` (0 unconditional, 1 plain conditional), or a
+        dict of one scale per condition name (missing names: 1). Per condition ``k`` the
+        guided output is ``out_all + sum_k (s_k - 1) (out_all - out_all_but_k)``: 0
+        marginalises the condition, 1 keeps it as trained, above 1 amplifies it. Conditions
+        absent from ``conditions`` are null. All passes run as one batched forward.
+        """
+        net = self.dit_ema if use_ema else self.dit
+        conds = self._dit_conditions(conditions)
+        if isinstance(guidance_scale, dict):
+            unknown = set(guidance_scale) - set(net.condition_names)
+            if unknown:
+                raise KeyError(
+                    f"guidance_scale names unknown conditions {sorted(unknown)}; the prior "
+                    f"is conditioned on {net.condition_names}."
+                )
+            scales = {k: float(guidance_scale.get(k, 1.0)) for k in conds}
+            groups = [[k] for k, v in scales.items() if v != 1.0]
+            weights = [scales[g[0]] - 1.0 for g in groups]
+        else:
+            groups = [list(conds)] if conds and float(guidance_scale) != 1.0 else []
+            weights = [float(guidance_scale) - 1.0]
+
+        if not groups:
+            return lambda x, t: net(x, t, conds)
+
+        n_pass = 1 + len(groups)
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            b = x.shape[0]
+            rep = {k: v.repeat(n_pass, *([1] * (v.dim() - 1))) for k, v in conds.items()}
+            drop = {k: torch.zeros(n_pass * b, dtype=torch.bool, device=x.device) for k in conds}
+            for i, group in enumerate(groups, start=1):
+                for k in group:
+                    drop[k][i * b : (i + 1) * b] = True
+            out = net(x.repeat(n_pass, 1, 1), t.repeat(n_pass), rep, drop).view(
+                n_pass, b, *x.shape[1:]
+            )
+            full = out[0]
+            guided = full
+            for i, w in enumerate(weights, start=1):
+                guided = guided + w * (full - out[i])
+            return guided
+
+        return denoise
+
     @torch.no_grad()
     def sample_tokens(
         self,
         n: int,
         conditions: dict[str, torch.Tensor] | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | dict[str, float] = 1.0,
         n_steps: int = 50,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        x_T: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """Draw latent tokens from the prior (EMA weights), in stage-1 units.
 
-        ``guidance_scale`` 1 is plain conditional sampling, 0 unconditional, above 1
-        classifier-free guidance ``out_null + s (out_cond - out_null)``.
+        ``sampler="ddim"`` with ``eta`` (0: deterministic given the starting noise),
+        ``"ddpm"`` ancestral sampling over ``n_steps``. ``x_T`` replaces the starting noise
+        (e.g. inverted tokens, see :meth:`invert_tokens`) at time ``strength * (T - 1)``.
         """
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"sampler={sampler!r}; use 'ddim' or 'ddpm'.")
         device = self.latent_scale.device
-        conds = self._dit_conditions(conditions)
-        x_T = torch.randn((n, self.n_tokens, self.token_dim), generator=generator, device=device)
-
-        def denoise(x, t):
-            cond = self.dit_ema(x, t, conds)
-            if guidance_scale == 1.0 or not conds:
-                return cond
-            null = self.dit_ema(x, t, {})
-            return null + guidance_scale * (cond - null)
-
-        x0 = ddim_sample(denoise, self.schedule, x_T, n_steps, eta, generator, progress)
+        if x_T is None:
+            shape = (n, self.n_tokens, self.token_dim)
+            x_T = torch.randn(shape, generator=generator, device=device)
+        denoise = self.guided_denoiser(conditions, guidance_scale)
+        if sampler == "ddpm":
+            eta = 1.0
+        clip = float(self.latent_clip)
+        x0 = ddim_sample(
+            denoise, self.schedule, x_T, n_steps, eta, generator, progress, strength, clip
+        )
         return x0 / self.latent_scale
+
+    @torch.no_grad()
+    def invert_tokens(
+        self,
+        z: torch.Tensor,
+        conditions: dict[str, torch.Tensor] | None = None,
+        n_steps: int = 50,
+        strength: float = 1.0,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """DDIM-invert stage-1 tokens ``z`` under their own ``conditions`` (no guidance):
+        the noise that :meth:`sample_tokens` (``eta=0``, same ``n_steps`` and ``strength``)
+        maps back to ``z``, or to its counterfactual under other conditions."""
+        denoise = self.guided_denoiser(conditions, 1.0)
+        x0 = z * self.latent_scale
+        return ddim_invert(denoise, self.schedule, x0, n_steps, progress, strength)
 
     @torch.no_grad()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:

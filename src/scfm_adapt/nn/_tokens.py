@@ -74,6 +74,7 @@ class TokenDecoder(nn.Module):
         categorical_sizes: list[int] | None = None,
         zero_inflation: bool = False,
         dropout: float = 0.0,
+        library_hidden: int = 64,
     ):
         super().__init__()
         self.fc = nn.Linear(n_tokens * token_dim, hidden)
@@ -86,6 +87,16 @@ class TokenDecoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.scale_head = nn.Linear(hidden, n_genes)
         self.dropout_head = nn.Linear(hidden, n_genes) if zero_inflation else None
+        # Library-size model: log library ~ Normal(mu, sigma) given the tokens and the
+        # covariates, for generation (the callers detach the tokens: the latent is never
+        # asked to carry sequencing depth).
+        self.lib_fc = nn.Linear(n_tokens * token_dim, library_hidden)
+        self.lib_embed = nn.ModuleList(
+            ExtendableEmbedding(n, library_hidden) for n in categorical_sizes or []
+        )
+        for emb in self.lib_embed:
+            nn.init.zeros_(emb.weight)
+        self.lib_out = nn.Linear(library_hidden, 2)
 
     def forward(
         self, z: torch.Tensor, covariates: list[torch.Tensor] | None = None
@@ -97,3 +108,13 @@ class TokenDecoder(nn.Module):
         scale = torch.softmax(self.scale_head(h).float(), dim=-1)  # (B, G), rows sum to 1
         logits = self.dropout_head(h).float() if self.dropout_head is not None else None
         return scale, logits
+
+    def library(
+        self, z: torch.Tensor, covariates: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of the log library size, each ``(B, 1)``."""
+        h = self.lib_fc(z.flatten(1))
+        for emb, idx in zip(self.lib_embed, covariates or []):
+            h = h + emb(idx.long().view(-1))
+        mu, log_sigma = self.lib_out(F.gelu(h)).float().chunk(2, dim=-1)
+        return mu, F.softplus(log_sigma) + 1e-3

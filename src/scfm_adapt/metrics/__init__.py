@@ -1,0 +1,26 @@
+"""Metrics that compare generated cells with real ones (usable on any two AnnData objects).
+
+>>> import scfm_adapt as sfa
+>>> sfa.metrics.classifier_two_sample_test(real, generated)  # 0.5: indistinguishable
+>>> sfa.metrics.evaluate_generation(real, generated, groupby="cell_type")
+"""
+
+from ._generation import (
+    classifier_two_sample_test,
+    embed_pair,
+    energy_distance,
+    evaluate_generation,
+    gene_statistics,
+    lognormalize,
+    mmd,
+)
+
+__all__ = [
+    "classifier_two_sample_test",
+    "embed_pair",
+    "energy_distance",
+    "evaluate_generation",
+    "gene_statistics",
+    "lognormalize",
+    "mmd",
+]
