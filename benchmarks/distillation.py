@@ -112,8 +112,6 @@ def _log(msg: str) -> None:
     print(f"[distillation] {msg}", file=sys.stderr, flush=True)
 
 
-
-
 # =========================================================================== training
 def _fit_kwargs(cfg: Config) -> dict[str, Any]:
     return {

@@ -335,8 +335,6 @@ def run_worker(name: str, workdir: Path) -> None:
     write_json(workdir / f"{name}.json", record)
 
 
-
-
 # =========================================================================== evaluation
 def evaluate(
     emb: np.ndarray, adata: Any, train_donors: list[str], test_donors: list[str], cfg: Config

@@ -63,8 +63,9 @@ COLUMNS = {
 
 
 def load(seed: int = 0):
-    import scfm_adapt as sfa
     from sklearn.model_selection import train_test_split
+
+    import scfm_adapt as sfa
 
     adata = sfa.datasets.kang2018_ctrl()
     adata.obs[LABEL] = adata.obs[LABEL].astype(str).astype("category")
@@ -78,7 +79,9 @@ def load(seed: int = 0):
 def composition_sample(pool, counts: pd.Series, rng, exclude=None) -> np.ndarray:
     """Indices of ``pool`` cells with ``counts[type]`` cells of each type."""
     labels = pool.obs[LABEL].astype(str).to_numpy()
-    taken = np.zeros(pool.n_obs, bool) if exclude is None else np.isin(np.arange(pool.n_obs), exclude)
+    taken = np.zeros(pool.n_obs, bool)
+    if exclude is not None:
+        taken[exclude] = True
     out = []
     for t, k in counts.items():
         cand = np.flatnonzero((labels == t) & ~taken)
@@ -197,9 +200,7 @@ def summarise(frame: pd.DataFrame) -> dict:
         if row in frame.index:
             out[row] = {k: float(frame.loc[row, k]) for k in COLUMNS}
     out["per_type_c2st_knn"] = {
-        k: float(v)
-        for k, v in frame["c2st_knn_accuracy"].items()
-        if k not in ("pooled", "macro")
+        k: float(v) for k, v in frame["c2st_knn_accuracy"].items() if k not in ("pooled", "macro")
     }
     return out
 

@@ -190,7 +190,7 @@ class GenerationMixin:
             if not cond.categorical or key not in frame:
                 continue
             codes = pd.Categorical(frame[key], categories=[str(c) for c in cond.categories]).codes
-            out[cond.name] = torch.as_tensor(codes, dtype=torch.long, device=device)
+            out[cond.name] = torch.as_tensor(np.array(codes), dtype=torch.long, device=device)
         if conts and all(c.key in frame for c in conts):
             values = frame[[c.key for c in conts]].to_numpy(np.float32)
             out["continuous"] = torch.as_tensor(values, device=device)

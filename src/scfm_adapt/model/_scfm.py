@@ -259,6 +259,10 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
             else:
                 kwargs.setdefault("optimizer", "AdamW")
                 kwargs.setdefault("weight_decay", 0.0)
+                # scvi-tools' default Adam eps (0.01) suits the VAE but all but stalls the
+                # DiT, whose gradients are small: measured on a fixture, generated type
+                # means were 3x further from the real ones after the same epochs.
+                kwargs.setdefault("eps", 1e-8)
             fresh = self.module.active_adapter is None and not self.module.masks_genes
             if st == "vae" and fresh:
                 self._fit_gene_frac()

@@ -404,8 +404,11 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             qz = inference_outputs[K.QZ]
             prior = Normal(torch.zeros_like(qz.loc), 1.0)
             kl_z = kl(qz, prior).sum((-1, -2))  # (B,)
+            # Fitted on posterior *samples*, like the tokens the DiT learns and generates.
             lib_nll = self.library_nll(
-                qz.loc.detach(), inference_outputs[K.LIBRARY], self.conditions(tensors)
+                inference_outputs[K.Z].detach(),
+                inference_outputs[K.LIBRARY],
+                self.conditions(tensors),
             )
             loss = (rec + kl_weight * kl_z).mean() + lib_nll.mean()
             # The library model is fitted beside the ELBO (on detached tokens), so the

@@ -1,7 +1,8 @@
 """Scanpy-style tools: ``f(adata, model, *, key_added=...)`` write results into slots."""
 
 from ._annotate import annotate
+from ._augment import augment
 from ._embed import embed
 from ._normalize import normalize_expression
 
-__all__ = ["annotate", "embed", "normalize_expression"]
+__all__ = ["annotate", "augment", "embed", "normalize_expression"]
