@@ -34,13 +34,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def n_threads() -> int:
+    """Torch threads for tests: ``$OMP_NUM_THREADS`` when set, else up to 2."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else min(2, os.cpu_count() or 1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     import scvi
     import torch
 
     scvi.settings.seed = 0
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(n_threads())
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from scipy import sparse
 
 import scfm_adapt as sfa
-from conftest import TINY, make_adata
+from conftest import TINY, make_adata, n_threads
 from scfm_adapt.diffusion import NoiseSchedule, ddim_invert, ddim_sample, timesteps
 from scfm_adapt.errors import UnknownCategoryError
 
@@ -23,7 +23,7 @@ def gen_model():
     import scvi
 
     scvi.settings.seed = 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(n_threads())
     adata = make_adata(480, 40, seed=1)
     sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
     model = sfa.model.SCFM(adata, **TINY)

@@ -74,7 +74,7 @@ class TokenDecoder(nn.Module):
         categorical_sizes: list[int] | None = None,
         zero_inflation: bool = False,
         dropout: float = 0.0,
-        library_hidden: int = 64,
+        library_hidden: int | None = None,
     ):
         super().__init__()
         self.fc = nn.Linear(n_tokens * token_dim, hidden)
@@ -90,6 +90,7 @@ class TokenDecoder(nn.Module):
         # Library-size model: log library ~ Normal(mu, sigma) given the tokens and the
         # covariates, for generation (the callers detach the tokens: the latent is never
         # asked to carry sequencing depth).
+        library_hidden = library_hidden or max(8, hidden // 4)
         self.lib_fc = nn.Linear(n_tokens * token_dim, library_hidden)
         self.lib_embed = nn.ModuleList(
             ExtendableEmbedding(n, library_hidden) for n in categorical_sizes or []
