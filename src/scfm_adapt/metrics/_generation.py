@@ -102,13 +102,14 @@ def mmd_embedded(
 
 
 def energy_embedded(a: np.ndarray, b: np.ndarray, max_cells: int = 2000, seed=0) -> float:
-    """Energy distance ``2 E|a-b| - E|a-a'| - E|b-b'|`` between two point sets."""
+    """Energy distance ``2 E|a-b| - E|a-a'| - E|b-b'|`` between two point sets (the
+    V-statistic: non-negative, and exactly 0 for identical sets)."""
     rng = np.random.default_rng(seed)
     a, b = _subsample(a, max_cells, rng), _subsample(b, max_cells, rng)
     dab = np.sqrt(_sq_dists(a, b)).mean()
-    daa = np.sqrt(_sq_dists(a, a)).sum() / max(len(a) * (len(a) - 1), 1)
-    dbb = np.sqrt(_sq_dists(b, b)).sum() / max(len(b) * (len(b) - 1), 1)
-    return float(2 * dab - daa - dbb)
+    daa = np.sqrt(_sq_dists(a, a)).mean()
+    dbb = np.sqrt(_sq_dists(b, b)).mean()
+    return float(max(2 * dab - daa - dbb, 0.0))
 
 
 def mmd(

@@ -59,8 +59,13 @@ class GenerationMixin:
         args = self.registry_["setup_args"]
         out: dict[str, Condition] = {}
 
+        fields = self.registry_["field_registries"]  # present with or without an AnnData
+
+        def state(key):
+            return fields[key]["state_registry"]
+
         def mapping(key):
-            return tuple(self.adata_manager.get_state_registry(key).categorical_mapping)
+            return tuple(state(key)["categorical_mapping"])
 
         if args.get("batch_key") is not None:
             out[args["batch_key"]] = Condition(
@@ -72,7 +77,7 @@ class GenerationMixin:
             )
         cat_keys = args.get("categorical_covariate_keys") or []
         if cat_keys:
-            maps = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).mappings
+            maps = state(REGISTRY_KEYS.CAT_COVS_KEY)["mappings"]
             for i, key in enumerate(cat_keys):
                 out[key] = Condition(key, f"cat_cov_{i}", tuple(maps[key]))
         for j, key in enumerate(args.get("continuous_covariate_keys") or []):
