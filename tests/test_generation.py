@@ -296,7 +296,7 @@ def test_metrics_are_zero_for_identical_sets_and_grow_with_a_shift():
     assert m.energy_distance(a, b_far) > 2 * m.energy_distance(a, b_same)
     same = m.classifier_two_sample_test(a, b_same)
     far = m.classifier_two_sample_test(a, b_far)
-    assert 0.35 < same["accuracy"] < 0.65 and 0.3 < same["auc"] < 0.7
+    assert 0.4 < same["accuracy"] < 0.6 and 0.4 < same["auc"] < 0.6
     assert far["accuracy"] > 0.9 and far["auc"] > 0.95
     assert m.classifier_two_sample_test(a, b_far, classifier="logistic")["auc"] > 0.95
     stats = m.gene_statistics(a, a)

@@ -57,17 +57,32 @@ def embed_pair(
     n_pcs: int = 30,
     layer: str | None = None,
     seed: int = 0,
+    fit_on: str = "real",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Both sets in the top ``n_pcs`` principal components of the log-normalised *real*
-    cells (genes centred on the real mean)."""
+    """Both sets in the top ``n_pcs`` principal components of the log-normalised cells.
+
+    ``fit_on="real"`` fits the PCA on the real cells only (a fixed yardstick, used by the
+    distances); ``"both"`` on equal numbers of real and generated cells (symmetric, used
+    by the classifier test: a PCA fit on one small set spreads that set along its own
+    noise directions and shrinks the other towards the centre, which a kNN classifier
+    then exploits even between two real samples).
+    """
     from sklearn.decomposition import PCA
 
+    if fit_on not in ("real", "both"):
+        raise ValueError(f"fit_on={fit_on!r}; use 'real' or 'both'.")
     xr, xg = _check_pair(real, generated, layer)
     lr, lg = lognormalize(xr), lognormalize(xg)
-    n_pcs = int(min(n_pcs, lr.shape[0] - 1, lr.shape[1]))
+    if fit_on == "both":
+        rng = np.random.default_rng(seed)
+        n = min(len(lr), len(lg))
+        fit = np.concatenate([_subsample(lr, n, rng), _subsample(lg, n, rng)])
+    else:
+        fit = lr
+    n_pcs = int(min(n_pcs, fit.shape[0] - 1, fit.shape[1]))
     if n_pcs < 1:
         raise ValueError("Need at least 2 real cells for a PCA.")
-    pca = PCA(n_pcs, random_state=seed).fit(lr)
+    pca = PCA(n_pcs, random_state=seed).fit(fit)
     return pca.transform(lr), pca.transform(lg)
 
 
@@ -229,7 +244,7 @@ def classifier_two_sample_test(
     max_cells: int = 5000,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Classifier two-sample test (C2ST) in the PCA of the real cells.
+    """Classifier two-sample test (C2ST) in a PCA fit on both sets (equal numbers).
 
     A classifier (``"knn"`` with ``n_neighbors``, or ``"logistic"``) learns to tell real
     from generated cells; its ``cv``-fold cross-validated accuracy and AUC are 0.5 when the
@@ -240,7 +255,7 @@ def classifier_two_sample_test(
     -------
     ``{"accuracy", "auc", "n_per_set"}``
     """
-    a, b = embed_pair(real, generated, n_pcs, layer, seed)
+    a, b = embed_pair(real, generated, n_pcs, layer, seed, fit_on="both")
     return classifier_two_sample_test_embedded(a, b, classifier, n_neighbors, cv, max_cells, seed)
 
 
@@ -259,15 +274,17 @@ def evaluate_generation(
 
     One row per set compared: ``"pooled"``, then each group with at least ``min_cells``
     real and generated cells, then ``"macro"`` (mean over those groups). Per-group rows
-    use a PCA fit on that group's real cells. Columns: ``mmd``, ``energy``,
+    use a PCA of that group's cells; distances use a PCA fit on the real cells, the
+    classifier tests one fit on both sets. Columns: ``mmd``, ``energy``,
     ``c2st_knn_accuracy``, ``c2st_knn_auc``, ``c2st_logistic_auc``, ``mean_pearson``,
     ``variance_pearson``, ``zero_fraction_pearson``, ``n_real``, ``n_generated``.
     """
 
     def row(r, g) -> dict:
         a, b = embed_pair(r, g, n_pcs, layer, seed)
-        knn = classifier_two_sample_test_embedded(a, b, "knn", seed=seed)
-        logit = classifier_two_sample_test_embedded(a, b, "logistic", seed=seed)
+        ca, cb = embed_pair(r, g, n_pcs, layer, seed, fit_on="both")
+        knn = classifier_two_sample_test_embedded(ca, cb, "knn", seed=seed)
+        logit = classifier_two_sample_test_embedded(ca, cb, "logistic", seed=seed)
         return {
             "mmd": mmd_embedded(a, b, seed=seed),
             "energy": energy_embedded(a, b, seed=seed),
