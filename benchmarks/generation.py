@@ -253,7 +253,6 @@ def main(argv=None) -> dict:
         return sfa.metrics.evaluate_generation(reference, gen, groupby=LABEL, seed=args.seed)
 
     results: dict[str, dict] = {}
-    t0 = time.perf_counter()
     frame = evaluate(train[floor_idx])
     results["real floor (train cells)"] = {"metrics": summarise(frame), "wall_s": 0.0}
     t0 = time.perf_counter()

@@ -67,12 +67,18 @@ def embed_pair(
     noise directions and shrinks the other towards the centre, which a kNN classifier
     then exploits even between two real samples).
     """
+    xr, xg = _check_pair(real, generated, layer)
+    return _pca_pair(lognormalize(xr), lognormalize(xg), n_pcs, seed, fit_on)
+
+
+def _pca_pair(
+    lr: np.ndarray, lg: np.ndarray, n_pcs: int, seed: int, fit_on: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed_pair` on log-normalised matrices."""
     from sklearn.decomposition import PCA
 
     if fit_on not in ("real", "both"):
         raise ValueError(f"fit_on={fit_on!r}; use 'real' or 'both'.")
-    xr, xg = _check_pair(real, generated, layer)
-    lr, lg = lognormalize(xr), lognormalize(xg)
     if fit_on == "both":
         rng = np.random.default_rng(seed)
         n = min(len(lr), len(lg))
@@ -173,8 +179,12 @@ def gene_statistics(real: Cells, generated: Cells, *, layer: str | None = None) 
     """Pearson correlation, across genes, of the real and generated per-gene means and
     variances (of log-normalised expression) and zero fractions (of counts)."""
     xr, xg = _check_pair(real, generated, layer)
+    return _gene_stats(xr, xg, lognormalize(xr), lognormalize(xg))
+
+
+def _gene_stats(xr, xg, lr: np.ndarray, lg: np.ndarray) -> dict[str, float]:
+    """:func:`gene_statistics` from counts and their log-normalised matrices."""
     out = {}
-    lr, lg = lognormalize(xr), lognormalize(xg)
     for name, fr, fg in (
         ("mean", lr.mean(0), lg.mean(0)),
         ("variance", lr.var(0), lg.var(0)),
@@ -281,8 +291,10 @@ def evaluate_generation(
     """
 
     def row(r, g) -> dict:
-        a, b = embed_pair(r, g, n_pcs, layer, seed)
-        ca, cb = embed_pair(r, g, n_pcs, layer, seed, fit_on="both")
+        xr, xg = _check_pair(r, g, layer)
+        lr, lg = lognormalize(xr), lognormalize(xg)  # once for every metric of the row
+        a, b = _pca_pair(lr, lg, n_pcs, seed, "real")
+        ca, cb = _pca_pair(lr, lg, n_pcs, seed, "both")
         knn = classifier_two_sample_test_embedded(ca, cb, "knn", seed=seed)
         logit = classifier_two_sample_test_embedded(ca, cb, "logistic", seed=seed)
         return {
@@ -291,7 +303,7 @@ def evaluate_generation(
             "c2st_knn_accuracy": knn["accuracy"],
             "c2st_knn_auc": knn["auc"],
             "c2st_logistic_auc": logit["auc"],
-            **gene_statistics(r, g, layer=layer),
+            **_gene_stats(xr, xg, lr, lg),
             "n_real": r.n_obs,
             "n_generated": g.n_obs,
         }

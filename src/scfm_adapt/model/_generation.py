@@ -31,6 +31,14 @@ class Condition:
     def categorical(self) -> bool:
         return self.categories is not None
 
+    def column_of(self, values: np.ndarray) -> pd.Categorical | np.ndarray:
+        """``values`` as an ``obs`` column: categorical with the model's categories, or
+        float32."""
+        if self.categorical:
+            cats = [str(c) for c in self.categories]
+            return pd.Categorical(np.asarray(values).astype(str), categories=cats)
+        return np.asarray(values, dtype=np.float32)
+
 
 @contextlib.contextmanager
 def _seeded(seed: int | None, device: torch.device):
@@ -150,7 +158,8 @@ class GenerationMixin:
         """Draw the missing covariates of each row from a random training cell with the
         row's given categorical values."""
         obs = self.adata.obs
-        given = [k for k in frame.columns if self.conditions_[k].categorical]
+        known = self.conditions_
+        given = [k for k in frame.columns if known[k].categorical]
         keys = obs[given].astype(str) if given else pd.DataFrame(index=obs.index)
         filled = {k: np.empty(len(frame), dtype=object) for k in missing}
         groups = (
@@ -175,12 +184,8 @@ class GenerationMixin:
             for k in missing:
                 filled[k][rows] = obs[k].to_numpy()[pick]
         for k in missing:
-            cond = self.conditions_[k]
-            frame[k] = (
-                pd.Series(filled[k]).astype(str)
-                if cond.categorical
-                else pd.Series(filled[k]).astype(np.float32)
-            )
+            values = pd.Series(filled[k])
+            frame[k] = values.astype(str) if known[k].categorical else values.astype(np.float32)
         return frame
 
     def _condition_tensors(self, frame: pd.DataFrame) -> dict[str, torch.Tensor]:
@@ -342,9 +347,7 @@ class GenerationMixin:
         obs["scfm_library"] = np.concatenate(libs)
         obs.index = [f"scfm_gen_{i}" for i in range(n)]
         params = {
-            "guidance_scale": dict(guidance_scale)
-            if isinstance(guidance_scale, Mapping)
-            else float(guidance_scale),
+            "guidance_scale": _guidance_param(guidance_scale),
             "sampler": sampler,
             "n_steps": n_steps,
             "eta": eta,
@@ -357,13 +360,8 @@ class GenerationMixin:
     def _obs_of(self, frame: pd.DataFrame) -> pd.DataFrame:
         obs = pd.DataFrame(index=range(len(frame)))
         for key, cond in self.conditions_.items():
-            if key not in frame:
-                continue
-            if cond.categorical:
-                cats = [str(c) for c in cond.categories]
-                obs[key] = pd.Categorical(frame[key].astype(str).to_numpy(), categories=cats)
-            else:
-                obs[key] = frame[key].to_numpy(np.float32)
+            if key in frame:
+                obs[key] = cond.column_of(frame[key].to_numpy())
         return obs
 
     def _as_anndata(
@@ -411,9 +409,9 @@ class GenerationMixin:
         n_steps: int,
         strength: float,
         guidance: float | dict,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict, dict]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Invert one minibatch's posterior-mean tokens under their own conditions and
-        regenerate them under the target: ``(z_new, observed library, source, target)``."""
+        regenerate them under the target: ``(z_new, observed library, target conditions)``."""
         module = self.module
         inf = module.inference(**module._get_inference_input(tensors))
         source = module.conditions(tensors)
@@ -431,7 +429,7 @@ class GenerationMixin:
         z = module.sample_tokens(
             z0.shape[0], new, guidance, n_steps=n_steps, x_T=x_T, strength=strength
         )
-        return z, inf[MODULE_KEYS.LIBRARY], source, new
+        return z, inf[MODULE_KEYS.LIBRARY], new
 
     @torch.inference_mode()
     def counterfactual(
@@ -482,6 +480,8 @@ class GenerationMixin:
         ``layers["scfm_expected"]``.
         """
         self._check_prior()
+        if library_size not in ("observed", "model"):
+            raise ValueError("library_size must be 'observed' or 'model'.")
         codes = self._target_codes(target or {})
         guidance = self._guidance_names(guidance_scale)
         adata_ = self.adata if adata is None else adata
@@ -490,40 +490,40 @@ class GenerationMixin:
         counts, expected = [], []
         with _seeded(seed, device):
             for tensors in self._batches(adata_, indices, batch_size):
-                z, library, _, new = self._counterfactual_batch(
+                z, library, new = self._counterfactual_batch(
                     tensors, codes, n_steps, strength, guidance
                 )
                 if library_size == "model":
                     library = self.module.sample_library(z, new)
-                elif library_size != "observed":
-                    raise ValueError("library_size must be 'observed' or 'model'.")
                 px = self.module.decode(z, library, new)
                 counts.append(px.sample().float().cpu().numpy())
                 expected.append(px.mean.float().cpu().numpy())
         sel = slice(None) if indices is None else np.asarray(indices)
         obs = adata_.obs.iloc[sel].copy()
+        known = self.conditions_
         for key, value in (target or {}).items():
             obs[f"scfm_source_{key}"] = obs[key].to_numpy()
-            if self.conditions_[key].categorical:
-                cats = [str(c) for c in self.conditions_[key].categories]
-                obs[key] = pd.Categorical([str(value)] * len(obs), categories=cats)
-            else:
-                obs[key] = np.float32(value)
+            obs[key] = known[key].column_of(np.repeat(np.asarray([value], dtype=object), len(obs)))
         params = {
             "target": {
                 k: (v if isinstance(v, (int, float)) else str(v)) for k, v in target.items()
             },
             "n_steps": n_steps,
             "strength": strength,
-            "guidance_scale": dict(guidance_scale)
-            if isinstance(guidance_scale, Mapping)
-            else float(guidance_scale),
+            "guidance_scale": _guidance_param(guidance_scale),
             "library_size": library_size,
             "seed": seed,
         }
         out = self._as_anndata(np.concatenate(counts), np.concatenate(expected), obs, params)
         out.uns["scfm_counterfactual"] = out.uns.pop("scfm_generate")
         return out
+
+
+def _guidance_param(guidance_scale) -> float | dict:
+    """``guidance_scale`` as stored in ``uns[...]["params"]``."""
+    if isinstance(guidance_scale, Mapping):
+        return dict(guidance_scale)
+    return float(guidance_scale)
 
 
 def _is_list(v) -> bool:

@@ -257,6 +257,10 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
     def masks_genes(self) -> bool:
         return not bool(self.gene_mask.all())
 
+    def observed_share(self) -> torch.Tensor:
+        """Pretraining share of all counts that falls on the observed (unmasked) genes."""
+        return (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)
+
     @torch.no_grad()
     def update_ema(self) -> None:
         """One EMA step of the DiT weights (warm-up: short runs still track the weights)."""
@@ -306,7 +310,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             return torch.log1p(x / library.clamp(min=1.0) * 1e4), library
         x = x * self.gene_mask.to(x.dtype)
         library = x.sum(-1, keepdim=True)  # of the observed genes only
-        share = (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)
+        share = self.observed_share()
         x_norm = torch.log1p(x / (library / share).clamp(min=1.0) * 1e4)
         return x_norm, library
 
@@ -443,7 +447,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         With masked genes the observed library is rescaled to the full gene set first.
         """
         if self.masks_genes:
-            library = library / (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)
+            library = library / self.observed_share()
         mu, sigma = self.decoder.library(z, self._decoder_covariates(conditions))
         return -Normal(mu, sigma).log_prob(library.clamp(min=1.0).log()).sum(-1)
 
