@@ -15,6 +15,7 @@ _SUBMODULES = (
     "model",
     "tl",
     "metrics",
+    "benchmark",
     "datasets",
     "data",
     "module",
@@ -25,7 +26,7 @@ _SUBMODULES = (
 __all__ = [*_SUBMODULES, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import data, datasets, diffusion, metrics, model, module, nn, tl, train  # noqa: F401
+    from . import benchmark, data, datasets, diffusion, metrics, model, module, nn, tl, train  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ Importing this module imports neither scanpy, anndata nor torch.
 
 from ._cellbench import cellbench
 from ._citeseq import citeseq_pbmc
-from ._go import go_annotations, go_gene2go, go_gene_ids, go_terms
+from ._go import go_annotations, go_gene2go, go_gene_features, go_gene_ids, go_terms
 from ._kang import kang2018_ctrl, kang2018_ifnb
 from ._multiome import multiome
 from ._norman import norman2019
@@ -28,6 +28,7 @@ __all__ = [
     "data_dir",
     "go_annotations",
     "go_gene2go",
+    "go_gene_features",
     "go_gene_ids",
     "go_terms",
     "kang2018_ctrl",

@@ -223,3 +223,86 @@ def go_annotations(path: str | os.PathLike | None = None, download: bool = False
         "terms": go_terms(path, download),
         "gene_ids": go_gene_ids(path, download),
     }
+
+
+_FEATURE_CACHE: dict[tuple, object] = {}
+
+
+def go_gene_features(
+    genes=None,
+    n_components: int = 64,
+    ontologies: tuple[str, ...] = ("BP", "CC", "MF"),
+    min_term_size: int = 5,
+    max_term_size: int = 1000,
+    seed: int = 0,
+    path: str | os.PathLike | None = None,
+    download: bool = False,
+):
+    """A feature vector per human gene (symbol) from its GO annotations.
+
+    The gene x term incidence matrix (every annotation, any evidence code) over terms
+    annotated to between ``min_term_size`` and ``max_term_size`` genes, each term weighted
+    by its inverse document frequency ``log(n_genes / n_genes_with_term)``, is reduced to
+    ``n_components`` dimensions with a truncated SVD (fitted on every annotated gene, so a
+    gene's vector does not depend on which genes are requested), and each row is scaled to
+    unit length. Genes with similar annotations get nearby vectors: that is how a model
+    embeds the perturbation of a gene it never saw perturbed.
+
+    Parameters
+    ----------
+    genes
+        Symbols to return (in this order); ``None`` returns every annotated gene. Genes
+        without an annotation in the kept terms are left out (the caller can tell which
+        are missing from the index).
+    n_components
+        Length of the vectors.
+    ontologies
+        GO ontologies to use: ``"BP"``, ``"CC"``, ``"MF"``.
+    min_term_size, max_term_size
+        Terms annotated to fewer or more genes are ignored (too specific to generalise, or
+        too broad to inform).
+    seed
+        Seed of the randomized SVD.
+    path, download
+        Where the GO tables are (see :func:`go_gene2go`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Genes (symbols) x ``n_components`` float32, rows of unit norm.
+    """
+    import numpy as np
+    import pandas as pd
+    from scipy import sparse
+    from sklearn.decomposition import TruncatedSVD
+
+    key = (tuple(ontologies), n_components, min_term_size, max_term_size, seed, str(path))
+    full = _FEATURE_CACHE.get(key)
+    if full is None:
+        g2g = go_gene2go(path, download)
+        g2g = g2g[g2g["ontology"].isin(list(ontologies))]
+        pairs = g2g[["symbol", "go_id"]].dropna().drop_duplicates()
+        size = pairs.groupby("go_id")["symbol"].transform("size")
+        pairs = pairs[(size >= min_term_size) & (size <= max_term_size)]
+        if pairs.empty:
+            raise ValueError("No GO term is left after the size filters; widen them.")
+        gi, gene_names = pd.factorize(pairs["symbol"], sort=True)
+        ti, _ = pd.factorize(pairs["go_id"], sort=True)
+        m = sparse.csr_matrix(
+            (np.ones(len(pairs), np.float32), (gi, ti)), shape=(gene_names.size, ti.max() + 1)
+        )
+        df = np.asarray(m.sum(0)).ravel()
+        m = m @ sparse.diags(np.log(gene_names.size / df).astype(np.float32))
+        k = int(min(n_components, min(m.shape) - 1))
+        emb = TruncatedSVD(n_components=k, random_state=seed).fit_transform(m)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        full = pd.DataFrame(
+            emb.astype(np.float32),
+            index=pd.Index(gene_names.astype(str), name="symbol"),
+            columns=[f"go_{i}" for i in range(k)],
+        )
+        _FEATURE_CACHE[key] = full
+    if genes is None:
+        return full.copy()
+    genes = [str(g) for g in genes]
+    return full.loc[[g for g in genes if g in full.index]].copy()

@@ -2,6 +2,7 @@
 
 from ._annotator import CellAnnotator
 from ._distill import distill
+from ._perturbation import PerturbationModel, UnknownPerturbationError
 from ._scfm import SCFM
 
-__all__ = ["SCFM", "CellAnnotator", "distill"]
+__all__ = ["SCFM", "CellAnnotator", "PerturbationModel", "UnknownPerturbationError", "distill"]

@@ -1,0 +1,1032 @@
+"""``PerturbationModel``: perturbation responses as latent deltas on an SCFM backbone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy import sparse
+
+from .. import __version__
+from ..benchmark._baselines import context_labels
+from ..data import check_genes, check_layer_counts
+from ..errors import CheckpointError, SCFMInputError
+from ..module._perturbation import ResponseHead, mmd2
+from ._generation import _seeded
+from ._io import read_checkpoint, write_checkpoint
+from ._scfm import SCFM
+
+logger = logging.getLogger(__name__)
+
+SETUP_KEY = "_scfm_perturbation_setup"
+#: Quantile levels stored from the calibration scores (intervals at any of them).
+_LEVELS = np.round(np.arange(0.5, 0.995, 0.01), 2)
+
+
+class UnknownPerturbationError(SCFMInputError, KeyError):
+    """A perturbation part was never seen in training and has no features."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def _lognorm_t(x: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(x / x.sum(-1, keepdim=True).clamp(min=1e-8) * 1e4)
+
+
+def _parse_doses(value, n_parts: int, delimiter: str) -> list[float]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return [1.0] * n_parts
+    if isinstance(value, list | tuple | np.ndarray):
+        vals = list(value)
+    elif isinstance(value, str) and delimiter and delimiter in value:
+        vals = value.split(delimiter)
+    else:
+        vals = [value] * n_parts
+    try:
+        out = [float(v) for v in vals]
+    except (TypeError, ValueError) as e:
+        raise SCFMInputError(
+            f"Dose {value!r} is not a number (or numbers joined by {delimiter!r})."
+        ) from e
+    if len(out) != n_parts:
+        raise SCFMInputError(
+            f"Dose {value!r} has {len(out)} values for {n_parts} perturbation parts."
+        )
+    if any(not np.isfinite(v) or v < 0 for v in out):
+        raise SCFMInputError(f"Dose {value!r} must be finite and non-negative.")
+    return out
+
+
+class PerturbationModel:
+    """Predict how cells respond to perturbations, including unseen ones and combinations.
+
+    A token VAE (:class:`SCFM`; trained on the data's own cells, or a pretrained one adapted
+    with LoRA) encodes each cell into latent tokens. For a perturbation, an ensemble of
+    :class:`~scfm_adapt.module.ResponseHead` networks predicts a *delta* of each control
+    cell's latent: the perturbation is embedded as the dose-weighted sum of its parts'
+    embeddings (learned for parts seen in training, projected from gene features such as
+    GO for any gene), so ``"A+B" == "B+A"`` and unseen genes and combinations get
+    predictions. Heads are trained by matching, for every training (context,
+    perturbation) unit, the distribution of shifted control latents to the perturbed
+    cells' latents (mean + MMD). Shifted latents are decoded with the NB/ZINB decoder at
+    each control cell's library and sampled, so predictions are cells, not only a mean.
+
+    Uncertainty: each ensemble member leaves out a share of the training units; the
+    members that did not see a unit predict it, and the spread of their errors, relative
+    to the ensemble's disagreement plus the gene's typical response, calibrates intervals
+    of the per-gene mean delta (split-conformal, out-of-bag). The OOD score of a request is
+    how far its embedding is from the training perturbations plus how far its control
+    cells are from the training contexts, each relative to the typical spacing of the
+    training ones (0: a training perturbation in a training context).
+
+    Parameters
+    ----------
+    adata
+        Training cells (raw counts) registered with :meth:`setup_anndata`: control cells
+        of each context and perturbed cells.
+    pretrained
+        ``None`` trains an :class:`SCFM` on ``adata``; a trained :class:`SCFM` (or the
+        folder it was saved in) is mapped onto ``adata`` with
+        :meth:`SCFM.load_query_data` and adapted with ``adapt_strategy``.
+    adapt_strategy
+        Adapter of a pretrained backbone (``"lora"``, ``"adapter"``, ``"film"``...).
+    gene_features
+        Features of perturbation parts: ``"auto"`` (GO, :func:`~scfm_adapt.datasets.go_gene_features`,
+        when the GO tables are found, else none), ``"go"``, ``"backbone"`` (the
+        backbone decoder's weights of measured genes), ``"go+backbone"``, ``None``, or a
+        DataFrame indexed by part name.
+    n_ensemble
+        Members of the ensemble (at least 2; uncertainty needs several).
+    emb_dim, hidden, n_layers, dropout
+        Size of each response head.
+    **backbone_kwargs
+        :class:`SCFM` arguments when the backbone is trained here.
+
+    Examples
+    --------
+    >>> sfa.model.PerturbationModel.setup_anndata(adata, "condition", control_group="control")
+    >>> model = sfa.model.PerturbationModel(adata)
+    >>> model.train()
+    >>> pred = model.predict_perturbation(ctrl, ["KLF1", "KLF1+MAP2K6"])
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        pretrained: SCFM | str | Path | None = None,
+        *,
+        adapt_strategy: str = "lora",
+        adapt_parts: Sequence[str] = ("encoder",),
+        gene_features: str | pd.DataFrame | None = "auto",
+        n_ensemble: int = 5,
+        emb_dim: int = 64,
+        hidden: int = 256,
+        n_layers: int = 2,
+        dropout: float = 0.1,
+        _backbone: SCFM | None = None,
+        **backbone_kwargs,
+    ):
+        setup = adata.uns.get(SETUP_KEY) if adata is not None else None
+        if setup is None:
+            raise ValueError(
+                "Call PerturbationModel.setup_anndata(adata, ...) before building the model."
+            )
+        if n_ensemble < 2:
+            raise ValueError(
+                "n_ensemble must be at least 2 (the spread of the members is the uncertainty)."
+            )
+        self.setup_ = dict(setup)
+        self.init_kwargs_ = {
+            "adapt_strategy": adapt_strategy,
+            "adapt_parts": list(adapt_parts),
+            "n_ensemble": n_ensemble,
+            "emb_dim": emb_dim,
+            "hidden": hidden,
+            "n_layers": n_layers,
+            "dropout": dropout,
+        }
+        self._features_arg = gene_features
+        self.pretrained_ = pretrained is not None
+        if _backbone is not None:
+            self.backbone = _backbone
+        elif pretrained is None:
+            SCFM.setup_anndata(adata, layer=setup["layer"], batch_key=setup["batch_key"])
+            self.backbone = SCFM(adata, **backbone_kwargs)
+        else:
+            self.backbone = SCFM.load_query_data(
+                adata, pretrained, strategy=adapt_strategy, parts=tuple(adapt_parts), verbose=False
+            )
+            if self.backbone.adata is not adata:  # aligned copy: carry the setup over
+                self.backbone.adata.uns[SETUP_KEY] = dict(setup)
+        self.adata = self.backbone.adata if _backbone is None else adata
+        self.heads: list[ResponseHead] = []
+        self.is_trained_ = False
+        self.history_: dict = {}
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        perturbation_key: str,
+        control_group: str,
+        covariate_keys: Sequence[str] | None = None,
+        dose_key: str | None = None,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        combination_delimiter: str = "+",
+    ) -> None:
+        """Register the perturbation design of ``adata`` (raw counts).
+
+        Parameters
+        ----------
+        perturbation_key
+            obs column naming each cell's perturbation; combinations join their parts with
+            ``combination_delimiter`` (``"KLF1+MAP2K6"``; order does not matter).
+        control_group
+            The value of control cells (also allowed as a part, e.g. ``"KLF1+ctrl"``).
+        covariate_keys
+            obs columns that together define a cell's *context* (cell type, cell line,
+            donor): responses are learned per context, from each context's own controls.
+        dose_key
+            obs column of doses (a number, or one number per part joined by the
+            delimiter, e.g. ``"1+0.5"``); without it every part has dose 1.
+        layer
+            Layer of raw counts (``None``: ``X``).
+        batch_key
+            obs column of batches, a covariate of the backbone's decoder.
+
+        Raises
+        ------
+        KeyError
+            A named column or layer does not exist.
+        ValueError
+            No cell has ``control_group``, or the perturbation column has missing values.
+        InvalidCountsError
+            The counts are not raw integer counts.
+        """
+        covariate_keys = list(covariate_keys or [])
+        for key in [perturbation_key, *covariate_keys, dose_key, batch_key]:
+            if key is not None and key not in adata.obs:
+                raise KeyError(
+                    f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+                )
+        check_layer_counts(adata, layer)
+        col = adata.obs[perturbation_key]
+        if col.isna().any():
+            raise ValueError(
+                f"adata.obs[{perturbation_key!r}] has {int(col.isna().sum())} missing values; "
+                f"label every cell (controls as {control_group!r})."
+            )
+        values = col.astype(str)
+        if not (values == str(control_group)).any():
+            shown = sorted(values.unique())[:10]
+            raise ValueError(
+                f"No cell has {perturbation_key}={control_group!r}; values include {shown}. "
+                "Pass the label of the control cells as control_group."
+            )
+        if dose_key is not None:
+            for v in adata.obs[dose_key].astype(str).unique():
+                _parse_doses(
+                    v,
+                    1 if combination_delimiter not in v else v.count(combination_delimiter) + 1,
+                    combination_delimiter,
+                )
+        adata.uns[SETUP_KEY] = {
+            "perturbation_key": perturbation_key,
+            "control_group": str(control_group),
+            "covariate_keys": covariate_keys,
+            "dose_key": dose_key,
+            "layer": layer,
+            "batch_key": batch_key,
+            "combination_delimiter": combination_delimiter,
+        }
+
+    # ------------------------------------------------------------------ parsing
+    def _parts_doses(self, name: str, dose=None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """Canonical (sorted) parts of a perturbation with their doses."""
+        s = self.setup_
+        delim, ctrl = s["combination_delimiter"], s["control_group"]
+        raw = [p.strip() for p in str(name).split(delim)] if delim else [str(name).strip()]
+        keep = [i for i, p in enumerate(raw) if p and p != ctrl]
+        if str(name) == ctrl or not keep:
+            return (), ()
+        doses = _parse_doses(dose, len(raw), delim)
+        pairs = sorted((raw[i], doses[i]) for i in keep)
+        return tuple(p for p, _ in pairs), tuple(d for _, d in pairs)
+
+    def _label(self, parts: Sequence[str]) -> str:
+        return (
+            self.setup_["combination_delimiter"].join(parts)
+            if parts
+            else self.setup_["control_group"]
+        )
+
+    def _cell_design(self, adata: AnnData) -> pd.DataFrame:
+        s = self.setup_
+        obs = adata.obs
+        dose = obs[s["dose_key"]].astype(str) if s["dose_key"] else [None] * len(obs)
+        rows = [
+            self._parts_doses(p, d) for p, d in zip(obs[s["perturbation_key"]].astype(str), dose)
+        ]
+        return pd.DataFrame(
+            {
+                "context": context_labels(obs, s["covariate_keys"]),
+                "parts": [r[0] for r in rows],
+                "doses": [r[1] for r in rows],
+            },
+            index=obs.index,
+        )
+
+    # ------------------------------------------------------------------ features
+    def _resolve_features(self) -> pd.DataFrame | None:
+        arg = self._features_arg
+        tables = []
+        if isinstance(arg, pd.DataFrame):
+            tables.append(arg.astype(np.float32))
+        elif arg is not None:
+            kinds = {
+                "auto": ["go?"],
+                "go": ["go"],
+                "backbone": ["backbone"],
+                "go+backbone": ["go", "backbone"],
+            }
+            if arg not in kinds:
+                raise ValueError(
+                    f"gene_features={arg!r}; choose 'auto', 'go', 'backbone', 'go+backbone', None or a DataFrame."
+                )
+            for kind in kinds[arg]:
+                if kind.startswith("go"):
+                    from ..datasets import go_gene_features
+
+                    try:
+                        tables.append(go_gene_features())
+                    except FileNotFoundError:
+                        if kind == "go":
+                            raise
+                        logger.info(
+                            "GO tables not found: perturbation parts get learned embeddings only."
+                        )
+                else:
+                    w = self.backbone.module.decoder.scale_head.weight.detach().cpu().numpy()
+                    w = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+                    tables.append(
+                        pd.DataFrame(
+                            w,
+                            index=self.backbone.var_names_,
+                            columns=[f"bb_{i}" for i in range(w.shape[1])],
+                        )
+                    )
+        if not tables:
+            return None
+        if len(tables) == 1:
+            out = tables[0]
+        else:
+            out = pd.concat(tables, axis=1, join="outer").fillna(0.0)
+        out.index = out.index.astype(str)
+        if not out.index.is_unique:
+            raise ValueError("gene_features has duplicate part names in its index.")
+        return out.astype(np.float32)
+
+    def _feature_of(self, part: str) -> np.ndarray | None:
+        f = self.features_
+        if f is None:
+            return None
+        idx = self._feature_index.get(part)
+        return None if idx is None else f.iloc[idx].to_numpy(np.float32)
+
+    def _encode_requests(self, requests: Sequence[tuple[tuple[str, ...], tuple[float, ...]]]):
+        """Index, feature and dose tensors ``(P, K)`` for a list of (parts, doses)."""
+        k = max(1, max((len(p) for p, _ in requests), default=1))
+        nf = 0 if self.features_ is None else self.features_.shape[1]
+        idx = torch.full((len(requests), k), -1, dtype=torch.long)
+        feats = torch.zeros(len(requests), k, nf)
+        dose = torch.zeros(len(requests), k)
+        missing = []
+        for i, (parts, doses) in enumerate(requests):
+            for j, (p, d) in enumerate(zip(parts, doses)):
+                seen = self.vocab_.get(p)
+                f = self._feature_of(p)
+                if seen is None and f is None:
+                    missing.append(p)
+                idx[i, j] = len(self.vocab_) if seen is None else seen
+                if f is not None:
+                    feats[i, j] = torch.as_tensor(f)
+                dose[i, j] = d
+        if missing:
+            missing = sorted(set(missing))
+            raise UnknownPerturbationError(
+                f"No features for perturbation part(s) {missing}: they were not perturbed in "
+                "training and are not in the model's gene_features table "
+                f"({0 if self.features_ is None else len(self.features_)} parts). Pass a "
+                "gene_features DataFrame with rows for them (e.g. go_gene_features(), or "
+                "your own gene -> vector table) when building the model."
+            )
+        return idx, feats, dose
+
+    # ------------------------------------------------------------------ latents
+    @torch.inference_mode()
+    def _encode_cells(self, adata: AnnData, indices=None, batch_size: int = 512) -> dict:
+        bb = self.backbone
+        bb.module.eval()
+        zs, libs, xs, conds = [], [], [], []
+        for tensors in bb._batches(adata, indices, batch_size):
+            out = bb.module.inference(**bb.module._get_inference_input(tensors))
+            zs.append(out["qz"].loc.float().cpu())
+            libs.append(out["library"].float().cpu())
+            xs.append(tensors["X"].float().cpu())
+            conds.append({k: v.cpu() for k, v in bb.module.conditions(tensors).items()})
+        return {
+            "z": torch.cat(zs),
+            "library": torch.cat(libs),
+            "x": torch.cat(xs),
+            "conditions": {k: torch.cat([c[k] for c in conds]) for k in conds[0]},
+        }
+
+    def _std(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.flatten(1) - self.z_mean_) / self.z_std_
+
+    def _unstd(self, zs: torch.Tensor) -> torch.Tensor:
+        shape = (-1, self.backbone.module.n_tokens, self.backbone.module.token_dim)
+        return (zs * self.z_std_ + self.z_mean_).view(shape)
+
+    @torch.inference_mode()
+    def _decode(self, z_tok, library, conditions, sample: bool, batch_size: int = 1024):
+        """Expected expression and (if ``sample``) sampled counts, ``(N, G)`` each."""
+        module = self.backbone.module
+        dev = module.device
+        means, draws = [], []
+        for s in range(0, z_tok.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            dist = module.decode(
+                z_tok[sl].to(dev),
+                library[sl].to(dev),
+                {k: v[sl].to(dev) for k, v in conditions.items()},
+            )
+            means.append(dist.mean.float().cpu())
+            if sample:
+                draws.append(dist.sample().float().cpu())
+        return torch.cat(means), (torch.cat(draws) if sample else None)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        head_steps: int = 1500,
+        cells_per_unit: int = 64,
+        units_per_step: int = 8,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        mmd_weight: float = 1.0,
+        holdout_share: float = 0.2,
+        train_backbone: bool = True,
+        calibration_cells: int = 256,
+        seed: int = 0,
+        progress: bool = True,
+        **backbone_train_kwargs,
+    ) -> None:
+        """Train the backbone (stage 1 only; skipped with ``train_backbone=False`` for a
+        backbone that is already trained), then the ensemble of response heads, then
+        calibrate the intervals and the OOD score.
+
+        Parameters
+        ----------
+        max_epochs
+            Backbone epochs (``None``: scvi-tools' heuristic, at most 200).
+        head_steps
+            Optimiser steps of each response head.
+        cells_per_unit, units_per_step
+            Each step samples ``units_per_step`` training units and ``cells_per_unit``
+            control and perturbed cells of each.
+        mmd_weight
+            Weight of the MMD term beside the squared mean error (both on standardised
+            latents).
+        holdout_share
+            Share of the training units each member leaves out (their out-of-bag
+            predictions calibrate the intervals).
+        calibration_cells
+            Control cells per unit used to compute out-of-bag deltas.
+        **backbone_train_kwargs
+            Passed to :meth:`SCFM.train` (``accelerator``, ``batch_size``, ...).
+        """
+        from scvi.model._utils import get_max_epochs_heuristic
+        from tqdm.auto import tqdm
+
+        bb = self.backbone
+        if train_backbone or not bb.is_trained_:
+            epochs = max_epochs or min(200, get_max_epochs_heuristic(bb.adata.n_obs))
+            backbone_train_kwargs.setdefault("enable_progress_bar", progress)
+            bb.train(max_epochs=epochs, stage="vae", **backbone_train_kwargs)
+        self.features_ = self._resolve_features()
+        self._feature_index = (
+            {} if self.features_ is None else {g: i for i, g in enumerate(self.features_.index)}
+        )
+
+        design = self._cell_design(bb.adata)
+        cells = self._encode_cells(bb.adata)
+        zflat = cells["z"].flatten(1)
+        self.z_mean_ = zflat.mean(0)
+        self.z_std_ = zflat.std(0).clamp(min=1e-4)
+        zs = self._std(cells["z"])
+
+        is_ctrl = design["parts"].map(len).to_numpy() == 0
+        ctrl_idx = {
+            c: np.flatnonzero(is_ctrl & (design["context"].to_numpy() == c))
+            for c in design["context"].unique()
+        }
+        ctrl_idx = {c: i for c, i in ctrl_idx.items() if i.size}
+        groups = pd.Series(range(len(design)))[~is_ctrl].groupby(
+            [
+                design["context"].to_numpy()[~is_ctrl],
+                design["parts"].to_numpy()[~is_ctrl],
+                design["doses"].to_numpy()[~is_ctrl],
+            ]
+        )
+        units, unit_idx, dropped = [], [], []
+        for key, idx in groups.indices.items():
+            if key[0] not in ctrl_idx:
+                dropped.append(key)
+                continue
+            units.append(key)
+            unit_idx.append(np.asarray(groups.obj.to_numpy()[idx]))
+        if dropped:
+            logger.warning(
+                "%d units have no control cells in their context and are not used: %s",
+                len(dropped),
+                dropped[:5],
+            )
+        if not units:
+            raise ValueError(
+                "No training unit: every perturbed cell's context lacks control cells. Each "
+                "context (covariate_keys) needs its own controls."
+            )
+        self.units_ = [(c, list(p), list(d)) for c, p, d in units]
+        parts = sorted({p for _, ps, _ in units for p in ps})
+        self.vocab_ = {p: i for i, p in enumerate(parts)}
+        reqs = [(tuple(p), tuple(d)) for _, p, d in units]
+        u_idx, u_feat, u_dose = self._encode_requests(reqs)
+
+        n_feat = 0 if self.features_ is None else self.features_.shape[1]
+        k_members = self.init_kwargs_["n_ensemble"]
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(units))
+        n_drop = max(1, round(holdout_share * len(units))) if len(units) > 1 else 0
+        self.oob_ = []
+        for k in range(k_members):
+            start = (k * n_drop) % max(len(units), 1)
+            drop = {int(order[(start + j) % len(units)]) for j in range(n_drop)}
+            self.oob_.append(sorted(drop))
+        self.heads, self.history_ = [], {"response_loss": []}
+        bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
+        for k in range(k_members):
+            torch.manual_seed(seed * 1000 + k)
+            head = ResponseHead(
+                zs.shape[1],
+                n_feat,
+                len(parts),
+                **{
+                    kk: self.init_kwargs_[kk] for kk in ("emb_dim", "hidden", "n_layers", "dropout")
+                },
+            )
+            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+            inbag = [i for i in range(len(units)) if i not in set(self.oob_[k])] or list(
+                range(len(units))
+            )
+            g = np.random.default_rng(seed * 1000 + k)
+            losses = []
+            head.train()
+            for step in range(head_steps):
+                pick = g.choice(inbag, size=min(units_per_step, len(inbag)), replace=False)
+                xc = torch.stack(
+                    [zs[g.choice(ctrl_idx[units[i][0]], cells_per_unit)] for i in pick]
+                )
+                yp = torch.stack([zs[g.choice(unit_idx[i], cells_per_unit)] for i in pick])
+                e = head.embed(u_idx[pick], u_feat[pick], u_dose[pick])  # (U, emb)
+                u, b, d = xc.shape
+                delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
+                pred = xc + delta
+                loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
+                loss = loss.mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step % 50 == 0 or step == head_steps - 1:
+                    losses.append(float(loss))
+                bar.update(1)
+            head.eval()
+            self.heads.append(head)
+            self.history_["response_loss"].append(losses)
+        bar.close()
+
+        self._calibrate(
+            design,
+            cells,
+            zs,
+            units,
+            unit_idx,
+            ctrl_idx,
+            u_idx,
+            u_feat,
+            u_dose,
+            calibration_cells,
+            seed,
+        )
+        self.is_trained_ = True
+
+    @torch.inference_mode()
+    def _member_deltas(self, zs: torch.Tensor, idx, feats, dose, members=None) -> torch.Tensor:
+        """Standardised latent deltas ``(M, N, D)`` of every (or the given) member for one request."""
+        members = range(len(self.heads)) if members is None else members
+        out = []
+        for m in members:
+            e = self.heads[m].embed(idx, feats, dose)[0]
+            out.append(self.heads[m](zs, e))
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def _calibrate(
+        self, design, cells, zs, units, unit_idx, ctrl_idx, u_idx, u_feat, u_dose, n_cells, seed
+    ):
+        rng = np.random.default_rng(seed)
+        x_ln = _lognorm_t(cells["x"])
+        true, centres, spreads = [], [], []
+        for i, (c, _, _) in enumerate(units):
+            ci = ctrl_idx[c]
+            ci = rng.choice(ci, size=min(n_cells, ci.size), replace=False)
+            ctrl_mean = x_ln[ci].mean(0)
+            true.append((x_ln[unit_idx[i]].mean(0) - ctrl_mean).numpy())
+            d = self._member_deltas(zs[ci], u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])
+            per_member = []
+            conds = {k: v[ci] for k, v in cells["conditions"].items()}
+            for m in range(d.shape[0]):
+                _, draw = self._decode(
+                    self._unstd(zs[ci] + d[m]), cells["library"][ci], conds, sample=True
+                )
+                per_member.append((_lognorm_t(draw).mean(0) - ctrl_mean).numpy())
+            per_member = np.stack(per_member)
+            oob = [m for m in range(len(self.heads)) if i in self.oob_[m]]
+            centres.append(per_member[oob].mean(0) if oob else per_member.mean(0))
+            spreads.append(per_member.std(0))
+        true, centres, spreads = np.stack(true), np.stack(centres), np.stack(spreads)
+        self.gene_scale_ = np.sqrt((true**2).mean(0))
+        tau = spreads + self.gene_scale_[None, :] + 1e-3
+        scores = (np.abs(centres - true) / tau).ravel()
+        n = scores.size
+        q = [float(np.quantile(scores, min(1.0, np.ceil((n + 1) * lv) / n))) for lv in _LEVELS]
+        self.calibration_ = {
+            "levels": _LEVELS.tolist(),
+            "quantiles": q,
+            "n_units": len(units),
+            "oob_pearson": float(np.corrcoef(centres.ravel(), true.ravel())[0, 1]),
+        }
+        # OOD references: training perturbation embeddings per member, context means
+        treat = sorted({(tuple(p), tuple(d)) for _, p, d in units})
+        t_idx, t_feat, t_dose = self._encode_requests(treat)
+        self.ood_ref_ = {"embeddings": [h.embed(t_idx, t_feat, t_dose) for h in self.heads]}
+        self.ood_ref_["embed_scale"] = [float(_nn_scale(e)) for e in self.ood_ref_["embeddings"]]
+        ctx_with_units = sorted({c for c, _, _ in units})
+        means = torch.stack([zs[ctrl_idx[c]].mean(0) for c in ctx_with_units])
+        self.ood_ref_["context_means"] = means
+        if len(ctx_with_units) > 1:
+            self.ood_ref_["context_scale"] = float(_nn_scale(means))
+        else:
+            ci = ctrl_idx[ctx_with_units[0]]
+            self.ood_ref_["context_scale"] = float((zs[ci] - means[0]).norm(dim=1).mean())
+
+    # ------------------------------------------------------------------ prediction
+    def _check_trained(self):
+        if not self.is_trained_:
+            raise RuntimeError("The PerturbationModel is not trained; call model.train() first.")
+
+    def _prepare_ctrl(self, adata_ctrl: AnnData, covariates: Mapping | None) -> AnnData:
+        s = self.setup_
+        if adata_ctrl.n_obs == 0:
+            raise SCFMInputError("adata_ctrl has no cells; pass the control cells to perturb.")
+        bb = self.backbone
+        if list(map(str, adata_ctrl.var_names)) != bb.var_names_:
+            if self.pretrained_:
+                from ..data import align_genes
+
+                adata_ctrl = align_genes(adata_ctrl, bb.var_names_, layer=s["layer"])
+            else:
+                check_genes(adata_ctrl.var_names, bb.var_names_, what="perturbation model")
+        keep = np.ones(adata_ctrl.n_obs, bool)
+        pk = s["perturbation_key"]
+        if pk in adata_ctrl.obs:
+            keep &= adata_ctrl.obs[pk].astype(str).to_numpy() == s["control_group"]
+            if not keep.any():
+                raise SCFMInputError(
+                    f"adata_ctrl has no cell with {pk}={s['control_group']!r}; predictions start from control cells."
+                )
+        for key, val in (covariates or {}).items():
+            if key not in s["covariate_keys"]:
+                raise KeyError(f"{key!r} is not a covariate of the model ({s['covariate_keys']}).")
+            if key in adata_ctrl.obs:
+                keep &= adata_ctrl.obs[key].astype(str).to_numpy() == str(val)
+        if not keep.any():
+            raise SCFMInputError(f"No control cell matches covariates={dict(covariates or {})}.")
+        out = adata_ctrl[keep].copy()
+        for key, val in (covariates or {}).items():
+            if key not in out.obs:
+                out.obs[key] = str(val)
+        for key in s["covariate_keys"]:
+            if key not in out.obs:
+                raise KeyError(
+                    f"adata_ctrl.obs lacks covariate {key!r}; pass covariates={{{key!r}: ...}}."
+                )
+        return out
+
+    def _request_list(
+        self, perturbations, dose
+    ) -> list[tuple[str, tuple[str, ...], tuple[float, ...]]]:
+        if isinstance(perturbations, str):
+            perturbations = [perturbations]
+        perturbations = list(perturbations)
+        if not perturbations:
+            raise SCFMInputError("perturbations is empty; name at least one perturbation.")
+        out = []
+        for p in perturbations:
+            d = dose.get(p) if isinstance(dose, Mapping) else dose
+            parts, doses = self._parts_doses(p, d)
+            if not parts:
+                raise SCFMInputError(f"{p!r} is the control; name a perturbation.")
+            out.append((self._label(parts), parts, doses))
+        return out
+
+    @torch.inference_mode()
+    def _ood(self, idx, feats, dose, cells: dict | None) -> np.ndarray:
+        parts = []
+        for h, ref, sc in zip(
+            self.heads, self.ood_ref_["embeddings"], self.ood_ref_["embed_scale"]
+        ):
+            e = h.embed(idx, feats, dose)
+            parts.append(torch.cdist(e, ref).min(1).values / max(sc, 1e-8))
+        score = torch.stack(parts).mean(0).numpy().astype(np.float64)
+        if cells is not None:
+            m = self._std(cells["z"]).mean(0, keepdim=True)
+            cd = torch.cdist(m, self.ood_ref_["context_means"]).min().item()
+            score = score + cd / max(self.ood_ref_["context_scale"], 1e-8)
+        return score
+
+    def ood_score(self, perturbations, adata_ctrl: AnnData | None = None, dose=None) -> pd.Series:
+        """OOD score of each perturbation (and of ``adata_ctrl`` as its context).
+
+        The perturbation part: the distance from its embedding to the nearest training
+        perturbation's, over the median nearest-neighbour distance among the training
+        ones, averaged over the members. The context part (when ``adata_ctrl`` is given):
+        the distance from the mean standardised latent of those control cells to the
+        nearest training context's control mean, over the median nearest-neighbour
+        distance among training contexts (with one context, over the mean distance of its
+        control cells from their mean). 0 for a training perturbation in a training
+        context; about 1 for a request as far from the training ones as they are from
+        each other.
+        """
+        self._check_trained()
+        reqs = self._request_list(perturbations, dose)
+        enc = self._encode_requests([(p, d) for _, p, d in reqs])
+        cells = None
+        if adata_ctrl is not None:
+            cells = self._encode_cells(self._prepare_ctrl(adata_ctrl, None))
+        return pd.Series(self._ood(*enc, cells), index=[r[0] for r in reqs], name="ood_score")
+
+    def get_perturbation_embedding(self, perturbations, dose=None) -> pd.DataFrame:
+        """Embeddings of perturbations: each member's embedding, concatenated
+        (``n_ensemble * emb_dim`` columns; members are not aligned with each other)."""
+        self._check_trained()
+        reqs = self._request_list(perturbations, dose)
+        idx, feats, dose_t = self._encode_requests([(p, d) for _, p, d in reqs])
+        with torch.inference_mode():
+            e = torch.cat([h.embed(idx, feats, dose_t) for h in self.heads], 1).numpy()
+        cols = [
+            f"m{m}_{j}" for m in range(len(self.heads)) for j in range(self.init_kwargs_["emb_dim"])
+        ]
+        return pd.DataFrame(e, index=[r[0] for r in reqs], columns=cols)
+
+    def predict_perturbation(
+        self,
+        adata_ctrl: AnnData,
+        perturbations: str | Sequence[str],
+        *,
+        covariates: Mapping[str, str] | None = None,
+        dose=None,
+        n_samples: int | None = None,
+        seed: int | None = None,
+        interval: float = 0.9,
+        batch_size: int = 512,
+    ) -> AnnData:
+        """Predicted perturbed cells for each perturbation, from control cells.
+
+        Parameters
+        ----------
+        adata_ctrl
+            Control cells (raw counts, the model's genes). Cells whose perturbation column
+            (if present) is not the control group are left out.
+        perturbations
+            Names such as ``"KLF1"`` or ``"KLF1+MAP2K6"`` (any order of parts); parts may be
+            unseen in training if they have features.
+        covariates
+            ``{covariate: value}``: use only control cells with these values (or, for a
+            column ``adata_ctrl`` lacks, label them so).
+        dose
+            A number, ``"a+b"`` (one per part, in the order the name gives them), or a dict
+            perturbation → dose. Default 1 per part.
+        n_samples
+            Predicted cells per perturbation: control cells drawn with replacement. ``None``:
+            one per control cell.
+        seed
+            Seed of the draws (``None``: torch's global RNG).
+        interval
+            Level of the intervals of the mean deltas (0.5 to 0.99).
+
+        Returns
+        -------
+        AnnData
+            ``X``: sampled counts (CSR float32); ``layers["scfm_expected"]``: expected
+            counts; ``obs``: the perturbation column, the covariates, ``dose``,
+            ``scfm_control_cell`` (the source cell), ``scfm_uncertainty`` (per cell: RMS
+            over genes of the members' disagreement on its log-normalised expression) and
+            ``ood_score`` (per request, see :meth:`ood_score`). ``varm["scfm_delta"]``,
+            ``varm["scfm_delta_lower"]``, ``varm["scfm_delta_upper"]``: genes x
+            perturbations DataFrames of the predicted mean change of log-normalised
+            expression (log1p CP10k) from the control cells and its interval.
+            ``uns["scfm_perturbation"]``: parameters and OOD scores.
+
+        Raises
+        ------
+        UnknownPerturbationError
+            A part was never perturbed in training and has no features.
+        GeneMismatchError
+            ``adata_ctrl``'s genes differ from the model's.
+        """
+        self._check_trained()
+        levels = self.calibration_["levels"]
+        if not levels[0] <= interval <= levels[-1]:
+            raise ValueError(
+                f"interval must be within [{levels[0]}, {levels[-1]}], got {interval}."
+            )
+        q = float(np.interp(interval, levels, self.calibration_["quantiles"]))
+        reqs = self._request_list(perturbations, dose)
+        enc = self._encode_requests([(p, d) for _, p, d in reqs])
+        ctrl = self._prepare_ctrl(adata_ctrl, covariates)
+        cells = self._encode_cells(ctrl, batch_size=batch_size)
+        ood = self._ood(*enc, cells)
+        zs_all = self._std(cells["z"])
+        x_ln = _lognorm_t(cells["x"])
+        n = zs_all.shape[0]
+        s = self.setup_
+        dev = self.backbone.module.device
+        obs_parts, xs, exps, deltas, lows, highs = [], [], [], [], [], []
+        with _seeded(seed, dev), torch.inference_mode():
+            for r, (label, _parts, doses) in enumerate(reqs):
+                sel = (
+                    np.arange(n)
+                    if n_samples is None
+                    else torch.randint(0, n, (int(n_samples),)).numpy()
+                )
+                zs = zs_all[sel]
+                conds = {k: v[sel] for k, v in cells["conditions"].items()}
+                lib = cells["library"][sel]
+                d = self._member_deltas(zs, enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1])
+                expected, draw = self._decode(self._unstd(zs + d.mean(0)), lib, conds, sample=True)
+                ctrl_mean = x_ln[sel].mean(0)
+                member_ln, member_delta = [], []
+                for m in range(d.shape[0]):
+                    mu_m, draw_m = self._decode(self._unstd(zs + d[m]), lib, conds, sample=True)
+                    member_ln.append(_lognorm_t(mu_m))
+                    member_delta.append((_lognorm_t(draw_m).mean(0) - ctrl_mean).numpy())
+                unc = torch.stack(member_ln).std(0).pow(2).mean(1).sqrt().numpy()
+                member_delta = np.stack(member_delta)
+                centre = member_delta.mean(0)
+                half = q * (member_delta.std(0) + self.gene_scale_ + 1e-3)
+                deltas.append(centre)
+                lows.append(centre - half)
+                highs.append(centre + half)
+                xs.append(sparse.csr_matrix(draw.numpy().astype(np.float32)))
+                exps.append(expected.numpy().astype(np.float32))
+                o = ctrl.obs.iloc[sel][[k for k in s["covariate_keys"]]].copy()
+                o.insert(0, s["perturbation_key"], label)
+                o["dose"] = s["combination_delimiter"].join(f"{v:g}" for v in doses)
+                o["scfm_control_cell"] = ctrl.obs_names[sel].to_numpy()
+                o["scfm_uncertainty"] = unc.astype(np.float32)
+                o["ood_score"] = float(ood[r])
+                o.index = [f"{label}-{i}" for i in range(len(sel))]
+                obs_parts.append(o)
+        obs = pd.concat(obs_parts)
+        obs[s["perturbation_key"]] = pd.Categorical(
+            obs[s["perturbation_key"]], categories=[r[0] for r in reqs]
+        )
+        for key in s["covariate_keys"]:
+            obs[key] = obs[key].astype("category")
+        var = pd.DataFrame(index=pd.Index(self.backbone.var_names_))
+        out = AnnData(X=sparse.vstack(xs).tocsr(), obs=obs, var=var)
+        out.layers["scfm_expected"] = np.concatenate(exps)
+        labels = [r[0] for r in reqs]
+        out.varm["scfm_delta"] = pd.DataFrame(np.stack(deltas, 1), index=var.index, columns=labels)
+        out.varm["scfm_delta_lower"] = pd.DataFrame(
+            np.stack(lows, 1), index=var.index, columns=labels
+        )
+        out.varm["scfm_delta_upper"] = pd.DataFrame(
+            np.stack(highs, 1), index=var.index, columns=labels
+        )
+        out.uns["scfm_perturbation"] = {
+            "params": {
+                "perturbations": labels,
+                "covariates": {k: str(v) for k, v in (covariates or {}).items()},
+                "n_samples": -1 if n_samples is None else int(n_samples),
+                "seed": -1 if seed is None else int(seed),
+                "interval": float(interval),
+                "n_control_cells": int(n),
+            },
+            "ood_score": dict(zip(labels, map(float, ood))),
+        }
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | Path, overwrite: bool = False) -> Path:
+        """Save (atomically) the backbone (``backbone/``) and the response heads,
+        calibration and design (``response/``): safetensors weights + JSON, no pickles."""
+        self._check_trained()
+        path = Path(dir_path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            self.backbone.save(tmp / "backbone")
+            state = {
+                f"head{m}.{k}": v
+                for m, h in enumerate(self.heads)
+                for k, v in h.state_dict().items()
+            }
+            state["z_mean"], state["z_std"] = self.z_mean_, self.z_std_
+            state["context_means"] = self.ood_ref_["context_means"]
+            for m, e in enumerate(self.ood_ref_["embeddings"]):
+                state[f"ood_embed{m}"] = e
+            state["gene_scale"] = torch.as_tensor(self.gene_scale_, dtype=torch.float32)
+            if self.features_ is not None:
+                state["features"] = torch.as_tensor(self.features_.to_numpy())
+            config = {
+                "model": type(self).__name__,
+                "scfm_adapt_version": __version__,
+                "setup": self.setup_,
+                "init_kwargs": self.init_kwargs_,
+                "pretrained": self.pretrained_,
+                "head_shape": {
+                    "latent_dim": int(self.z_mean_.numel()),
+                    "n_features": 0 if self.features_ is None else int(self.features_.shape[1]),
+                    "n_parts": len(self.vocab_),
+                },
+                "vocab": list(self.vocab_),
+                "units": self.units_,
+                "oob": self.oob_,
+                "calibration": self.calibration_,
+                "embed_scale": self.ood_ref_["embed_scale"],
+                "context_scale": self.ood_ref_["context_scale"],
+                "feature_names": None
+                if self.features_ is None
+                else [list(map(str, self.features_.index)), list(map(str, self.features_.columns))],
+                "history": self.history_,
+            }
+            write_checkpoint(tmp / "response", state, config)
+            old = None
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> PerturbationModel:
+        """Load a model saved by :meth:`save` (``adata`` optional)."""
+        path = Path(dir_path)
+        state, config = read_checkpoint(path / "response")
+        if config.get("model") != cls.__name__:
+            raise CheckpointError(f"{path} holds a {config.get('model')}, not a {cls.__name__}.")
+        backbone = SCFM.load(path / "backbone", adata=adata)
+        holder = adata if adata is not None else AnnData(obs=pd.DataFrame(index=[]))
+        holder.uns[SETUP_KEY] = dict(config["setup"])
+        model = cls.__new__(cls)
+        model.setup_ = dict(config["setup"])
+        model.init_kwargs_ = dict(config["init_kwargs"])
+        model.pretrained_ = bool(config["pretrained"])
+        model.backbone = backbone
+        model.adata = adata
+        model._features_arg = None
+        names = config["feature_names"]
+        model.features_ = (
+            None
+            if names is None
+            else pd.DataFrame(state.pop("features").numpy(), index=names[0], columns=names[1])
+        )
+        model._feature_index = {} if names is None else {g: i for i, g in enumerate(names[0])}
+        model.vocab_ = {p: i for i, p in enumerate(config["vocab"])}
+        model.units_ = config["units"]
+        model.oob_ = config["oob"]
+        model.calibration_ = config["calibration"]
+        model.history_ = config.get("history", {})
+        model.z_mean_, model.z_std_ = state.pop("z_mean"), state.pop("z_std")
+        model.gene_scale_ = state.pop("gene_scale").numpy()
+        k = model.init_kwargs_["n_ensemble"]
+        model.ood_ref_ = {
+            "context_means": state.pop("context_means"),
+            "embeddings": [state.pop(f"ood_embed{m}") for m in range(k)],
+            "embed_scale": config["embed_scale"],
+            "context_scale": config["context_scale"],
+        }
+        shape = config["head_shape"]
+        model.heads = []
+        for m in range(k):
+            h = ResponseHead(
+                shape["latent_dim"],
+                shape["n_features"],
+                shape["n_parts"],
+                **{
+                    kk: model.init_kwargs_[kk]
+                    for kk in ("emb_dim", "hidden", "n_layers", "dropout")
+                },
+            )
+            prefix = f"head{m}."
+            h.load_state_dict(
+                {kk[len(prefix) :]: v for kk, v in state.items() if kk.startswith(prefix)},
+                strict=True,
+            )
+            h.eval()
+            model.heads.append(h)
+        model.is_trained_ = True
+        return model
+
+    def __repr__(self) -> str:
+        s = self.setup_
+        state = "trained" if self.is_trained_ else "not trained"
+        n_units = len(getattr(self, "units_", []))
+        return (
+            f"PerturbationModel ({state}): perturbation_key={s['perturbation_key']!r}, "
+            f"control={s['control_group']!r}, contexts={s['covariate_keys']}, "
+            f"{n_units} training units, {self.init_kwargs_['n_ensemble']} ensemble members, "
+            f"backbone {type(self.backbone).__name__} ({'pretrained + ' + self.init_kwargs_['adapt_strategy'] if self.pretrained_ else 'trained on the data'})."
+        )
+
+
+def _nn_scale(e: torch.Tensor) -> float:
+    """Median distance of each row to its nearest other row (the norm of the row with one)."""
+    if e.shape[0] < 2:
+        return float(e.norm(dim=-1).mean().clamp(min=1e-6))
+    d = torch.cdist(e, e)
+    d.fill_diagonal_(float("inf"))
+    return float(d.min(1).values.median().clamp(min=1e-6))
