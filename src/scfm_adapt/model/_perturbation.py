@@ -100,8 +100,9 @@ class PerturbationModel:
     adapt_strategy
         Adapter of a pretrained backbone (``"lora"``, ``"adapter"``, ``"film"``...).
     gene_features
-        Features of perturbation parts: ``"auto"`` (GO, :func:`~scfm_adapt.datasets.go_gene_features`,
-        when the GO tables are found, else none), ``"go"``, ``"backbone"`` (the
+        Features of perturbation parts: ``"auto"`` (GO features,
+        :func:`~scfm_adapt.datasets.go_gene_features`, when the GO tables are found, else
+        none), ``"go"``, ``"backbone"`` (the
         backbone decoder's weights of measured genes), ``"go+backbone"``, ``None``, or a
         DataFrame indexed by part name.
     n_ensemble
@@ -302,7 +303,8 @@ class PerturbationModel:
             }
             if arg not in kinds:
                 raise ValueError(
-                    f"gene_features={arg!r}; choose 'auto', 'go', 'backbone', 'go+backbone', None or a DataFrame."
+                    f"gene_features={arg!r}; choose 'auto', 'go', 'backbone', 'go+backbone', "
+                    "None or a DataFrame."
                 )
             for kind in kinds[arg]:
                 if kind.startswith("go"):
@@ -561,7 +563,7 @@ class PerturbationModel:
                 loss.backward()
                 opt.step()
                 if step % 50 == 0 or step == head_steps - 1:
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                 bar.update(1)
             head.eval()
             self.heads.append(head)
@@ -585,7 +587,7 @@ class PerturbationModel:
 
     @torch.inference_mode()
     def _member_deltas(self, zs: torch.Tensor, idx, feats, dose, members=None) -> torch.Tensor:
-        """Standardised latent deltas ``(M, N, D)`` of every (or the given) member for one request."""
+        """Standardised latent deltas ``(M, N, D)`` of the members for one request."""
         members = range(len(self.heads)) if members is None else members
         out = []
         for m in members:
@@ -666,7 +668,8 @@ class PerturbationModel:
             keep &= adata_ctrl.obs[pk].astype(str).to_numpy() == s["control_group"]
             if not keep.any():
                 raise SCFMInputError(
-                    f"adata_ctrl has no cell with {pk}={s['control_group']!r}; predictions start from control cells."
+                    f"adata_ctrl has no cell with {pk}={s['control_group']!r}; predictions "
+                    "start from control cells."
                 )
         for key, val in (covariates or {}).items():
             if key not in s["covariate_keys"]:
@@ -1015,11 +1018,16 @@ class PerturbationModel:
         s = self.setup_
         state = "trained" if self.is_trained_ else "not trained"
         n_units = len(getattr(self, "units_", []))
+        origin = (
+            f"pretrained + {self.init_kwargs_['adapt_strategy']}"
+            if self.pretrained_
+            else "trained on the data"
+        )
         return (
             f"PerturbationModel ({state}): perturbation_key={s['perturbation_key']!r}, "
             f"control={s['control_group']!r}, contexts={s['covariate_keys']}, "
             f"{n_units} training units, {self.init_kwargs_['n_ensemble']} ensemble members, "
-            f"backbone {type(self.backbone).__name__} ({'pretrained + ' + self.init_kwargs_['adapt_strategy'] if self.pretrained_ else 'trained on the data'})."
+            f"backbone {type(self.backbone).__name__} ({origin})."
         )
 
 

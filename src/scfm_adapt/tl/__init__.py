@@ -4,5 +4,6 @@ from ._annotate import annotate
 from ._augment import augment
 from ._embed import embed
 from ._normalize import normalize_expression
+from ._perturb import predict_perturbation
 
-__all__ = ["annotate", "augment", "embed", "normalize_expression"]
+__all__ = ["annotate", "augment", "embed", "normalize_expression", "predict_perturbation"]

@@ -1,0 +1,319 @@
+"""Perturbation-response benchmark: PerturbationModel beside every baseline, same splits.
+
+Tasks (seed 0), all on the real data in ``$SCFM_ADAPT_DATA`` / ``../shared/data``:
+
+- ``kang``: Kang 2018 IFN-β; leave out the stimulated cells of one cell type and predict
+  them from its control cells; once per cell type (5 units).
+- ``norman_combo``: Norman 2019 (``dataset == "norman19"``); hold out 30% of the two-gene
+  combinations (ceil, 5 of 15).
+- ``norman_unseen``: the same cells; hold out 5 single genes (with GO features) and every
+  training perturbation that contains them; predict their singles.
+- ``mcfaline``: McFaline-Figueroa 2023; hold out one cell line's perturbed cells (default
+  A172) and predict each of its perturbations from its control cells.
+
+Metrics (``sfa.benchmark``, on log1p(normalize_total 1e4)): ``pearson_delta`` (all genes),
+``pearson_delta_top20``, ``r2_top100``, ``sign_acc_top20``, ``cosine_lfc``, ``energy``
+(PCA fitted on the training cells, outside every scored unit) and ``rank`` (among the
+task's units). Every method's cells are sampled counts, except the shift baselines (control
+cells + delta, log-normalised) and ``scvi_arith_mean`` (decoded means, for reference).
+``ceiling``: half of the real perturbed cells against the other half.
+
+Usage::
+
+    python benchmarks/perturbation.py [--tasks kang norman_combo ...] [--epochs 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import quiet
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def kang_units():
+    import scfm_adapt as sfa
+
+    a = sfa.datasets.kang2018_ifnb()
+    for ct in sorted(a.obs["cluster_id"].astype(str).unique()):
+        is_ct = a.obs["cluster_id"].astype(str).to_numpy() == ct
+        stim = a.obs["group_id"].astype(str).to_numpy() == "stim"
+        yield {
+            "name": f"kang[{ct}]",
+            "train": a[~(is_ct & stim)].copy(),
+            "setup": {
+                "perturbation_key": "group_id",
+                "control_group": "ctrl",
+                "covariate_keys": ["cluster_id"],
+            },
+            "test": {("stim", ct): (a[is_ct & ~stim].copy(), a[is_ct & stim].copy())},
+            "features": None,
+        }
+
+
+def _norman():
+    import scfm_adapt as sfa
+
+    a = sfa.datasets.norman2019(dataset="norman19")
+    a.obs["condition"] = a.obs["condition"].astype(str)
+    return a
+
+
+def _norman_task(a, held: list[str], name: str):
+    cond = a.obs["condition"].to_numpy()
+    test_mask = np.isin(cond, held)
+    ctrl = a[cond == "control"].copy()
+    return {
+        "name": name,
+        "train": a[~test_mask].copy(),
+        "setup": {"perturbation_key": "condition", "control_group": "control"},
+        "test": {(p, ""): (ctrl, a[cond == p].copy()) for p in held},
+        "features": "go",
+    }
+
+
+def norman_combo_units():
+    a = _norman()
+    combos = sorted({c for c in a.obs["condition"] if "+" in c})
+    rng = np.random.default_rng(0)
+    held = sorted(rng.permutation(combos)[: math.ceil(0.3 * len(combos))].tolist())
+    yield _norman_task(a, held, "norman_combo")
+
+
+def norman_unseen_units():
+    import scfm_adapt as sfa
+
+    a = _norman()
+    singles = sorted({c for c in a.obs["condition"] if "+" not in c and c != "control"})
+    feats = sfa.datasets.go_gene_features(singles)
+    candidates = [g for g in singles if g in feats.index]
+    rng = np.random.default_rng(0)
+    genes = sorted(rng.permutation(candidates)[:5].tolist())
+    drop = [c for c in a.obs["condition"].unique() if set(c.split("+")) & set(genes)]
+    keep = ~np.isin(a.obs["condition"].to_numpy(), drop)
+    task = _norman_task(a, genes, "norman_unseen")
+    task["train"] = a[keep].copy()
+    task["dropped_combos"] = sorted(set(drop) - set(genes))
+    yield task
+
+
+def mcfaline_units(line: str = "A172"):
+    import scfm_adapt as sfa
+
+    a = sfa.datasets.norman2019(dataset="mcfaline23")
+    a.obs["condition"] = a.obs["condition"].astype(str)
+    is_line = a.obs["cell_type"].astype(str).to_numpy() == line
+    cond = a.obs["condition"].to_numpy()
+    test_mask = is_line & (cond != "control")
+    ctrl = a[is_line & (cond == "control")].copy()
+    perts = sorted(set(cond[test_mask]))
+    yield {
+        "name": f"mcfaline[{line}]",
+        "train": a[~test_mask].copy(),
+        "setup": {
+            "perturbation_key": "condition",
+            "control_group": "control",
+            "covariate_keys": ["cell_type"],
+        },
+        "test": {(p, line): (ctrl, a[test_mask & (cond == p)].copy()) for p in perts},
+        "features": "go",
+    }
+
+
+TASKS = {
+    "kang": kang_units,
+    "norman_combo": norman_combo_units,
+    "norman_unseen": norman_unseen_units,
+    "mcfaline": mcfaline_units,
+}
+
+
+def run_task(
+    task: dict, epochs: int, head_steps: int, scvi_epochs: int, seed: int = 0
+) -> tuple[dict, dict]:
+    """Predictions of every method for the task's units (log-normalised cells), plus extras."""
+    import torch
+
+    import scfm_adapt as sfa
+
+    B = sfa.benchmark
+    L = B.lognorm
+    setup = task["setup"]
+    keys = setup.get("covariate_keys", [])
+    train = task["train"]
+    preds: dict[str, dict] = {
+        m: {}
+        for m in (
+            "no_change",
+            "mean_shift",
+            "additive",
+            "linear",
+            "scvi_arith",
+            "scvi_arith_mean",
+            "scfm",
+            "ceiling",
+        )
+    }
+    extras = {"coverage": [], "width": [], "ood": {}, "seconds": {}}
+
+    table = B.PerturbationTable(train, setup["perturbation_key"], setup["control_group"], keys)
+    feats = None
+    if task["features"] == "go":
+        feats = sfa.datasets.go_gene_features()
+    linear = B.LinearPCARidge(n_components=10, ridge=0.1, pert_features=feats).fit(table)
+
+    t = time.perf_counter()
+    scvi_b = B.ScVILatentArithmetic(
+        setup["perturbation_key"], setup["control_group"], keys, max_epochs=scvi_epochs, seed=seed
+    ).fit(train)
+    extras["seconds"]["scvi"] = time.perf_counter() - t
+
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    sfa.model.PerturbationModel.setup_anndata(train, **setup)
+    model = sfa.model.PerturbationModel(train, gene_features=task["features"])
+    model.train(max_epochs=epochs, head_steps=head_steps, progress=False, seed=seed)
+    extras["seconds"]["scfm_train"] = time.perf_counter() - t
+    extras["calibration_oob_pearson"] = model.calibration_["oob_pearson"]
+
+    rng = np.random.default_rng(seed)
+    for (p, ctx), (ctrl, true) in task["test"].items():
+        unit = f"{p}@{ctx}" if ctx else p
+        lc = L(ctrl)
+        preds["no_change"][unit] = lc
+        preds["mean_shift"][unit] = B.shifted_cells(lc, B.mean_shift_delta(table, p, ctx))
+        preds["additive"][unit] = B.shifted_cells(lc, B.additive_delta(table, p, ctx))
+        preds["linear"][unit] = B.shifted_cells(lc, linear.predict_delta(p, lc.mean(0)))
+        rule = "additive" if "+" in p else "mean"
+        preds["scvi_arith"][unit] = scvi_b.predict(
+            ctrl, p, ctx, rule=rule, output="sample", seed=seed
+        )
+        preds["scvi_arith_mean"][unit] = scvi_b.predict(ctrl, p, ctx, rule=rule, output="mean")
+        cov = {keys[0]: ctx} if keys else None
+        out = model.predict_perturbation(ctrl, p, covariates=cov, seed=seed)
+        preds["scfm"][unit] = L(out)
+        lt = L(true)
+        half = rng.permutation(lt.shape[0])
+        preds["ceiling"][unit] = lt[half[: len(half) // 2]]
+        dt = lt.mean(0) - lc.mean(0)
+        lo = out.varm["scfm_delta_lower"].iloc[:, 0].to_numpy()
+        hi = out.varm["scfm_delta_upper"].iloc[:, 0].to_numpy()
+        extras["coverage"].append(float(np.mean((dt >= lo) & (dt <= hi))))
+        extras["width"].append(float(np.mean(hi - lo)))
+        extras["ood"][unit] = float(out.obs["ood_score"].iloc[0])
+    truth = {}
+    ctrls = {}
+    for (p, ctx), (ctrl, true) in task["test"].items():
+        unit = f"{p}@{ctx}" if ctx else p
+        truth[unit], ctrls[unit] = L(true), L(ctrl)
+    # the ceiling is scored against the *other* half of the real cells
+    ref_idx = np.random.default_rng(seed).permutation(train.n_obs)[:2000]
+    reference = L(train[ref_idx])
+    scores = B.evaluate_predictions(
+        {k: v for k, v in preds.items() if k != "ceiling"}, truth, ctrls, reference
+    )
+    ceil_truth = {}
+    for (p, ctx), (_ctrl, true) in task["test"].items():
+        unit = f"{p}@{ctx}" if ctx else p
+        lt = L(true)
+        half = np.random.default_rng(seed).permutation(lt.shape[0])
+        ceil_truth[unit] = lt[half[len(half) // 2 :]]
+    ceil_scores = B.evaluate_predictions(
+        {"ceiling": preds["ceiling"]}, ceil_truth, ctrls, reference
+    )
+    extras["deltas"] = {
+        m: {u: v.mean(0) - ctrls[u].mean(0) for u, v in d.items()} for m, d in preds.items()
+    }
+    extras["true_deltas"] = {u: truth[u].mean(0) - ctrls[u].mean(0) for u in truth}
+    extras["ceiling_true_deltas"] = {u: ceil_truth[u].mean(0) - ctrls[u].mean(0) for u in truth}
+    return pd.concat([scores, ceil_scores], ignore_index=True), extras
+
+
+def main(argv=None) -> None:
+    quiet()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--epochs", type=int, default=60, help="backbone (SCFM VAE) epochs")
+    parser.add_argument("--head-steps", type=int, default=1000)
+    parser.add_argument("--scvi-epochs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import torch
+
+    import scfm_adapt as sfa
+
+    torch.set_num_threads(max(1, int(__import__("os").environ.get("OMP_NUM_THREADS", "2"))))
+    RESULTS.mkdir(exist_ok=True)
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_columns", 20)
+    for name in args.tasks:
+        all_scores, cover, width, ood, secs = [], [], [], {}, []
+        deltas, true_d, ceil_d = {}, {}, {}
+        t0 = time.perf_counter()
+        for task in TASKS[name]():
+            scores, extras = run_task(
+                task, args.epochs, args.head_steps, args.scvi_epochs, args.seed
+            )
+            scores["task"] = task["name"]
+            all_scores.append(scores)
+            cover += extras["coverage"]
+            width += extras["width"]
+            ood.update(extras["ood"])
+            secs.append(extras["seconds"])
+            for m, d in extras["deltas"].items():
+                deltas.setdefault(m, {}).update(d)
+            true_d.update(extras["true_deltas"])
+            ceil_d.update(extras["ceiling_true_deltas"])
+            print(
+                f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s "
+                f"(scvi {extras['seconds']['scvi']:.0f} s, "
+                f"scfm {extras['seconds']['scfm_train']:.0f} s); "
+                f"OOB Pearson of the calibration {extras['calibration_oob_pearson']:.3f}",
+                flush=True,
+            )
+        scores = pd.concat(all_scores, ignore_index=True)
+        units = list(true_d)
+        if len(units) >= 2:  # rank among all held-out units of the task (across folds)
+            for m, d in deltas.items():
+                ref = ceil_d if m == "ceiling" else true_d
+                r = sfa.benchmark.rank_metric(
+                    np.stack([d[u] for u in units]), np.stack([ref[u] for u in units])
+                )
+                for u, v in zip(units, r):
+                    scores.loc[(scores["method"] == m) & (scores["unit"] == u), "rank"] = v
+        scores.to_csv(RESULTS / f"perturbation_{name}.csv", index=False)
+        table = sfa.benchmark.summarize(scores.drop(columns=["task"]))
+        print(
+            f"\n== {name}: {scores['unit'].nunique()} held-out units, seed {args.seed}, "
+            f"{time.perf_counter() - t0:.0f} s"
+        )
+        print(table.round(3).to_string())
+        print(
+            f"scfm 90% intervals of the mean delta: coverage {np.mean(cover):.3f} "
+            f"(per unit {np.round(cover, 3).tolist()}), mean width {np.mean(width):.3f}"
+        )
+        print("scfm OOD score per unit:", {k: round(v, 2) for k, v in ood.items()})
+        best = table.drop(index=["scfm", "ceiling", "scvi_arith_mean"], errors="ignore")[
+            "pearson_delta_top20"
+        ]
+        print(
+            f"top-20 pearson_delta: scfm {table.loc['scfm', 'pearson_delta_top20']:.3f} "
+            "vs best baseline "
+            f"{best.idxmax()} {best.max():.3f}\n",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
