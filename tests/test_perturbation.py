@@ -385,3 +385,22 @@ def test_real_norman_smoke(shared_data):
     assert s["MAP2K3"] > 0 and s["CEBPE+KLF1"] >= 0
     with pytest.raises(sfa.model.UnknownPerturbationError, match="NIT1"):
         m.predict_perturbation(ctrl, "NIT1")  # no GO annotation in the kept terms
+
+
+def test_pretrained_backbone_adapted_with_lora():
+    """A pretrained SCFM is mapped onto the data and adapted (LoRA), never modified."""
+    import torch
+
+    a = make_perturbation_adata(n_per_group=20, n_genes=40)
+    ref = a.copy()
+    sfa.model.SCFM.setup_anndata(ref)
+    pre = sfa.model.SCFM(ref, n_tokens=4, token_dim=8)
+    pre.train(max_epochs=3, stage="vae", enable_progress_bar=False)
+    before = {k: v.clone() for k, v in pre.module.state_dict().items()}
+    sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", covariate_keys=["context"])
+    m = sfa.model.PerturbationModel(a, pretrained=pre, gene_features=None, n_ensemble=2, hidden=32)
+    assert m.backbone.active_adapter is not None
+    m.train(max_epochs=2, head_steps=20, progress=False, calibration_cells=32)
+    assert all(torch.equal(before[k], v) for k, v in pre.module.state_dict().items())
+    out = m.predict_perturbation(_ctrl(a), "A+B", seed=0)
+    assert out.shape == (20, 40) and "pretrained + lora" in repr(m)

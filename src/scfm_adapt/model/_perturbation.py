@@ -402,8 +402,9 @@ class PerturbationModel:
         return (zs * self.z_std_ + self.z_mean_).view(shape)
 
     @torch.inference_mode()
-    def _decode(self, z_tok, library, conditions, sample: bool, batch_size: int = 1024):
-        """Expected expression and (if ``sample``) sampled counts, ``(N, G)`` each."""
+    def _decode(self, z_tok, library, conditions, sample: bool, batch_size: int = 1024, ratio=None):
+        """Expected expression and (if ``sample``) sampled counts, ``(N, G)`` each; with
+        ``ratio`` (per gene) the decoded means are rescaled by it (at constant library)."""
         module = self.backbone.module
         dev = module.device
         means, draws = [], []
@@ -414,10 +415,26 @@ class PerturbationModel:
                 library[sl].to(dev),
                 {k: v[sl].to(dev) for k, v in conditions.items()},
             )
+            if ratio is not None:
+                dist = _rescaled(dist, ratio.to(dev))
             means.append(dist.mean.float().cpu())
             if sample:
                 draws.append(dist.sample().float().cpu())
         return torch.cat(means), (torch.cat(draws) if sample else None)
+
+    @torch.inference_mode()
+    def _bias_ratio(self, cells: dict, idx=None) -> torch.Tensor:
+        """Per-gene ratio of the observed to the decoded mean normalised expression of
+        control cells: the decoder's own reconstruction bias, divided out of predictions so
+        that a predicted change is measured against the cells it starts from."""
+        sel = slice(None) if idx is None else idx
+        conds = {k: v[sel] for k, v in cells["conditions"].items()}
+        mu, _ = self._decode(cells["z"][sel], cells["library"][sel], conds, sample=False)
+        x = cells["x"][sel]
+        m_dec = (mu / mu.sum(-1, keepdim=True).clamp(min=1e-8)).mean(0)
+        m_obs = (x / x.sum(-1, keepdim=True).clamp(min=1e-8)).mean(0)
+        eps = 0.01 / x.shape[1]
+        return ((m_obs + eps) / (m_dec + eps)).clamp(0.05, 20.0)
 
     # ------------------------------------------------------------------ training
     def train(
@@ -433,6 +450,7 @@ class PerturbationModel:
         holdout_share: float = 0.2,
         train_backbone: bool = True,
         calibration_cells: int = 256,
+        correct_decoder_bias: bool = False,
         seed: int = 0,
         progress: bool = True,
         **backbone_train_kwargs,
@@ -458,12 +476,17 @@ class PerturbationModel:
             predictions calibrate the intervals).
         calibration_cells
             Control cells per unit used to compute out-of-bag deltas.
+        correct_decoder_bias
+            Divide the decoder's per-gene reconstruction bias on the control cells out of
+            every prediction. Off by default: on Kang (held-out B cells / CD14+ monocytes)
+            it lowered the top-20 ``pearson_delta`` from 0.884 to 0.597 and 0.936 to 0.861.
         **backbone_train_kwargs
             Passed to :meth:`SCFM.train` (``accelerator``, ``batch_size``, ...).
         """
         from scvi.model._utils import get_max_epochs_heuristic
         from tqdm.auto import tqdm
 
+        self.correct_bias_ = bool(correct_decoder_bias)
         bb = self.backbone
         if train_backbone or not bb.is_trained_:
             epochs = max_epochs or min(200, get_max_epochs_heuristic(bb.adata.n_obs))
@@ -610,9 +633,10 @@ class PerturbationModel:
             d = self._member_deltas(zs[ci], u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])
             per_member = []
             conds = {k: v[ci] for k, v in cells["conditions"].items()}
+            ratio = self._bias_ratio(cells, ci) if self.correct_bias_ else None
             for m in range(d.shape[0]):
                 _, draw = self._decode(
-                    self._unstd(zs[ci] + d[m]), cells["library"][ci], conds, sample=True
+                    self._unstd(zs[ci] + d[m]), cells["library"][ci], conds, True, ratio=ratio
                 )
                 per_member.append((_lognorm_t(draw).mean(0) - ctrl_mean).numpy())
             per_member = np.stack(per_member)
@@ -828,6 +852,7 @@ class PerturbationModel:
         n = zs_all.shape[0]
         s = self.setup_
         dev = self.backbone.module.device
+        ratio = self._bias_ratio(cells) if getattr(self, "correct_bias_", False) else None
         obs_parts, xs, exps, deltas, lows, highs = [], [], [], [], [], []
         with _seeded(seed, dev), torch.inference_mode():
             for r, (label, _parts, doses) in enumerate(reqs):
@@ -840,11 +865,15 @@ class PerturbationModel:
                 conds = {k: v[sel] for k, v in cells["conditions"].items()}
                 lib = cells["library"][sel]
                 d = self._member_deltas(zs, enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1])
-                expected, draw = self._decode(self._unstd(zs + d.mean(0)), lib, conds, sample=True)
+                expected, draw = self._decode(
+                    self._unstd(zs + d.mean(0)), lib, conds, True, ratio=ratio
+                )
                 ctrl_mean = x_ln[sel].mean(0)
                 member_ln, member_delta = [], []
                 for m in range(d.shape[0]):
-                    mu_m, draw_m = self._decode(self._unstd(zs + d[m]), lib, conds, sample=True)
+                    mu_m, draw_m = self._decode(
+                        self._unstd(zs + d[m]), lib, conds, True, ratio=ratio
+                    )
                     member_ln.append(_lognorm_t(mu_m))
                     member_delta.append((_lognorm_t(draw_m).mean(0) - ctrl_mean).numpy())
                 unc = torch.stack(member_ln).std(0).pow(2).mean(1).sqrt().numpy()
@@ -925,6 +954,7 @@ class PerturbationModel:
                 "setup": self.setup_,
                 "init_kwargs": self.init_kwargs_,
                 "pretrained": self.pretrained_,
+                "correct_decoder_bias": self.correct_bias_,
                 "head_shape": {
                     "latent_dim": int(self.z_mean_.numel()),
                     "n_features": 0 if self.features_ is None else int(self.features_.shape[1]),
@@ -968,6 +998,7 @@ class PerturbationModel:
         model.setup_ = dict(config["setup"])
         model.init_kwargs_ = dict(config["init_kwargs"])
         model.pretrained_ = bool(config["pretrained"])
+        model.correct_bias_ = bool(config.get("correct_decoder_bias", False))
         model.backbone = backbone
         model.adata = adata
         model._features_arg = None
@@ -1029,6 +1060,22 @@ class PerturbationModel:
             f"{n_units} training units, {self.init_kwargs_['n_ensemble']} ensemble members, "
             f"backbone {type(self.backbone).__name__} ({origin})."
         )
+
+
+def _rescaled(dist, ratio: torch.Tensor):
+    """The same count distribution with its mean multiplied by ``ratio`` per gene, each cell
+    rescaled back to its original total mean (library)."""
+    from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+    from torch.distributions import Poisson
+
+    if isinstance(dist, Poisson):
+        rate = dist.rate * ratio
+        return Poisson(rate * dist.rate.sum(-1, keepdim=True) / rate.sum(-1, keepdim=True))
+    mu = dist.mu * ratio
+    mu = mu * dist.mu.sum(-1, keepdim=True) / mu.sum(-1, keepdim=True).clamp(min=1e-8)
+    if isinstance(dist, ZeroInflatedNegativeBinomial):
+        return ZeroInflatedNegativeBinomial(mu=mu, theta=dist.theta, zi_logits=dist.zi_logits)
+    return NegativeBinomial(mu=mu, theta=dist.theta)
 
 
 def _nn_scale(e: torch.Tensor) -> float:
