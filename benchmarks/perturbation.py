@@ -137,6 +137,44 @@ TASKS = {
 }
 
 
+def unit_name(p: str, ctx: str) -> str:
+    return f"{p}@{ctx}" if ctx else p
+
+
+def ceiling_halves(true_ln: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The real perturbed cells split in two disjoint halves (the noise ceiling scores the
+    first as a prediction of the second)."""
+    order = np.random.default_rng(seed).permutation(true_ln.shape[0])
+    half = len(order) // 2
+    return true_ln[order[:half]], true_ln[order[half:]]
+
+
+def training_reference(task: dict, seed: int = 0) -> np.ndarray:
+    """2,000 log-normalised training cells: the PCA reference of the energy distance."""
+    import scfm_adapt as sfa
+
+    idx = np.random.default_rng(seed).permutation(task["train"].n_obs)[:2000]
+    return sfa.benchmark.lognorm(task["train"][idx])
+
+
+def ceiling_scores(task: dict, seed: int = 0, reference=None) -> tuple[pd.DataFrame, dict, dict]:
+    """Noise-ceiling scores of a task, with the mean deltas of both halves per unit."""
+    import scfm_adapt as sfa
+
+    L = sfa.benchmark.lognorm
+    pred, truth, ctrls = {}, {}, {}
+    for (p, ctx), (ctrl, true) in task["test"].items():
+        u = unit_name(p, ctx)
+        pred[u], truth[u] = ceiling_halves(L(true), seed)
+        ctrls[u] = L(ctrl)
+    if reference is None:
+        reference = training_reference(task, seed)
+    scores = sfa.benchmark.evaluate_predictions({"ceiling": pred}, truth, ctrls, reference)
+    pred_d = {u: pred[u].mean(0) - ctrls[u].mean(0) for u in pred}
+    true_d = {u: truth[u].mean(0) - ctrls[u].mean(0) for u in truth}
+    return scores, pred_d, true_d
+
+
 def run_task(
     task: dict, epochs: int, head_steps: int, scvi_epochs: int, seed: int = 0
 ) -> tuple[dict, dict]:
@@ -150,19 +188,8 @@ def run_task(
     setup = task["setup"]
     keys = setup.get("covariate_keys", [])
     train = task["train"]
-    preds: dict[str, dict] = {
-        m: {}
-        for m in (
-            "no_change",
-            "mean_shift",
-            "additive",
-            "linear",
-            "scvi_arith",
-            "scvi_arith_mean",
-            "scfm",
-            "ceiling",
-        )
-    }
+    methods = ("no_change", "mean_shift", "additive", "linear", "scvi_arith", "scvi_arith_mean")
+    preds: dict[str, dict] = {m: {} for m in (*methods, "scfm")}
     extras = {"coverage": [], "width": [], "ood": {}, "seconds": {}}
 
     table = B.PerturbationTable(train, setup["perturbation_key"], setup["control_group"], keys)
@@ -185,10 +212,11 @@ def run_task(
     extras["seconds"]["scfm_train"] = time.perf_counter() - t
     extras["calibration_oob_pearson"] = model.calibration_["oob_pearson"]
 
-    rng = np.random.default_rng(seed)
+    truth, ctrls = {}, {}
     for (p, ctx), (ctrl, true) in task["test"].items():
-        unit = f"{p}@{ctx}" if ctx else p
-        lc = L(ctrl)
+        unit = unit_name(p, ctx)
+        lc, lt = L(ctrl), L(true)
+        truth[unit], ctrls[unit] = lt, lc
         preds["no_change"][unit] = lc
         preds["mean_shift"][unit] = B.shifted_cells(lc, B.mean_shift_delta(table, p, ctx))
         preds["additive"][unit] = B.shifted_cells(lc, B.additive_delta(table, p, ctx))
@@ -201,40 +229,21 @@ def run_task(
         cov = {keys[0]: ctx} if keys else None
         out = model.predict_perturbation(ctrl, p, covariates=cov, seed=seed)
         preds["scfm"][unit] = L(out)
-        lt = L(true)
-        half = rng.permutation(lt.shape[0])
-        preds["ceiling"][unit] = lt[half[: len(half) // 2]]
         dt = lt.mean(0) - lc.mean(0)
         lo = out.varm["scfm_delta_lower"].iloc[:, 0].to_numpy()
         hi = out.varm["scfm_delta_upper"].iloc[:, 0].to_numpy()
         extras["coverage"].append(float(np.mean((dt >= lo) & (dt <= hi))))
         extras["width"].append(float(np.mean(hi - lo)))
         extras["ood"][unit] = float(out.obs["ood_score"].iloc[0])
-    truth = {}
-    ctrls = {}
-    for (p, ctx), (ctrl, true) in task["test"].items():
-        unit = f"{p}@{ctx}" if ctx else p
-        truth[unit], ctrls[unit] = L(true), L(ctrl)
-    # the ceiling is scored against the *other* half of the real cells
-    ref_idx = np.random.default_rng(seed).permutation(train.n_obs)[:2000]
-    reference = L(train[ref_idx])
-    scores = B.evaluate_predictions(
-        {k: v for k, v in preds.items() if k != "ceiling"}, truth, ctrls, reference
-    )
-    ceil_truth = {}
-    for (p, ctx), (_ctrl, true) in task["test"].items():
-        unit = f"{p}@{ctx}" if ctx else p
-        lt = L(true)
-        half = np.random.default_rng(seed).permutation(lt.shape[0])
-        ceil_truth[unit] = lt[half[len(half) // 2 :]]
-    ceil_scores = B.evaluate_predictions(
-        {"ceiling": preds["ceiling"]}, ceil_truth, ctrls, reference
-    )
+    reference = training_reference(task, seed)
+    scores = B.evaluate_predictions(preds, truth, ctrls, reference)
+    ceil_scores, ceil_pred_d, ceil_true_d = ceiling_scores(task, seed, reference)
     extras["deltas"] = {
         m: {u: v.mean(0) - ctrls[u].mean(0) for u, v in d.items()} for m, d in preds.items()
     }
+    extras["deltas"]["ceiling"] = ceil_pred_d
     extras["true_deltas"] = {u: truth[u].mean(0) - ctrls[u].mean(0) for u in truth}
-    extras["ceiling_true_deltas"] = {u: ceil_truth[u].mean(0) - ctrls[u].mean(0) for u in truth}
+    extras["ceiling_true_deltas"] = ceil_true_d
     return pd.concat([scores, ceil_scores], ignore_index=True), extras
 
 

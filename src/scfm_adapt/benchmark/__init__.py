@@ -21,6 +21,7 @@ from ._baselines import (
     shift_by_rule,
     shifted_cells,
     split_perturbation,
+    unit_means,
 )
 from ._metrics import (
     METRICS,
@@ -60,4 +61,5 @@ __all__ = [
     "sign_accuracy",
     "split_perturbation",
     "summarize",
+    "unit_means",
 ]

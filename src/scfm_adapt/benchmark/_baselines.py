@@ -51,6 +51,37 @@ def context_labels(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarray
     return np.array([" | ".join(v) for v in zip(*cols)], dtype=object)
 
 
+def unit_means(
+    values: np.ndarray,
+    obs: pd.DataFrame,
+    perturbation_key: str,
+    control_group: str,
+    context_keys: Sequence[str] = (),
+    delimiter: str = "+",
+) -> tuple[dict, dict, dict]:
+    """Per-unit means of ``values`` (cells x features: expression, latents, ...).
+
+    Returns ``means`` ``{(context, perturbation): mean}`` over every unit, ``ctrl``
+    ``{context: mean of its control cells}`` and ``deltas`` ``{(context, perturbation):
+    mean - ctrl[context]}`` for the non-control units whose context has controls.
+    """
+    perts = np.array(
+        [
+            canonical_perturbation(p, control_group, delimiter)
+            for p in obs[perturbation_key].astype(str)
+        ],
+        dtype=object,
+    )
+    frame = pd.DataFrame({"c": context_labels(obs, context_keys), "p": perts})
+    groups = frame.groupby(["c", "p"], sort=True).indices
+    means = {(c, p): values[idx].mean(0) for (c, p), idx in groups.items()}
+    ctrl = {c: m for (c, p), m in means.items() if p == control_group}
+    deltas = {
+        (c, p): m - ctrl[c] for (c, p), m in means.items() if p != control_group and c in ctrl
+    }
+    return means, ctrl, deltas
+
+
 class PerturbationTable:
     """Per-unit mean log-normalised expression and deltas of a training set.
 
@@ -89,24 +120,9 @@ class PerturbationTable:
         self.context_keys = list(context_keys)
         self.var_names = list(map(str, adata.var_names))
         x = lognorm(adata.X if layer is None else adata.layers[layer])
-        perts = np.array(
-            [
-                canonical_perturbation(p, control_group, delimiter)
-                for p in adata.obs[perturbation_key].astype(str)
-            ],
-            dtype=object,
+        self.means, self.ctrl, self.deltas = unit_means(
+            x, adata.obs, perturbation_key, control_group, self.context_keys, delimiter
         )
-        ctx = context_labels(adata.obs, self.context_keys)
-        frame = pd.DataFrame({"c": ctx, "p": perts})
-        self.means: dict[tuple[str, str], np.ndarray] = {}
-        for (c, p), idx in frame.groupby(["c", "p"], sort=True).indices.items():
-            self.means[(c, p)] = x[idx].mean(0)
-        self.ctrl = {c: m for (c, p), m in self.means.items() if p == control_group}
-        self.deltas = {
-            (c, p): m - self.ctrl[c]
-            for (c, p), m in self.means.items()
-            if p != control_group and c in self.ctrl
-        }
         if not self.deltas:
             raise ValueError(
                 "No training unit has both perturbed cells and control cells in its context: "
@@ -291,22 +307,9 @@ class ScVILatentArithmetic:
         train_kwargs.setdefault("enable_progress_bar", False)
         self.model.train(max_epochs=self.max_epochs, **train_kwargs)
         z = self.model.get_latent_representation(a)
-        perts = np.array(
-            [
-                canonical_perturbation(p, self.control_group, self.delimiter)
-                for p in a.obs[self.perturbation_key].astype(str)
-            ],
-            dtype=object,
+        _, _, self.latent_deltas = unit_means(
+            z, a.obs, self.perturbation_key, self.control_group, self.context_keys, self.delimiter
         )
-        ctx = context_labels(a.obs, self.context_keys)
-        frame = pd.DataFrame({"c": ctx, "p": perts})
-        means = {k: z[idx].mean(0) for k, idx in frame.groupby(["c", "p"]).indices.items()}
-        ctrl = {c: m for (c, p), m in means.items() if p == self.control_group}
-        self.latent_deltas = {
-            (c, p): m - ctrl[c]
-            for (c, p), m in means.items()
-            if p != self.control_group and c in ctrl
-        }
         return self
 
     def predict(

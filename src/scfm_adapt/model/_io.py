@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +93,7 @@ def write_checkpoint(
     """
     from safetensors.torch import save as st_save
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(path, overwrite) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         blob = st_save(
             tensors, metadata={"format": "pt", "scfm_format_version": str(FORMAT_VERSION)}
@@ -113,6 +109,24 @@ def write_checkpoint(
             },
         }
         _fsync_write(tmp / CONFIG, json.dumps(to_jsonable(config), indent=1).encode())
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
+
+    An exception inside the block removes the temporary folder and leaves any previous
+    folder at ``path`` intact.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -123,7 +137,6 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple[dict, dict]:

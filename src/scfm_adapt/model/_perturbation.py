@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from ..data import check_genes, check_layer_counts
 from ..errors import CheckpointError, SCFMInputError
 from ..module._perturbation import ResponseHead, mmd2
 from ._generation import _seeded
-from ._io import read_checkpoint, write_checkpoint
+from ._io import atomic_dir, read_checkpoint, write_checkpoint
 from ._scfm import SCFM
 
 logger = logging.getLogger(__name__)
@@ -133,7 +130,6 @@ class PerturbationModel:
         hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
-        _backbone: SCFM | None = None,
         **backbone_kwargs,
     ):
         setup = adata.uns.get(SETUP_KEY) if adata is not None else None
@@ -157,9 +153,7 @@ class PerturbationModel:
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
-        if _backbone is not None:
-            self.backbone = _backbone
-        elif pretrained is None:
+        if pretrained is None:
             SCFM.setup_anndata(adata, layer=setup["layer"], batch_key=setup["batch_key"])
             self.backbone = SCFM(adata, **backbone_kwargs)
         else:
@@ -168,7 +162,7 @@ class PerturbationModel:
             )
             if self.backbone.adata is not adata:  # aligned copy: carry the setup over
                 self.backbone.adata.uns[SETUP_KEY] = dict(setup)
-        self.adata = self.backbone.adata if _backbone is None else adata
+        self.adata = self.backbone.adata
         self.heads: list[ResponseHead] = []
         self.is_trained_ = False
         self.history_: dict = {}
@@ -555,14 +549,7 @@ class PerturbationModel:
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
             torch.manual_seed(seed * 1000 + k)
-            head = ResponseHead(
-                zs.shape[1],
-                n_feat,
-                len(parts),
-                **{
-                    kk: self.init_kwargs_[kk] for kk in ("emb_dim", "hidden", "n_layers", "dropout")
-                },
-            )
+            head = self._new_head(zs.shape[1], n_feat, len(parts))
             opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
             inbag = [i for i in range(len(units)) if i not in set(self.oob_[k])] or list(
                 range(len(units))
@@ -594,7 +581,6 @@ class PerturbationModel:
         bar.close()
 
         self._calibrate(
-            design,
             cells,
             zs,
             units,
@@ -608,19 +594,18 @@ class PerturbationModel:
         )
         self.is_trained_ = True
 
+    def _new_head(self, latent_dim: int, n_features: int, n_parts: int) -> ResponseHead:
+        sizes = {k: self.init_kwargs_[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
+        return ResponseHead(latent_dim, n_features, n_parts, **sizes)
+
     @torch.inference_mode()
-    def _member_deltas(self, zs: torch.Tensor, idx, feats, dose, members=None) -> torch.Tensor:
-        """Standardised latent deltas ``(M, N, D)`` of the members for one request."""
-        members = range(len(self.heads)) if members is None else members
-        out = []
-        for m in members:
-            e = self.heads[m].embed(idx, feats, dose)[0]
-            out.append(self.heads[m](zs, e))
-        return torch.stack(out)
+    def _member_deltas(self, zs: torch.Tensor, idx, feats, dose) -> torch.Tensor:
+        """Standardised latent deltas ``(M, N, D)`` of every member for one request."""
+        return torch.stack([h(zs, h.embed(idx, feats, dose)[0]) for h in self.heads])
 
     @torch.inference_mode()
     def _calibrate(
-        self, design, cells, zs, units, unit_idx, ctrl_idx, u_idx, u_feat, u_dose, n_cells, seed
+        self, cells, zs, units, unit_idx, ctrl_idx, u_idx, u_feat, u_dose, n_cells, seed
     ):
         rng = np.random.default_rng(seed)
         x_ln = _lognorm_t(cells["x"])
@@ -852,7 +837,7 @@ class PerturbationModel:
         n = zs_all.shape[0]
         s = self.setup_
         dev = self.backbone.module.device
-        ratio = self._bias_ratio(cells) if getattr(self, "correct_bias_", False) else None
+        ratio = self._bias_ratio(cells) if self.correct_bias_ else None
         obs_parts, xs, exps, deltas, lows, highs = [], [], [], [], [], []
         with _seeded(seed, dev), torch.inference_mode():
             for r, (label, _parts, doses) in enumerate(reqs):
@@ -928,13 +913,7 @@ class PerturbationModel:
         """Save (atomically) the backbone (``backbone/``) and the response heads,
         calibration and design (``response/``): safetensors weights + JSON, no pickles."""
         self._check_trained()
-        path = Path(dir_path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
+        with atomic_dir(dir_path, overwrite) as tmp:
             self.backbone.save(tmp / "backbone")
             state = {
                 f"head{m}.{k}": v
@@ -972,17 +951,7 @@ class PerturbationModel:
                 "history": self.history_,
             }
             write_checkpoint(tmp / "response", state, config)
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return Path(dir_path)
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> PerturbationModel:
@@ -992,8 +961,8 @@ class PerturbationModel:
         if config.get("model") != cls.__name__:
             raise CheckpointError(f"{path} holds a {config.get('model')}, not a {cls.__name__}.")
         backbone = SCFM.load(path / "backbone", adata=adata)
-        holder = adata if adata is not None else AnnData(obs=pd.DataFrame(index=[]))
-        holder.uns[SETUP_KEY] = dict(config["setup"])
+        if adata is not None:
+            adata.uns[SETUP_KEY] = dict(config["setup"])
         model = cls.__new__(cls)
         model.setup_ = dict(config["setup"])
         model.init_kwargs_ = dict(config["init_kwargs"])
@@ -1026,15 +995,7 @@ class PerturbationModel:
         shape = config["head_shape"]
         model.heads = []
         for m in range(k):
-            h = ResponseHead(
-                shape["latent_dim"],
-                shape["n_features"],
-                shape["n_parts"],
-                **{
-                    kk: model.init_kwargs_[kk]
-                    for kk in ("emb_dim", "hidden", "n_layers", "dropout")
-                },
-            )
+            h = model._new_head(shape["latent_dim"], shape["n_features"], shape["n_parts"])
             prefix = f"head{m}."
             h.load_state_dict(
                 {kk[len(prefix) :]: v for kk, v in state.items() if kk.startswith(prefix)},
