@@ -28,6 +28,10 @@ class TooFewGenesError(GeneMismatchError):
     """A query data set shares too few genes with a reference model to map onto it."""
 
 
+class ModalityError(SCFMInputError):
+    """A MuData lacks a modality the model needs, or its modalities' cells do not match."""
+
+
 class CheckpointError(SCFMInputError):
     """A checkpoint folder is missing, truncated, tampered with or of an unknown format."""
 
@@ -37,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "GeneMismatchError",
     "InvalidCountsError",
+    "ModalityError",
     "SCFMInputError",
     "TooFewGenesError",
     "UnknownCategoryError",

@@ -1,6 +1,7 @@
 """Input checks and gene alignment between AnnData objects and models."""
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
+from ._mudata import pair_modalities
 from ._validation import check_counts, check_genes, check_layer_counts, get_matrix
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "check_layer_counts",
     "gene_overlap",
     "get_matrix",
+    "pair_modalities",
 ]

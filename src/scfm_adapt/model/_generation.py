@@ -297,6 +297,9 @@ class GenerationMixin:
         ``layers["scfm_expected"]`` the decoder's mean, ``obs`` the conditions plus
         ``scfm_library``, ``var`` indexed by the model's genes and
         ``uns["scfm_generate"]["params"]``.
+        A model set up with :meth:`setup_mudata` returns a MuData of paired cells instead:
+        one such AnnData per modality (``X`` counts, ``layers["scfm_expected"]``), all decoded
+        from the same generated tokens, with the conditions in ``obs``.
 
         Raises
         ------
@@ -314,7 +317,7 @@ class GenerationMixin:
         self.module.eval()
         device = self.module.device
         conds_all = self._condition_tensors(frame)
-        counts, expected, libs = [], [], []
+        counts, expected, libs, extra = [], [], [], []
         slices = list(_batches_of(n, batch_size))
         show = progress if progress is not None else len(slices) > 1
         it = slices
@@ -343,6 +346,7 @@ class GenerationMixin:
                 counts.append(px.sample().float().cpu().numpy())
                 expected.append(px.mean.float().cpu().numpy())
                 libs.append(library.view(-1).float().cpu().numpy())
+                extra.append(self._generate_extra(z, conds))
         obs = self._obs_of(frame)
         obs["scfm_library"] = np.concatenate(libs)
         obs.index = [f"scfm_gen_{i}" for i in range(n)]
@@ -355,7 +359,13 @@ class GenerationMixin:
             "fill_conditions": fill_conditions,
             "library_size": "model" if lib is None else "given",
         }
-        return self._as_anndata(np.concatenate(counts), np.concatenate(expected), obs, params)
+        adata = self._as_anndata(np.concatenate(counts), np.concatenate(expected), obs, params)
+        if not extra or not extra[0]:
+            return adata
+        joined = {
+            m: tuple(np.concatenate([e[m][i] for e in extra]) for i in range(2)) for m in extra[0]
+        }
+        return self._generated_mudata(adata, joined)
 
     def _obs_of(self, frame: pd.DataFrame) -> pd.DataFrame:
         obs = pd.DataFrame(index=range(len(frame)))

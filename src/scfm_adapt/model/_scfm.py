@@ -30,6 +30,7 @@ from ..train import SCFMTrainingPlan
 from ._adaptation import AdaptationMixin
 from ._generation import GenerationMixin
 from ._io import read_checkpoint, write_checkpoint
+from ._multimodal import MultimodalMixin, _is_mudata
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ def _transfer_errors(fn, *args, **kwargs):
         raise
 
 
-class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCFM(
+    MultimodalMixin, GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
 
     Stage 1 encodes each cell's counts into ``n_tokens`` latent tokens and decodes them with
@@ -94,6 +97,7 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
         token_dim: int = 16,
         registry: dict | None = None,
         var_names: Sequence[str] | None = None,
+        modality_var_names: dict[str, Sequence[str]] | None = None,
         **module_kwargs,
     ):
         super().__init__(adata, registry=registry)
@@ -104,8 +108,16 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
             "token_dim": token_dim,
             **module_kwargs,
         }
+        if adata is not None and _is_mudata(adata):
+            var_names = adata.mod[self.modalities_["rna"]].var_names
+            modality_var_names = self._modality_var_names(adata)
+        elif adata is not None:
+            var_names = adata.var_names
+        self.var_names_ = [str(g) for g in var_names]
+        self.modality_var_names_ = {
+            k: [str(v) for v in vs] for k, vs in (modality_var_names or {}).items()
+        }
         self.module = self._make_module()
-        self.var_names_ = [str(g) for g in (adata.var_names if adata is not None else var_names)]
         self.trained_stages_: list[str] = []
         self.histories_: dict[str, dict] = {}
         self.init_params_ = self._get_init_params(locals())
@@ -122,14 +134,16 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
         on top of a module of the pretrained sizes (query models, see load_query_data)."""
         sizes = self._registry_sizes()
         ext = extension or {"batch": 0, "labels": 0, "cat_covs": [0] * len(sizes["cat_covs"])}
-        module = self._module_cls(
+        module_cls, kwargs = self._multimodal_module_kwargs(self.init_kwargs_)
+        module = (module_cls or self._module_cls)(
             n_input=self.summary_stats.n_vars,
             n_batch=sizes["batch"] - ext["batch"],
             n_labels=sizes["labels"] - ext["labels"],
             n_cats_per_cov=[a - b for a, b in zip(sizes["cat_covs"], ext["cat_covs"])],
             n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
-            **self.init_kwargs_,
+            **kwargs,
         )
+        self._set_protein_mask(module)
         if extension:
             module.extend_categories(ext["batch"], ext["labels"], ext["cat_covs"])
         return module
@@ -197,7 +211,16 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
         cls.register_manager(manager)
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
-        if adata is not None and adata is not self.adata:
+        if adata is not None and self.is_multimodal:
+            adata = self._as_model_mudata(adata)
+            if adata is not self.adata:
+                self._check_mudata_input(adata)
+        elif adata is not None and adata is not self.adata:
+            if _is_mudata(adata):
+                raise TypeError(
+                    "This model was set up on an AnnData; pass an AnnData (e.g. "
+                    "mdata.mod['rna']), or set up a MuData model with SCFM.setup_mudata."
+                )
             check_genes(adata.var_names, self.var_names_)
             check_layer_counts(adata, self.registry_["setup_args"].get("layer"))
         return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
@@ -266,6 +289,7 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
             fresh = self.module.active_adapter is None and not self.module.masks_genes
             if st == "vae" and fresh:
                 self._fit_gene_frac()
+                self._fit_modality_init()
             if st == "prior" and (fresh or "prior" not in self.trained_stages_):
                 # The DiT of a pretrained model keeps the scale it was trained with.
                 self._fit_latent_scale(batch_size)  # before set_stage: it switches to eval
@@ -318,9 +342,7 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
     @torch.no_grad()
     def _fit_gene_frac(self) -> None:
         """Record each gene's share of all counts (used to rescale cells missing genes)."""
-        from ..data import get_matrix
-
-        x = get_matrix(self.adata, self.registry_["setup_args"].get("layer"))
+        x = self._rna_matrix(self.adata)
         col = np.asarray(x.sum(0)).ravel().astype(np.float64)
         frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
         self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
@@ -417,11 +439,27 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
         transfer: Literal["decoder", "inversion"] = "decoder",
         n_steps: int = 50,
         strength: float = 0.9,
+        modality: str = "rna",
+        given: Sequence[str] | None = None,
+        protein_background: bool = False,
     ) -> pd.DataFrame | np.ndarray:
         """Denoised expression: the decoder's mean at a fixed library size.
 
         Parameters
         ----------
+        adata
+            AnnData or, for a model set up with :meth:`setup_mudata`, a MuData (an AnnData
+            given to such a model is its RNA alone: the other modalities are predicted).
+        modality
+            ``"rna"``, or for a MuData model ``"protein"`` or ``"atac"``. Protein is in
+            ADT counts (``library_size`` does not apply); ATAC is the expected counts per
+            peak at ``library_size`` fragments.
+        given
+            Modalities the encoder sees (default: all a cell has), e.g. ``("rna",)`` to
+            predict protein from RNA alone on cells that have both.
+        protein_background
+            Include the background component in protein expression (default: foreground
+            only, like totalVI's ``include_protein_background=False``).
         transform_batch
             Express every cell as if it came from this batch (counterfactual batch).
         transfer
@@ -445,6 +483,36 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
         Cells × genes DataFrame (or array with ``return_numpy=True``).
         """
         adata = self.adata if adata is None else adata  # validated once, by _batches
+        if modality != "rna" or given is not None:
+            if not self.is_multimodal:
+                raise ValueError(
+                    f"modality={modality!r} / given={given!r} need a model set up with "
+                    "SCFM.setup_mudata; this one reads RNA only."
+                )
+            if transfer != "decoder":
+                raise ValueError("transfer='inversion' is for RNA without `given`.")
+            names = np.asarray(self._feature_names(modality))
+            cols = np.arange(len(names))
+            if gene_list is not None:
+                missing = [g for g in gene_list if g not in set(names)]
+                if missing:
+                    raise KeyError(f"Features not in the model's {modality}: {missing[:5]} ...")
+                cols = pd.Index(names).get_indexer(list(gene_list))
+            values = self._modality_expression(
+                adata,
+                indices,
+                modality,
+                given,
+                transform_batch,
+                library_size,
+                n_samples,
+                batch_size,
+                protein_background,
+            )[:, cols]
+            if return_numpy:
+                return values
+            obs = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+            return pd.DataFrame(values, index=obs, columns=names[cols])
         code = self._batch_code(transform_batch)
         if transfer not in ("decoder", "inversion"):
             raise ValueError(f"transfer={transfer!r}; use 'decoder' or 'inversion'.")
@@ -551,6 +619,7 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
             "scfm_adapt_version": __version__,
             "init_kwargs": self.init_kwargs_,
             "var_names": self.var_names_,
+            "modality_var_names": self.modality_var_names_,
             "registry": self.registry_,
             "trained_stages": self.trained_stages_,
             "history": self.histories_,
@@ -589,15 +658,29 @@ class SCFM(GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseMode
                 f"load it with scfm_adapt.model.{config.get('model')}.load."
             )
         registry = config["registry"]
+        method = registry.get("setup_method_name", "setup_anndata")
         if adata is not None:
-            check_genes(adata.var_names, config["var_names"])
+            if method == "setup_mudata":
+                if not _is_mudata(adata):
+                    raise TypeError(
+                        f"{dir_path} holds a MuData model; load it onto a MuData with the "
+                        f"modalities {registry['setup_args']['modalities']}, or without data."
+                    )
+                rna = adata.mod.get(registry["setup_args"]["modalities"]["rna"])
+                check_genes(rna.var_names if rna is not None else [], config["var_names"])
+            else:
+                check_genes(adata.var_names, config["var_names"])
             _transfer_errors(
-                cls.setup_anndata, adata, source_registry=registry, **registry["setup_args"]
+                getattr(cls, method), adata, source_registry=registry, **registry["setup_args"]
             )
             model = cls(adata, **config["init_kwargs"])
         else:
             model = cls(
-                None, registry=registry, var_names=config["var_names"], **config["init_kwargs"]
+                None,
+                registry=registry,
+                var_names=config["var_names"],
+                modality_var_names=config.get("modality_var_names"),
+                **config["init_kwargs"],
             )
         extension = config.get("extension")
         if extension and any([extension["batch"], extension["labels"], *extension["cat_covs"]]):

@@ -4,6 +4,7 @@ from ._adapt import STRATEGIES, AdaptableMixin, AdapterSpec
 from ._annotator import AnnotatorModule
 from ._distill import DistillationModule
 from ._keys import MODULE_KEYS
+from ._multimodal import MultimodalSCFMModule
 from ._scfm import SCFMModule
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "AdapterSpec",
     "AnnotatorModule",
     "DistillationModule",
+    "MultimodalSCFMModule",
     "SCFMModule",
 ]

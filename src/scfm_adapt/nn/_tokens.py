@@ -99,13 +99,19 @@ class TokenDecoder(nn.Module):
             nn.init.zeros_(emb.weight)
         self.lib_out = nn.Linear(library_hidden, 2)
 
-    def forward(
+    def hidden_state(
         self, z: torch.Tensor, covariates: list[torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
+        """The shared hidden layer ``(B, hidden)`` that every output head reads."""
         h = self.fc(z.flatten(1))  # (B, hidden)
         for emb, idx in zip(self.cov_embed, covariates or []):
             h = h + emb(idx.long().view(-1))
-        h = self.drop(F.gelu(self.norm(h)))
+        return self.drop(F.gelu(self.norm(h)))
+
+    def forward(
+        self, z: torch.Tensor, covariates: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.hidden_state(z, covariates)
         scale = torch.softmax(self.scale_head(h).float(), dim=-1)  # (B, G), rows sum to 1
         logits = self.dropout_head(h).float() if self.dropout_head is not None else None
         return scale, logits
@@ -114,8 +120,18 @@ class TokenDecoder(nn.Module):
         self, z: torch.Tensor, covariates: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of the log library size, each ``(B, 1)``."""
+        return self._library_params(self.lib_out, self.library_hidden(z, covariates))
+
+    def library_hidden(
+        self, z: torch.Tensor, covariates: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Hidden layer of the library model, ``(B, library_hidden)``."""
         h = self.lib_fc(z.flatten(1))
         for emb, idx in zip(self.lib_embed, covariates or []):
             h = h + emb(idx.long().view(-1))
-        mu, log_sigma = self.lib_out(F.gelu(h)).float().chunk(2, dim=-1)
+        return F.gelu(h)
+
+    @staticmethod
+    def _library_params(out: nn.Linear, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, log_sigma = out(h).float().chunk(2, dim=-1)
         return mu, F.softplus(log_sigma) + 1e-3
