@@ -54,9 +54,9 @@ def _check_modalities(mdata, modalities: dict[str, str]) -> None:
     obs_names = pd.Index(mdata.obs_names)
     if not obs_names.is_unique:
         raise ValueError("mdata.obs_names has duplicates; call mdata.obs_names_make_unique().")
-    for role, name in modalities.items():
+    for name in modalities.values():
         mod = mdata.mod[name]
-        if mod.n_obs != len(obs_names) or not set(mod.obs_names) == set(obs_names):
+        if mod.n_obs != len(obs_names) or set(mod.obs_names) != set(obs_names):
             raise ModalityError(
                 f"Modality {name!r} has {mod.n_obs} cells but the MuData has {len(obs_names)}: "
                 "the modalities cover different cells. Pair them with "
