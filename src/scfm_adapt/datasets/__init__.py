@@ -12,7 +12,7 @@ Importing this module imports neither scanpy, anndata nor torch.
 """
 
 from ._cellbench import cellbench
-from ._citeseq import citeseq_pbmc
+from ._citeseq import citeseq_mudata, citeseq_pbmc
 from ._go import go_annotations, go_gene2go, go_gene_features, go_gene_ids, go_terms
 from ._kang import kang2018_ctrl, kang2018_ifnb
 from ._multiome import multiome
@@ -24,6 +24,7 @@ __all__ = [
     "ENV_VAR",
     "cache_dir",
     "cellbench",
+    "citeseq_mudata",
     "citeseq_pbmc",
     "data_dir",
     "go_annotations",

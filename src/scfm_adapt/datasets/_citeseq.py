@@ -67,3 +67,55 @@ def citeseq_pbmc(
         raise ValueError(f"{f}: obsm['protein_expression'] (ADT counts) is missing.")
     _check_counts(adata.obsm["protein_expression"], f"{f}: obsm['protein_expression']")
     return adata
+
+
+def citeseq_mudata(path: str | os.PathLike | None = None, download: bool = False):
+    """Both 10x PBMC CITE-seq sets as one MuData with modalities ``"rna"`` and ``"protein"``.
+
+    The two sets are batches with different antibody panels (14 and 29 proteins; the 14 are
+    among the 29). RNA keeps the genes both sets share; protein is the union panel, in the 5k
+    set's order, with the proteins a set did not measure left at 0 (scvi-tools and
+    :meth:`~scfm_adapt.model.SCFM.setup_mudata` find those per-batch gaps and leave them out
+    of the likelihood).
+
+    Parameters
+    ----------
+    path, download
+        As in :func:`citeseq_pbmc` (``path``: a folder holding both files).
+
+    Returns
+    -------
+    mudata.MuData
+        400 cells. ``mod["rna"]``: 15,792 genes (integer counts, CSR float32);
+        ``mod["protein"]``: 29 proteins (integer counts, dense float32). ``obs["batch"]``:
+        ``"pbmc10k"`` or ``"pbmc5k"``; cell names carry the batch as a suffix.
+    """
+    import anndata as ad
+    import mudata as md
+    import numpy as np
+    import pandas as pd
+
+    sets = {w: citeseq_pbmc(w, path, download) for w in ("10k", "5k")}
+    panel = list(
+        dict.fromkeys([*sets["5k"].uns["protein_names"], *sets["10k"].uns["protein_names"]])
+    )
+    genes = sets["10k"].var_names.intersection(sets["5k"].var_names, sort=False)
+    rnas, prots = [], []
+    for which, a in sets.items():
+        a = a[:, genes].copy()
+        a.obs_names = [f"{c}-pbmc{which}" for c in a.obs_names]
+        y = np.zeros((a.n_obs, len(panel)), dtype=np.float32)
+        cols = [panel.index(p) for p in a.uns["protein_names"]]
+        y[:, cols] = np.asarray(a.obsm["protein_expression"], dtype=np.float32)
+        prots.append(
+            ad.AnnData(y, obs=pd.DataFrame(index=a.obs_names), var=pd.DataFrame(index=panel))
+        )
+        a.obs["batch"] = f"pbmc{which}"
+        del a.obsm["protein_expression"]
+        a.uns = {}
+        rnas.append(a)
+    rna = ad.concat(rnas, merge="same")
+    protein = ad.concat(prots)
+    mdata = md.MuData({"rna": rna, "protein": protein})
+    mdata.obs["batch"] = pd.Categorical(rna.obs["batch"].to_numpy())
+    return mdata

@@ -1,4 +1,5 @@
-"""Metrics that compare generated cells with real ones (usable on any two AnnData objects).
+"""Metrics that compare generated cells with real ones (usable on any two AnnData objects),
+and embeddings of the same cells with each other.
 
 >>> import scfm_adapt as sfa
 >>> sfa.metrics.classifier_two_sample_test(real, generated)  # 0.5: indistinguishable
@@ -14,6 +15,7 @@ from ._generation import (
     lognormalize,
     mmd,
 )
+from ._neighbors import neighbor_agreement
 
 __all__ = [
     "classifier_two_sample_test",
@@ -23,4 +25,5 @@ __all__ = [
     "gene_statistics",
     "lognormalize",
     "mmd",
+    "neighbor_agreement",
 ]
