@@ -29,9 +29,15 @@ def normalize_expression(
     Returns
     -------
     ``None`` (or a copy), having written ``layers[key_added]`` (cells × genes, float32) and
-    ``uns[key_added]["params"]``.
+    ``uns[key_added]["params"]``. For a MuData and a model set up with ``setup_mudata``,
+    each modality's expression goes to ``mdata.mod[name].layers[key_added]`` (RNA and ATAC
+    at ``library_size``, protein in ADT counts, foreground only) and the parameters to
+    ``mdata.uns[key_added]``.
     """
     adata = adata.copy() if copy else adata
+    if getattr(model, "is_multimodal", False) and hasattr(adata, "mod"):
+        _normalize_modalities(adata, model, key_added, transform_batch, library_size, batch_size)
+        return adata if copy else None
     adata.layers[key_added] = model.get_normalized_expression(
         adata,
         transform_batch=transform_batch,
@@ -48,3 +54,24 @@ def normalize_expression(
     }
     logger.info("added layers[%r]", key_added)
     return adata if copy else None
+
+
+def _normalize_modalities(mdata, model, key_added, transform_batch, library_size, batch_size):
+    for role, name in model.modalities_.items():
+        mdata.mod[name].layers[key_added] = model.get_normalized_expression(
+            mdata,
+            modality=role,
+            transform_batch=transform_batch,
+            library_size=library_size,
+            return_numpy=True,
+            batch_size=batch_size,
+        ).astype("float32")
+        logger.info("added mod[%r].layers[%r]", name, key_added)
+    mdata.uns[key_added] = {
+        "params": {
+            "model": type(model).__name__,
+            "modalities": dict(model.modalities_),
+            "transform_batch": transform_batch,
+            "library_size": library_size,
+        }
+    }
