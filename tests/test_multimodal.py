@@ -82,9 +82,9 @@ def test_setup_mudata_errors():
         sfa.model.SCFM.setup_mudata(mdata, modalities={"protein": "prot"})
     with pytest.raises(ModalityError, match="Unknown modality roles \\['hic'\\]"):
         sfa.model.SCFM.setup_mudata(mdata, modalities={"rna": "rna", "hic": "atac"})
-    with pytest.raises(KeyError, match="'donor' is not a column of mdata.obs"):
+    with pytest.raises(KeyError, match=r"'donor' is not a column of mdata\.obs"):
         sfa.model.SCFM.setup_mudata(mdata, modalities=MODS, batch_key="donor")
-    with pytest.raises(TypeError, match="needs a mudata.MuData"):
+    with pytest.raises(TypeError, match=r"needs a mudata\.MuData"):
         sfa.model.SCFM.setup_mudata(mdata.mod["rna"], modalities=MODS)
 
 
@@ -105,7 +105,7 @@ def test_setup_mudata_mismatched_cells_and_pairing():
     full = make_mudata(40)
     # protein measured for 30 of the 40 cells only
     unpaired = md.MuData({"rna": full.mod["rna"], "prot": full.mod["prot"][:30].copy()})
-    with pytest.raises(ModalityError, match="cover different cells.*pair_modalities"):
+    with pytest.raises(ModalityError, match=r"cover different cells.*pair_modalities"):
         sfa.model.SCFM.setup_mudata(unpaired, modalities={"rna": "rna", "protein": "prot"})
     before = unpaired.mod["prot"].X.copy()
     paired = sfa.data.pair_modalities(unpaired)
@@ -159,7 +159,7 @@ def test_missing_modality_leaves_likelihood(trained):
 
 
 def test_modality_dropout_only_in_training(trained):
-    model, mdata = trained
+    model, _ = trained
     module = model.module
     present = {
         "rna": torch.ones(2000, dtype=torch.bool),
