@@ -347,7 +347,8 @@ class SCFM(
         frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
         self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
         # Start the library model at the data's log-normal fit (its output bias).
-        log_lib = np.log(np.maximum(np.asarray(x.sum(1)).ravel(), 1.0))
+        lib = np.asarray(x.sum(1)).ravel()
+        log_lib = np.log(np.maximum(lib[lib > 0], 1.0))  # cells lacking RNA (MuData) left out
         bias = self.module.decoder.lib_out.bias
         bias[0] = float(log_lib.mean())
         bias[1] = float(np.log(np.expm1(max(log_lib.std(), 1e-2))))
