@@ -2,7 +2,13 @@
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
 from ._mudata import pair_modalities
-from ._validation import check_counts, check_genes, check_layer_counts, get_matrix
+from ._validation import (
+    check_counts,
+    check_genes,
+    check_layer_counts,
+    check_obs_keys,
+    get_matrix,
+)
 
 __all__ = [
     "OBSERVED_KEY",
@@ -11,6 +17,7 @@ __all__ = [
     "check_counts",
     "check_genes",
     "check_layer_counts",
+    "check_obs_keys",
     "gene_overlap",
     "get_matrix",
     "pair_modalities",

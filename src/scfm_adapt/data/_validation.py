@@ -71,6 +71,16 @@ def check_counts(matrix, where: str = "adata.X") -> None:
             )
 
 
+def check_obs_keys(obs, keys, where: str = "adata.obs", hint: str = "") -> None:
+    """Raise :class:`KeyError` naming the first of ``keys`` (``None`` skipped) that is not
+    a column of ``obs``, with the columns there are and an optional ``hint``."""
+    for key in keys:
+        if key is not None and key not in obs:
+            raise KeyError(
+                f"{key!r} is not a column of {where} (columns: {list(obs.columns)}). {hint}".strip()
+            )
+
+
 def check_layer_counts(adata, layer: str | None) -> None:
     """:func:`check_counts` on ``adata.X`` or ``adata.layers[layer]``, naming the slot."""
     check_counts(get_matrix(adata, layer), f"adata.layers[{layer!r}]" if layer else "adata.X")

@@ -18,7 +18,7 @@ from scvi.data.fields import (
     MuDataProteinLayerField,
 )
 
-from ..data import check_counts, get_matrix
+from ..data import check_counts, check_obs_keys, get_matrix
 from ..errors import GeneMismatchError, ModalityError
 from ..module import MODULE_KEYS, MultimodalSCFMModule
 from ..module._multimodal import MODALITY_KEYS, MODALITY_LIKELIHOODS, MODALITY_TOKENS
@@ -132,18 +132,18 @@ class MultimodalMixin:
             )
         setup_method_args = cls._get_setup_method_args(**locals())
         _check_modalities(mdata, modalities)
-        for key in [
-            batch_key,
-            labels_key,
-            *(categorical_covariate_keys or []),
-            *(continuous_covariate_keys or []),
-        ]:
-            if key is not None and key not in mdata.obs:
-                raise KeyError(
-                    f"{key!r} is not a column of mdata.obs (columns: {list(mdata.obs.columns)}). "
-                    "Covariates of a MuData model are read from mdata.obs (modality columns "
-                    "appear there as 'mod:column')."
-                )
+        check_obs_keys(
+            mdata.obs,
+            [
+                batch_key,
+                labels_key,
+                *(categorical_covariate_keys or []),
+                *(continuous_covariate_keys or []),
+            ],
+            "mdata.obs",
+            "Covariates of a MuData model are read from mdata.obs (modality columns appear "
+            "there as 'mod:column').",
+        )
         layers = {"rna": rna_layer, "protein": protein_layer, "atac": atac_layer}
         for role, name in modalities.items():
             mod = mdata.mod[name]
@@ -273,14 +273,15 @@ class MultimodalMixin:
         for role, spec in getattr(module, "mod_specs", {}).items():
             mod = self.adata.mod[self.modalities_[role]]
             y = get_matrix(mod, self._layer_of(role))
-            y = np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float64)
             head = module.decoder.mod_heads[role].bias.view(spec["n_features"], -1)
-            if spec["likelihood"] == "poisson":
-                log_lib = np.log(np.maximum(y.sum(1), 1.0))[y.sum(1) > 0]
+            if spec["likelihood"] == "poisson":  # only the libraries: the matrix stays sparse
+                lib = np.asarray(y.sum(1), dtype=np.float64).ravel()
+                log_lib = np.log(lib[lib > 0])
                 bias = module.decoder.mod_lib_out[role].bias
                 bias[0] = float(log_lib.mean())
                 bias[1] = float(np.log(np.expm1(max(log_lib.std(), 1e-2))))
                 continue
+            y = np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float64)
             batches = self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY).ravel()
             measured = module.protein_mask[torch.as_tensor(batches).long()].numpy()
             present = y.sum(1) > 0
@@ -342,12 +343,9 @@ class MultimodalMixin:
             *(args.get("categorical_covariate_keys") or []),
             *(args.get("continuous_covariate_keys") or []),
         ]
+        check_obs_keys(adata.obs, keys, hint="The model was set up with it.")
         for key in keys:
             if key is not None:
-                if key not in adata.obs:
-                    raise KeyError(
-                        f"{key!r} is not a column of adata.obs; the model was set up with it."
-                    )
                 mdata.obs[key] = adata.obs[key].to_numpy()
         return mdata
 

@@ -14,7 +14,7 @@ from scipy import sparse
 
 from .. import __version__
 from ..benchmark._baselines import context_labels
-from ..data import check_genes, check_layer_counts
+from ..data import check_genes, check_layer_counts, check_obs_keys
 from ..errors import CheckpointError, SCFMInputError
 from ..module._perturbation import ResponseHead, mmd2
 from ._generation import _seeded
@@ -210,11 +210,7 @@ class PerturbationModel:
             The counts are not raw integer counts.
         """
         covariate_keys = list(covariate_keys or [])
-        for key in [perturbation_key, *covariate_keys, dose_key, batch_key]:
-            if key is not None and key not in adata.obs:
-                raise KeyError(
-                    f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
-                )
+        check_obs_keys(adata.obs, [perturbation_key, *covariate_keys, dose_key, batch_key])
         check_layer_counts(adata, layer)
         col = adata.obs[perturbation_key]
         if col.isna().any():

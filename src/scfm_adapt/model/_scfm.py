@@ -23,7 +23,7 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import __version__
-from ..data import check_genes, check_layer_counts
+from ..data import check_genes, check_layer_counts, check_obs_keys
 from ..errors import CheckpointError, UnknownCategoryError
 from ..module import MODULE_KEYS, SCFMModule
 from ..train import SCFMTrainingPlan
@@ -49,6 +49,25 @@ def _transfer_errors(fn, *args, **kwargs):
                 "onto the model (which extends the categories)."
             ) from e
         raise
+
+
+def _columns(names: np.ndarray, wanted: Sequence[str] | None, what: str) -> np.ndarray:
+    """Positions of ``wanted`` among ``names`` (all when ``None``); KeyError on unknowns."""
+    if wanted is None:
+        return np.arange(len(names))
+    known = set(names)
+    missing = [g for g in wanted if g not in known]
+    if missing:
+        raise KeyError(f"{what}: {missing[:5]} ...")
+    return pd.Index(names).get_indexer(list(wanted))
+
+
+def _expression_frame(values, adata, indices, columns, return_numpy: bool):
+    """``values`` as returned by ``get_normalized_expression``: array or cells × features."""
+    if return_numpy:
+        return values
+    obs = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+    return pd.DataFrame(values, index=obs, columns=columns)
 
 
 class SCFM(
@@ -184,16 +203,15 @@ class SCFM(
             When a named layer or ``obs`` column does not exist.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        for key in [
-            batch_key,
-            labels_key,
-            *(categorical_covariate_keys or []),
-            *(continuous_covariate_keys or []),
-        ]:
-            if key is not None and key not in adata.obs:
-                raise KeyError(
-                    f"{key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
-                )
+        check_obs_keys(
+            adata.obs,
+            [
+                batch_key,
+                labels_key,
+                *(categorical_covariate_keys or []),
+                *(continuous_covariate_keys or []),
+            ],
+        )
         check_layer_counts(adata, layer)
         if not adata.obs_names.is_unique:
             raise ValueError("adata.obs_names has duplicates; call adata.obs_names_make_unique().")
@@ -493,12 +511,7 @@ class SCFM(
             if transfer != "decoder":
                 raise ValueError("transfer='inversion' is for RNA without `given`.")
             names = np.asarray(self._feature_names(modality))
-            cols = np.arange(len(names))
-            if gene_list is not None:
-                missing = [g for g in gene_list if g not in set(names)]
-                if missing:
-                    raise KeyError(f"Features not in the model's {modality}: {missing[:5]} ...")
-                cols = pd.Index(names).get_indexer(list(gene_list))
+            cols = _columns(names, gene_list, f"Features not in the model's {modality}")
             values = self._modality_expression(
                 adata,
                 indices,
@@ -510,10 +523,7 @@ class SCFM(
                 batch_size,
                 protein_background,
             )[:, cols]
-            if return_numpy:
-                return values
-            obs = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
-            return pd.DataFrame(values, index=obs, columns=names[cols])
+            return _expression_frame(values, adata, indices, names[cols], return_numpy)
         code = self._batch_code(transform_batch)
         if transfer not in ("decoder", "inversion"):
             raise ValueError(f"transfer={transfer!r}; use 'decoder' or 'inversion'.")
@@ -528,12 +538,7 @@ class SCFM(
             if n_samples != 1:
                 raise ValueError("transfer='inversion' uses the posterior mean: n_samples=1.")
         genes = np.asarray(self.var_names_)
-        cols = np.arange(len(genes))
-        if gene_list is not None:
-            missing = [g for g in gene_list if g not in set(genes)]
-            if missing:
-                raise KeyError(f"Genes not in the model: {missing[:5]} ...")
-            cols = pd.Index(genes).get_indexer(list(gene_list))
+        cols = _columns(genes, gene_list, "Genes not in the model")
         self.module.eval()
         out = []
         for tensors in self._batches(adata, indices, batch_size):
@@ -560,11 +565,7 @@ class SCFM(
             px = self.module.decode(z, lib, self.module.conditions(tensors), transform_batch=tb)
             mean = px.mean if n_samples == 1 else px.mean.mean(0)
             out.append(mean[:, cols].float().cpu().numpy())
-        values = np.concatenate(out)
-        if return_numpy:
-            return values
-        obs = adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
-        return pd.DataFrame(values, index=obs, columns=genes[cols])
+        return _expression_frame(np.concatenate(out), adata, indices, genes[cols], return_numpy)
 
     @torch.inference_mode()
     def posterior_predictive_sample(

@@ -110,15 +110,15 @@ class MultimodalSCFMModule(SCFMModule):
         self.hparams_ = hparams
         self.mod_specs = specs
         self.p_modality_dropout = p_modality_dropout
-        h = self.hparams_
+        rna_encoder = self.encoder  # built from the same kwargs: reuse its sizes
         self.encoder = MultimodalTokenEncoder(
             {"rna": (n_input, n_rna)}
             | {m: (s["n_features"], s["n_tokens"]) for m, s in specs.items()},
             self.token_dim,
-            h.get("encoder_hidden", self.encoder.hidden),
-            h.get("encoder_depth", len(self.encoder.blocks)),
-            self.encoder.blocks[0].attn.n_heads,
-            self.encoder.drop.p,
+            rna_encoder.hidden,
+            len(rna_encoder.blocks),
+            rna_encoder.blocks[0].attn.n_heads,
+            rna_encoder.drop.p,
         )
         rna = self.decoder  # the parent's RNA decoder over all tokens: same shapes, plus heads
         self.decoder = MultimodalTokenDecoder(
@@ -248,12 +248,8 @@ class MultimodalSCFMModule(SCFMModule):
     ) -> dict[str, torch.distributions.Distribution]:
         """Count distributions of the extra modalities given tokens ``z`` (any leading
         sample dims) and, for Poisson modalities, their libraries ``(B, 1)``."""
-        batch = conditions["batch"] if transform_batch is None else transform_batch
-        covs = self._decoder_covariates({**conditions, "batch": batch})
-        lead = z.shape[:-2]
-        z2 = z.reshape(-1, *z.shape[-2:])
-        reps = z2.shape[0] // batch.shape[0]
-        outs = self.decoder.modality_outputs(z2, [c.repeat(reps) for c in covs])
+        z2, covs, lead, _ = self._decoder_inputs(z, conditions, transform_batch)
+        outs = self.decoder.modality_outputs(z2, covs)
         dists = {}
         for m, o in outs.items():
             o = o.view(*lead, *o.shape[1:])  # (..., B, F, width)

@@ -331,12 +331,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         transform_batch: torch.Tensor | None = None,
     ) -> torch.distributions.Distribution:
         """Count distribution of tokens ``z`` (any leading sample dims) at ``library``."""
-        batch = conditions["batch"] if transform_batch is None else transform_batch
-        covs = self._decoder_covariates({**conditions, "batch": batch})
-        lead = z.shape[:-2]
-        z2 = z.reshape(-1, *z.shape[-2:])
-        reps = z2.shape[0] // batch.shape[0]
-        covs = [c.repeat(reps) for c in covs]
+        z2, covs, lead, batch = self._decoder_inputs(z, conditions, transform_batch)
         scale, zi_logits = self.decoder(z2, covs)  # (S*B, G)
         scale = scale.view(*lead, -1)
         if self.masks_genes:  # observed counts cover only the observed genes
@@ -358,6 +353,20 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
                 mu=rate, theta=theta, zi_logits=zi_logits.view(*lead, -1), scale=scale
             )
         return NegativeBinomial(mu=rate, theta=theta, scale=scale)
+
+    def _decoder_inputs(
+        self,
+        z: torch.Tensor,
+        conditions: dict[str, torch.Tensor],
+        transform_batch: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Size, torch.Tensor]:
+        """Tokens with sample dims flattened ``(S*B, T, d)``, the decoder covariates
+        repeated to match, the leading dims and the (transformed) batch codes."""
+        batch = conditions["batch"] if transform_batch is None else transform_batch
+        covs = self._decoder_covariates({**conditions, "batch": batch})
+        z2 = z.reshape(-1, *z.shape[-2:])
+        reps = z2.shape[0] // batch.shape[0]
+        return z2, [c.repeat(reps) for c in covs], z.shape[:-2], batch
 
     def denoise(
         self,

@@ -41,7 +41,7 @@ class MultimodalTokenEncoder(nn.Module):
         var_eps: float = 1e-4,
     ):
         super().__init__()
-        if "rna" not in sizes or next(iter(sizes)) != "rna":
+        if next(iter(sizes), None) != "rna":
             raise ValueError("sizes must start with the 'rna' modality.")
         self.sizes = dict(sizes)
         self.hidden, self.var_eps = hidden, var_eps
