@@ -1,6 +1,7 @@
 """Input checks and gene alignment between AnnData objects and models."""
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
+from ._backed import is_backed, matrix_sums, read_backed, row_blocks
 from ._mudata import pair_modalities
 from ._validation import (
     check_counts,
@@ -20,5 +21,9 @@ __all__ = [
     "check_obs_keys",
     "gene_overlap",
     "get_matrix",
+    "is_backed",
+    "matrix_sums",
     "pair_modalities",
+    "read_backed",
+    "row_blocks",
 ]

@@ -25,14 +25,15 @@ def get_matrix(adata, layer: str | None):
 
 
 def _values(matrix, chunk: int = 4096):
-    """Yield the stored values of a dense, sparse or backed matrix, a block of rows at a time."""
+    """Yield the stored values of a dense, sparse or backed matrix, a block of rows at a time
+    (the non-zeros only of sparse blocks, so a backed sparse atlas is never densified)."""
     if sparse.issparse(matrix):
         yield np.asarray(matrix.data)
         return
     n = matrix.shape[0]
     for start in range(0, n, chunk):
         block = matrix[start : start + chunk]
-        yield np.asarray(block.toarray() if sparse.issparse(block) else block)
+        yield np.asarray(block.data if sparse.issparse(block) else block)
 
 
 def check_counts(matrix, where: str = "adata.X") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -23,11 +24,12 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import __version__
-from ..data import check_genes, check_layer_counts, check_obs_keys
+from ..data import check_genes, check_layer_counts, check_obs_keys, matrix_sums
 from ..errors import CheckpointError, UnknownCategoryError
 from ..module import MODULE_KEYS, SCFMModule
 from ..train import SCFMTrainingPlan
 from ._adaptation import AdaptationMixin
+from ._deploy import DeploymentMixin
 from ._generation import GenerationMixin
 from ._io import read_checkpoint, write_checkpoint
 from ._multimodal import MultimodalMixin, _is_mudata
@@ -51,6 +53,13 @@ def _transfer_errors(fn, *args, **kwargs):
         raise
 
 
+def _uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` argument means training on a CUDA device."""
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
 def _columns(names: np.ndarray, wanted: Sequence[str] | None, what: str) -> np.ndarray:
     """Positions of ``wanted`` among ``names`` (all when ``None``); KeyError on unknowns."""
     if wanted is None:
@@ -71,7 +80,12 @@ def _expression_frame(values, adata, indices, columns, return_numpy: bool):
 
 
 class SCFM(
-    MultimodalMixin, GenerationMixin, AdaptationMixin, UnsupervisedTrainingMixin, BaseModelClass
+    DeploymentMixin,
+    MultimodalMixin,
+    GenerationMixin,
+    AdaptationMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
 ):
     """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
 
@@ -233,7 +247,7 @@ class SCFM(
             adata = self._as_model_mudata(adata)
             if adata is not self.adata:
                 self._check_mudata_input(adata)
-        elif adata is not None and adata is not self.adata:
+        elif adata is not None and adata is not self.adata and not self._checked(adata):
             if _is_mudata(adata):
                 raise TypeError(
                     "This model was set up on an AnnData; pass an AnnData (e.g. "
@@ -241,7 +255,19 @@ class SCFM(
                 )
             check_genes(adata.var_names, self.var_names_)
             check_layer_counts(adata, self.registry_["setup_args"].get("layer"))
+            self._mark_checked(adata)
         return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
+
+    def _checked(self, adata) -> bool:
+        """Whether this very object passed the gene and count checks already (weak
+        references to the last few). Chunked inference calls the model once per chunk: this
+        saves a pass over a backed atlas's counts each time. Copies are checked anew."""
+        refs = [r for r in getattr(self, "_checked_refs", []) if r() is not None]
+        self._checked_refs = refs
+        return any(r() is adata for r in refs)
+
+    def _mark_checked(self, adata) -> None:
+        self._checked_refs = [*getattr(self, "_checked_refs", [])[-7:], weakref.ref(adata)]
 
     # ------------------------------------------------------------------ training
     def train(
@@ -260,6 +286,8 @@ class SCFM(
         lr: float = 1e-3,
         lr_prior: float = 5e-4,
         plan_kwargs: dict | None = None,
+        pin_memory: bool | None = None,
+        compile: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Train stage 1 (the token VAE), stage 2 (the DiT prior) or both, in that order.
@@ -280,9 +308,19 @@ class SCFM(
             Learning rates of the two stages.
         plan_kwargs
             Extra :class:`~scvi.train.TrainingPlan` arguments for both stages.
+        train_size, validation_size
+            Split of the cells (scvi-tools' ``DataSplitter``). ``train_size=1.0`` trains on
+            every cell, without validation or early stopping.
+        pin_memory
+            Page-locked host batches for faster copies to a GPU; ``None`` turns it on when
+            training on CUDA.
+        compile
+            Compile the encoder, decoder and DiT with :func:`torch.compile` for this call
+            (worth it for long runs on a GPU; the first steps pay the compilation).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``), e.g.
-            ``precision="bf16-mixed"`` or ``enable_progress_bar=False``.
+            ``precision="bf16-mixed"``, ``strategy="ddp"``, ``enable_progress_bar=False``
+            or ``datasplitter_kwargs`` / ``load_sparse_tensor`` for the loaders.
         """
         from scvi.model._utils import get_max_epochs_heuristic
 
@@ -290,8 +328,22 @@ class SCFM(
         if stages == ["prior"] and "vae" not in self.trained_stages_:
             raise RuntimeError("Train the VAE first: model.train(stage='vae') or stage='both'.")
         max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        held_out = validation_size if validation_size is not None else 1.0 - train_size
+        if held_out * self.adata.n_obs >= 1:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        elif early_stopping:
+            logger.info("No validation cells (train_size=1.0): early stopping is off.")
+            early_stopping = False
+        if pin_memory is None:
+            pin_memory = _uses_cuda(accelerator)
+        if pin_memory:
+            ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+            trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
         callbacks = trainer_kwargs.pop("callbacks", None) or []
+        if compile:
+            # In place (nn.Module.compile): parameter names, and so checkpoints, are unchanged.
+            for part in self.module.compile_targets():
+                part.compile()
         for st in stages:
             epochs = max_epochs if st == "vae" else (max_epochs_prior or max_epochs)
             kwargs = {"lr": lr if st == "vae" else lr_prior, **(plan_kwargs or {})}
@@ -360,12 +412,10 @@ class SCFM(
     @torch.no_grad()
     def _fit_gene_frac(self) -> None:
         """Record each gene's share of all counts (used to rescale cells missing genes)."""
-        x = self._rna_matrix(self.adata)
-        col = np.asarray(x.sum(0)).ravel().astype(np.float64)
+        lib, col = matrix_sums(self._rna_matrix(self.adata))  # a block at a time when backed
         frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
         self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
         # Start the library model at the data's log-normal fit (its output bias).
-        lib = np.asarray(x.sum(1)).ravel()
         log_lib = np.log(np.maximum(lib[lib > 0], 1.0))  # cells lacking RNA (MuData) left out
         bias = self.module.decoder.lib_out.bias
         bias[0] = float(log_lib.mean())

@@ -177,6 +177,10 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         module.build_adapters(config.get("adaptation", {}))
         return module
 
+    def compile_targets(self) -> list[nn.Module]:
+        """The networks ``SCFM.train(compile=True)`` compiles: encoder, decoder, DiT."""
+        return [self.encoder, self.decoder, self.dit]
+
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: Stage) -> None:
         """Select what ``loss`` trains and freeze everything else."""
@@ -266,9 +270,15 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         """One EMA step of the DiT weights (warm-up: short runs still track the weights)."""
         self.ema_steps += 1
         decay = min(self.ema_decay, (1 + self.ema_steps.item()) / (10 + self.ema_steps.item()))
-        for p_ema, p in zip(self.dit_ema.parameters(), self.dit.parameters()):
-            if p.requires_grad:  # frozen (pretrained) weights keep their own EMA values
-                p_ema.lerp_(p.detach(), 1 - decay)
+        # Frozen (pretrained) weights keep their own EMA values; one multi-tensor lerp.
+        pairs = [
+            (e, p.detach())
+            for e, p in zip(self.dit_ema.parameters(), self.dit.parameters())
+            if p.requires_grad
+        ]
+        if pairs:
+            ema, live = zip(*pairs)
+            torch._foreach_lerp_(list(ema), list(live), 1 - decay)
 
     # ------------------------------------------------------------------ protocol
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:

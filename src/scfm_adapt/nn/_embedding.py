@@ -11,6 +11,13 @@ from torch import nn
 from ._adapters import ExtendableEmbedding
 
 
+def input_dtype(layer: nn.Module) -> torch.dtype:
+    """Floating dtype a linear ``layer`` takes: its weight's, or float32 for a dynamically
+    quantized one (whose ``weight`` is a method returning int8; see ``SCFM.quantize``)."""
+    w = layer.weight
+    return w.dtype if isinstance(w, torch.Tensor) else torch.float32
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of a (possibly fractional) time step, then an MLP."""
 
@@ -25,7 +32,7 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, n_freq)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(input_dtype(self.mlp[0])))
 
 
 class CategoricalEmbedder(nn.Module):
@@ -72,7 +79,7 @@ class ContinuousEmbedder(nn.Module):
         self.null = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.proj(x.to(self.proj.weight.dtype))  # (B, dim)
+        emb = self.proj(x.to(input_dtype(self.proj)))  # (B, dim)
         if drop is not None:
             emb = torch.where(drop[:, None], self.null.expand_as(emb), emb)
         return emb
