@@ -207,12 +207,19 @@ def _rss_scale_to_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (``ru_maxrss``).
+    """Peak resident set size of this process so far, in MiB.
 
-    The value only grows over a process's life, so a model's peak is only meaningful in a
-    process that did nothing heavier before: run each model in a fresh subprocess
-    (:func:`run_isolated`).
+    ``VmHWM`` on Linux, else ``ru_maxrss``. Linux carries ``ru_maxrss`` across ``exec``, so
+    a worker started by a parent that had used more memory would report the parent's peak;
+    ``VmHWM`` starts afresh with the new program. The value only grows over a process's
+    life: run each model in a fresh subprocess (:func:`run_isolated`).
     """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _rss_scale_to_mib()
 
 

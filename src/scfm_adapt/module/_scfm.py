@@ -270,15 +270,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         """One EMA step of the DiT weights (warm-up: short runs still track the weights)."""
         self.ema_steps += 1
         decay = min(self.ema_decay, (1 + self.ema_steps.item()) / (10 + self.ema_steps.item()))
-        # Frozen (pretrained) weights keep their own EMA values; one multi-tensor lerp.
-        pairs = [
-            (e, p.detach())
-            for e, p in zip(self.dit_ema.parameters(), self.dit.parameters())
-            if p.requires_grad
-        ]
-        if pairs:
-            ema, live = zip(*pairs)
-            torch._foreach_lerp_(list(ema), list(live), 1 - decay)
+        for p_ema, p in zip(self.dit_ema.parameters(), self.dit.parameters()):
+            if p.requires_grad:  # frozen (pretrained) weights keep their own EMA values
+                p_ema.lerp_(p.detach(), 1 - decay)
 
     # ------------------------------------------------------------------ protocol
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:

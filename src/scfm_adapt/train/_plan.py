@@ -10,16 +10,8 @@ class SCFMTrainingPlan(TrainingPlan):
     """:class:`scvi.train.TrainingPlan` that updates the DiT's EMA after each prior step.
 
     The optimizer already skips parameters that do not require grad, so the frozen VAE
-    (stage 2) or frozen DiT (stage 1) needs nothing special here. Adam and AdamW run their
-    multi-tensor (``foreach``) kernels on every device: PyTorch's default on a CPU is one
-    loop per parameter, which cost about 12% of a default VAE step (53 vs 60 ms per batch of
-    128 on 2 CPU cores; ``benchmarks/throughput.py`` has the figures).
+    (stage 2) or frozen DiT (stage 1) needs nothing special here.
     """
-
-    def _optimizer_creator_fn(self, optimizer_cls: type[torch.optim.Optimizer]):
-        return lambda params: optimizer_cls(
-            params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, foreach=True
-        )
 
     @torch.no_grad()
     def compute_and_log_metrics(self, loss_output, metrics, mode):
