@@ -156,7 +156,8 @@ def worker_real(name: str, args) -> dict:
     }
     large = name == "scfm_large"
     epochs = args.epochs_large if large else args.epochs
-    precision = "bf16-mixed" if (args.device == "cuda" and large) or args.bf16 else None
+    bf16 = (args.bf16 and name != "scvi") or (args.device == "cuda" and large)
+    precision = "bf16-mixed" if bf16 else None
     if precision:
         common["precision"] = precision
     rec: dict = {"model": name, "n_cells": n, "n_genes": adata.n_vars, "epochs": epochs}
@@ -447,7 +448,10 @@ def main() -> None:
             rec = worker_real(what, args)
         else:
             rec = worker_scale(what, args)
-        rec["precision_bf16"] = bool(args.bf16 or (args.device == "cuda" and what == "scfm_large"))
+        if kind == "real":
+            rec["precision_bf16"] = bool(
+                (args.bf16 and what != "scvi") or (args.device == "cuda" and what == "scfm_large")
+            )
         write_json(args.worker_out, rec)
         return
 

@@ -72,11 +72,11 @@ def test_backed_and_in_memory_training_see_the_same_first_batch_and_loss(adata, 
     assert np.isfinite(losses[0]) and losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
-def test_backed_training_embeds_and_never_loads_the_matrix(backed):
+def test_backed_training_trains_and_embeds(backed):
     _setup(backed)
     model = sfa.model.SCFM(backed, **TINY)
     model.train(max_epochs=2, batch_size=32, enable_progress_bar=False)
-    assert sfa.data.is_backed(backed.X)  # still on disk after training
+    assert backed.isbacked and sfa.data.is_backed(backed.X)  # X was not swapped for memory
     hist = model.history["vae"]["elbo_train"].to_numpy(dtype=float).ravel()
     assert len(hist) == 2 and np.isfinite(hist).all()
     z = model.get_latent_representation()
@@ -234,3 +234,25 @@ def test_public_methods_on_gpu_with_bf16_and_pinned_memory(adata, tmp_path):
     assert gen.n_obs == 16
     sfa.tl.infer_to_disk(adata, model, tmp_path / "gpu.h5ad", progress=False)
     model.save(tmp_path / "m")
+
+
+def test_interrupted_infer_to_disk_leaves_no_file_and_no_trust(
+    trained, adata, tmp_path, monkeypatch
+):
+    calls = []
+    real = trained.get_latent_representation
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trained, "get_latent_representation", flaky)
+    path = tmp_path / "out.h5ad"
+    with pytest.raises(KeyboardInterrupt):
+        sfa.tl.infer_to_disk(adata, trained, path, chunk_size=40, progress=False)
+    assert not list(tmp_path.iterdir())  # neither the file nor its temporary
+    other = adata.copy()
+    sfa.tl.infer_to_disk(other, trained, path, chunk_size=40, progress=False)
+    assert not trained._checked(other)  # the skip of the checks ended with the call

@@ -2,8 +2,8 @@
 
 Training and inference read a backed AnnData through scvi-tools' loaders, one minibatch of
 rows at a time, so memory is bounded by the batch and the model rather than by the data.
-What else must see every cell (count checks, library and gene totals) goes through
-:func:`row_blocks`.
+What else must see every cell (library and gene totals) goes through :func:`row_blocks`;
+the count checks read backed matrices a block of rows at a time too.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def read_backed(
         An ``.h5ad`` file, or several with the same genes in the same order.
     out
         For several files: where :func:`anndata.experimental.concat_on_disk` writes their
-        concatenation (streamed, never fully in memory; ``obs`` columns are joined and
-        ``obs["dataset"]`` names each cell's file).
+        concatenation (streamed, never fully in memory; ``obs`` keeps the columns that
+        every file has, and ``obs["dataset"]`` names each cell's file). Not used for one file.
     overwrite
         Replace an existing ``out``.
 

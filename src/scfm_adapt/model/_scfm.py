@@ -6,6 +6,7 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -255,19 +256,24 @@ class SCFM(
                 )
             check_genes(adata.var_names, self.var_names_)
             check_layer_counts(adata, self.registry_["setup_args"].get("layer"))
-            self._mark_checked(adata)
         return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
 
     def _checked(self, adata) -> bool:
-        """Whether this very object passed the gene and count checks already (weak
-        references to the last few). Chunked inference calls the model once per chunk: this
-        saves a pass over a backed atlas's counts each time. Copies are checked anew."""
-        refs = [r for r in getattr(self, "_checked_refs", []) if r() is not None]
-        self._checked_refs = refs
-        return any(r() is adata for r in refs)
+        """Whether ``adata`` is the object :meth:`_trusting` vouches for right now."""
+        ref = getattr(self, "_trusted_ref", None)
+        return ref is not None and ref() is adata
 
-    def _mark_checked(self, adata) -> None:
-        self._checked_refs = [*getattr(self, "_checked_refs", [])[-7:], weakref.ref(adata)]
+    @contextmanager
+    def _trusting(self, adata):
+        """Check ``adata`` once, then skip the gene and count checks for this very object
+        until the block ends: chunked inference calls the model once per chunk, and each
+        check is a pass over a backed atlas's counts."""
+        self._validate_anndata(adata)
+        self._trusted_ref = weakref.ref(adata)
+        try:
+            yield
+        finally:
+            self._trusted_ref = None
 
     # ------------------------------------------------------------------ training
     def train(
@@ -315,7 +321,8 @@ class SCFM(
             Page-locked host batches for faster copies to a GPU; ``None`` turns it on when
             training on CUDA.
         compile
-            Compile the encoder, decoder and DiT with :func:`torch.compile` for this call
+            Compile the encoder, decoder and DiT in place with :func:`torch.compile`; they
+            stay compiled for later training and inference, and checkpoints are unchanged
             (worth it for long runs on a GPU; the first steps pay the compilation).
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``), e.g.
@@ -328,11 +335,13 @@ class SCFM(
         if stages == ["prior"] and "vae" not in self.trained_stages_:
             raise RuntimeError("Train the VAE first: model.train(stage='vae') or stage='both'.")
         max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
-        held_out = validation_size if validation_size is not None else 1.0 - train_size
-        if held_out * self.adata.n_obs >= 1:
+        from scvi.dataloaders._data_splitting import validate_data_split
+
+        _, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        if n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         elif early_stopping:
-            logger.info("No validation cells (train_size=1.0): early stopping is off.")
+            logger.info("No validation cells in this split: early stopping is off.")
             early_stopping = False
         if pin_memory is None:
             pin_memory = _uses_cuda(accelerator)

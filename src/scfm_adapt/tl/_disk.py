@@ -65,10 +65,7 @@ def infer_to_disk(
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True or another path.")
-    model._validate_anndata(adata)  # once: genes and counts, before any file is written
     n, genes = adata.n_obs, list(model.var_names_)
-    if n == 0:
-        raise ValueError("adata has no cells; select at least one cell.")
     tmp = path.with_name(path.name + ".tmp")
     params = {
         "model": type(model).__name__,
@@ -76,46 +73,53 @@ def infer_to_disk(
         "normalized_library_size": float(library_size) if normalized else None,
         "chunk_size": int(chunk_size),
     }
-    obs = adata.obs.loc[:, [c for c in adata.obs.columns if not c.startswith("_scvi")]]
-    skeleton = AnnData(obs=pd.DataFrame(obs), var=pd.DataFrame(index=genes))
-    skeleton.uns["scfm_inference"] = {"params": {k: v for k, v in params.items() if v}}
-    skeleton.write_h5ad(tmp)
     starts = range(0, n, chunk_size)
+    bar = None
     try:
-        with h5py.File(tmp, "r+") as f:
-            emb = x = None
-            if embedding:
-                d = model.module.token_dim
-                emb = f["obsm"].create_dataset(
-                    key_added, (n, d), dtype="f4", chunks=(min(n, chunk_size), d)
-                )
-                emb.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            if normalized:
-                x = f.create_dataset(
-                    "X", (n, len(genes)), dtype="f4", chunks=(min(n, 1024), len(genes))
-                )
-                x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            bar = starts
-            if progress:
-                from tqdm.auto import tqdm
+        # Genes and counts are checked once, before any file is written; the chunks skip it.
+        with model._trusting(adata):
+            obs = adata.obs.loc[:, [c for c in adata.obs.columns if not c.startswith("_scvi")]]
+            skeleton = AnnData(obs=pd.DataFrame(obs), var=pd.DataFrame(index=genes))
+            skeleton.uns["scfm_inference"] = {"params": {k: v for k, v in params.items() if v}}
+            skeleton.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as f:
+                emb = x = None
+                if embedding:
+                    d = model.module.token_dim
+                    emb = f["obsm"].create_dataset(
+                        key_added, (n, d), dtype="f4", chunks=(min(n, chunk_size), d)
+                    )
+                    emb.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+                if normalized:
+                    x = f.create_dataset(
+                        "X", (n, len(genes)), dtype="f4", chunks=(min(n, 1024), len(genes))
+                    )
+                    x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+                if progress:
+                    from tqdm.auto import tqdm
 
-                bar = tqdm(starts, desc="inference to disk", unit="chunk")
-            for start in bar:
-                idx = np.arange(start, min(n, start + chunk_size))
-                if emb is not None:
-                    emb[idx[0] : idx[-1] + 1] = model.get_latent_representation(
-                        adata, indices=idx, batch_size=batch_size
-                    )
-                if x is not None:
-                    x[idx[0] : idx[-1] + 1] = model.get_normalized_expression(
-                        adata,
-                        indices=idx,
-                        library_size=library_size,
-                        batch_size=batch_size,
-                        return_numpy=True,
-                    )
+                    bar = tqdm(total=n, desc="inference to disk", unit="cell")
+                for start in starts:
+                    idx = np.arange(start, min(n, start + chunk_size))
+                    rows = slice(idx[0], idx[-1] + 1)
+                    if emb is not None:
+                        emb[rows] = model.get_latent_representation(
+                            adata, indices=idx, batch_size=batch_size
+                        )
+                    if x is not None:
+                        x[rows] = model.get_normalized_expression(
+                            adata,
+                            indices=idx,
+                            library_size=library_size,
+                            batch_size=batch_size,
+                            return_numpy=True,
+                        )
+                    if bar is not None:
+                        bar.update(len(idx))
         tmp.replace(path)
     finally:
+        if bar is not None:
+            bar.close()
         tmp.unlink(missing_ok=True)
     logger.info("wrote %d cells to %s", n, path)
     return path

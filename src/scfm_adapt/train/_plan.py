@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from scvi.train import TrainingPlan
 
@@ -18,7 +20,8 @@ class SCFMTrainingPlan(TrainingPlan):
         # scvi-tools runs this under torch.inference_mode, which makes Lightning's epoch
         # metric states inference tensors; syncing them across DDP processes on gloo then
         # fails ("Inplace update to inference tensor"). no_grad logs the same values.
-        return TrainingPlan.compute_and_log_metrics.__wrapped__(self, loss_output, metrics, mode)
+        log = inspect.unwrap(TrainingPlan.compute_and_log_metrics)
+        return log(self, loss_output, metrics, mode)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if getattr(self.module, "stage", None) == "prior":
