@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "model",
     "tl",
+    "pl",
     "metrics",
     "benchmark",
     "datasets",
@@ -26,7 +27,7 @@ _SUBMODULES = (
 __all__ = [*_SUBMODULES, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import benchmark, data, datasets, diffusion, metrics, model, module, nn, tl, train  # noqa: F401
+    from . import benchmark, data, datasets, diffusion, metrics, model, module, nn, pl, tl, train  # noqa: F401
 
 
 def __getattr__(name: str):

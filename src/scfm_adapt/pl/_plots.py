@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _finish(fig, save: str | Path | None, show: bool | None):
+    """Write ``fig`` to ``save`` (any matplotlib format, by suffix) and show it on request."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    if save is not None:
+        save = Path(save)
+        save.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, bbox_inches="tight", dpi=150)
+    if show is None:
+        show = matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo")
+    if show:
+        plt.show()
+    return fig
+
+
+def history(
+    model,
+    *,
+    metric: str = "elbo",
+    stages: Sequence[str] | None = None,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Training curves of each stage: ``{metric}_train`` and, when recorded,
+    ``{metric}_validation`` per epoch, one panel per stage (the prior's ELBO slot holds its
+    denoising error).
+
+    Raises
+    ------
+    ValueError
+        The model has not been trained, or a stage or metric was not recorded.
+    """
+    import matplotlib.pyplot as plt
+
+    hist = getattr(model, "history", None) or {}
+    if not hist:
+        raise ValueError("The model has no training history: train it first (model.train()).")
+    stages = list(stages or hist)
+    unknown = [s for s in stages if s not in hist]
+    if unknown:
+        raise ValueError(f"Stages {unknown} were not trained; recorded: {list(hist)}.")
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        curves = {k: v for k, v in hist[stage].items() if k.startswith(f"{metric}_")}
+        if f"{metric}_train" not in curves:
+            known = sorted({k.rsplit("_", 1)[0] for k in hist[stage]})
+            raise ValueError(f"No {metric!r} in the {stage!r} history; metrics: {known}.")
+        for key in (f"{metric}_train", f"{metric}_validation"):
+            if key in curves:
+                y = curves[key].to_numpy(dtype=float).ravel()
+                ax.plot(np.arange(1, len(y) + 1), y, label=key.rsplit("_", 1)[1])
+        ax.set(title=f"{stage} stage", xlabel="epoch", ylabel=metric)
+        ax.legend(frameon=False)
+    fig.tight_layout()
+    return _finish(fig, save, show)
+
+
+def embedding(
+    adata,
+    color: str | Sequence[str],
+    *,
+    basis: str = "X_scfm",
+    n_neighbors: int = 15,
+    save: str | Path | None = None,
+    show: bool | None = None,
+    **kwargs,
+):
+    """UMAP of ``adata.obsm[basis]`` coloured by ``obs`` keys, through scanpy.
+
+    The neighbour graph and UMAP are computed on a throw-away AnnData holding only the
+    embedding and the colour columns: ``adata`` is not changed. Extra keyword arguments go
+    to :func:`scanpy.pl.umap`.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    colors = [color] if isinstance(color, str) else list(color)
+    if basis not in adata.obsm:
+        raise KeyError(
+            f"adata.obsm has no {basis!r} (has {list(adata.obsm)}); run "
+            "sfa.tl.embed(adata, model) first or pass basis=."
+        )
+    missing = [c for c in colors if c not in adata.obs and c not in adata.var_names]
+    if missing:
+        raise KeyError(f"{missing} are neither obs columns nor genes of adata.")
+    obs = pd.DataFrame({c: adata.obs[c] for c in colors if c in adata.obs}, index=adata.obs_names)
+    tmp = ad.AnnData(obs=obs, obsm={basis: np.asarray(adata.obsm[basis])})
+    genes = [c for c in colors if c not in adata.obs]
+    if genes:  # gene colours: only those columns of X come along
+        x = adata[:, genes].X
+        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        tmp = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes), obsm=dict(tmp.obsm))
+    sc.pp.neighbors(tmp, use_rep=basis, n_neighbors=n_neighbors)
+    sc.tl.umap(tmp)
+    fig = sc.pl.umap(tmp, color=colors, show=False, return_fig=True, **kwargs)
+    return _finish(fig, save, show)
+
+
+def calibration(
+    adata,
+    labels_key: str,
+    *,
+    pred_key: str = "scfm_label",
+    confidence_key: str = "scfm_label_confidence",
+    n_bins: int = 10,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Reliability diagram of an annotation: accuracy against confidence in ``n_bins`` equal
+    bins, the cell counts per bin, and the expected calibration error (ECE) in the title.
+
+    ``adata.obs`` needs the true labels (``labels_key``) and what
+    :func:`scfm_adapt.tl.annotate` wrote (``pred_key``, ``confidence_key``).
+    """
+    import matplotlib.pyplot as plt
+
+    for key in (labels_key, pred_key, confidence_key):
+        if key not in adata.obs:
+            raise KeyError(
+                f"{key!r} is not a column of adata.obs; run sfa.tl.annotate first and pass "
+                "the column of true labels as labels_key."
+            )
+    conf = adata.obs[confidence_key].to_numpy(dtype=float)
+    correct = (
+        adata.obs[pred_key].astype(str).to_numpy() == adata.obs[labels_key].astype(str).to_numpy()
+    )
+    if len(conf) == 0:
+        raise ValueError("adata has no cells.")
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    acc = np.bincount(idx, weights=correct, minlength=n_bins) / np.maximum(count, 1)
+    mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / np.maximum(count, 1)
+    ece = float(np.sum(count / count.sum() * np.abs(acc - mean_conf)))
+    fig, (ax, axc) = plt.subplots(
+        2, 1, figsize=(4, 4.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    centers = (edges[:-1] + edges[1:]) / 2
+    used = count > 0
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect")
+    ax.bar(centers[used], acc[used], width=1 / n_bins, alpha=0.7, edgecolor="k", label="accuracy")
+    ax.set(ylabel="accuracy", title=f"ECE {ece:.3f} (n={len(conf):,})", ylim=(0, 1))
+    ax.legend(frameon=False, loc="upper left")
+    axc.bar(centers, count, width=1 / n_bins, color="grey", edgecolor="k")
+    axc.set(xlabel="confidence", ylabel="cells", xlim=(0, 1))
+    fig.tight_layout()
+    fig.ece_ = ece
+    return _finish(fig, save, show)
+
+
+def perturbation_delta(
+    pred,
+    true: pd.Series | np.ndarray,
+    *,
+    label: str | None = None,
+    genes: Sequence[str] | None = None,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Predicted against observed mean change per gene, with the prediction's intervals.
+
+    Parameters
+    ----------
+    pred
+        The AnnData from ``PerturbationModel.predict_perturbation``: ``varm["scfm_delta"]``
+        and, when present, ``varm["scfm_delta_lower"]`` / ``["scfm_delta_upper"]``.
+    true
+        Observed mean change per gene, on the same scale (a Series indexed by gene, or an
+        array in ``pred.var_names`` order).
+    label
+        Column of ``varm["scfm_delta"]`` (a request); the first when ``None``.
+    genes
+        Plot only these genes (e.g. the top responders).
+    """
+    import matplotlib.pyplot as plt
+
+    if "scfm_delta" not in pred.varm:
+        raise KeyError("pred.varm has no 'scfm_delta': pass the output of predict_perturbation.")
+    delta = pd.DataFrame(pred.varm["scfm_delta"], index=pred.var_names)
+    label = delta.columns[0] if label is None else label
+    if label not in delta.columns:
+        raise KeyError(f"{label!r} is not a predicted request; choose from {list(delta.columns)}.")
+    true = true if isinstance(true, pd.Series) else pd.Series(np.asarray(true), index=delta.index)
+    genes = list(delta.index) if genes is None else list(genes)
+    missing = [g for g in genes if g not in delta.index or g not in true.index]
+    if missing:
+        raise KeyError(f"Genes missing from the prediction or the observed deltas: {missing[:5]}")
+    x = true.loc[genes].to_numpy(dtype=float)
+    y = delta.loc[genes, label].to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    if "scfm_delta_lower" in pred.varm and "scfm_delta_upper" in pred.varm:
+        lo = pd.DataFrame(pred.varm["scfm_delta_lower"], index=pred.var_names).loc[genes, label]
+        hi = pd.DataFrame(pred.varm["scfm_delta_upper"], index=pred.var_names).loc[genes, label]
+        err = np.vstack([y - lo.to_numpy(float), hi.to_numpy(float) - y]).clip(min=0)
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor="grey", alpha=0.4, lw=0.8)
+    ax.scatter(x, y, s=8, zorder=3)
+    lim = [min(x.min(), y.min()), max(x.max(), y.max())]
+    ax.plot(lim, lim, ls="--", c="grey", lw=1)
+    r = float(np.corrcoef(x, y)[0, 1]) if len(x) > 1 else float("nan")
+    ax.set(
+        xlabel="observed mean change", ylabel="predicted mean change", title=f"{label}: r={r:.3f}"
+    )
+    fig.tight_layout()
+    fig.pearson_r_ = r
+    return _finish(fig, save, show)
