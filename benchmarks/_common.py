@@ -206,6 +206,17 @@ def _rss_scale_to_mib() -> float:
     return 1 / 1024**2 if sys.platform == "darwin" else 1 / 1024
 
 
+def _proc_status_mib(key: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmRSS``) in MiB; ``None`` off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB.
 
@@ -214,24 +225,16 @@ def peak_rss_mib() -> float:
     ``VmHWM`` starts afresh with the new program. The value only grows over a process's
     life: run each model in a fresh subprocess (:func:`run_isolated`).
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * _rss_scale_to_mib()
 
 
 def current_rss_mib() -> float:
     """Current resident set size of this process in MiB (``VmRSS``; NaN off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = _proc_status_mib("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 @contextmanager

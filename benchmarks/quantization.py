@@ -137,11 +137,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.log(a.astype(np.float64)).ravel(), np.log(b.astype(np.float64)).ravel()
-    a -= a.mean()
-    b -= b.mean()
-    return float((a @ b) / np.sqrt((a @ a) * (b @ b)))
+def _log_pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of the logs (``scfm_adapt.benchmark``'s Pearson on log values)."""
+    from scfm_adapt.benchmark._metrics import _pearson
+
+    return _pearson(np.log(a.astype(np.float64)).ravel(), np.log(b.astype(np.float64)).ravel())
 
 
 def _with_batch(adata: Any, values: Any, donors: list[str]) -> Any:
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cosine_min": float(cos.min()),
         "cosine_p01": float(np.quantile(cos, 0.01)),
         "relative_frobenius_error": float(np.linalg.norm(zq - zf) / np.linalg.norm(zf)),
-        "expression_pearson_r_log": _pearson(out["int8"]["expr"], out["float32"]["expr"]),
+        "expression_pearson_r_log": _log_pearson(out["int8"]["expr"], out["float32"]["expr"]),
         "knn_float_ref_int8_query": mixed,
     }
     results = {

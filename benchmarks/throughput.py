@@ -36,10 +36,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
     environment_info,
+    fmt,
     markdown_table,
     peak_rss_mib,
     quiet,
     run_isolated,
+    throughput,
     write_json,
 )
 
@@ -170,7 +172,7 @@ def worker_real(name: str, args) -> dict:
         model.train(max_epochs=epochs, **common)
         sync()
         rec["train_s"] = time.perf_counter() - t
-        rec["train_cells_per_s"] = epochs * n / rec["train_s"]
+        rec["train_cells_per_s"] = throughput(epochs, n, rec["train_s"])
         rec["flops_train_cell"] = _train_step_flops(model, adata, args.batch_size, None)
     else:
         sfa.model.SCFM.setup_anndata(adata)
@@ -184,18 +186,18 @@ def worker_real(name: str, args) -> dict:
             s = time.perf_counter() - t
             total += s
             rec[f"{stage}_s"] = s
-            rec[f"{stage}_cells_per_s"] = epochs * n / s
+            rec[f"{stage}_cells_per_s"] = throughput(epochs, n, s)
             rec[f"flops_{stage}_cell"] = _train_step_flops(
                 model, adata, common["batch_size"], stage
             )
         model.module.set_stage("vae")
         rec["train_s"] = total
         # A "training epoch" of SCFM is one epoch of each stage: every cell passes twice.
-        rec["train_cells_per_s"] = epochs * n / total
+        rec["train_cells_per_s"] = throughput(epochs, n, total)
     rec["flops_embed_cell"] = _embed_flops(model, adata, args.infer_batch_size)
     embed = lambda: model.get_latent_representation(batch_size=args.infer_batch_size)
     rec["embed_s"] = _median_seconds(embed, 3, sync)
-    rec["embed_cells_per_s"] = n / rec["embed_s"]
+    rec["embed_cells_per_s"] = throughput(1, n, rec["embed_s"])
     rec["peak_rss_mib"] = peak_rss_mib()
     if args.device == "cuda":
         rec["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -278,7 +280,7 @@ def worker_scale(path: str, args) -> dict:
         devices=1,
     )
     rec["epoch_s"] = time.perf_counter() - t
-    rec["train_cells_per_s"] = adata.n_obs / rec["epoch_s"]
+    rec["train_cells_per_s"] = throughput(1, adata.n_obs, rec["epoch_s"])
     rec["peak_rss_train_mib"] = peak_rss_mib()
     out = Path(path).with_name(Path(path).stem + "_scfm.h5ad")
     t = time.perf_counter()
@@ -292,7 +294,7 @@ def worker_scale(path: str, args) -> dict:
         progress=False,
     )
     rec["embed_s"] = time.perf_counter() - t
-    rec["embed_cells_per_s"] = adata.n_obs / rec["embed_s"]
+    rec["embed_cells_per_s"] = throughput(1, adata.n_obs, rec["embed_s"])
     out.unlink()
     rec["peak_rss_mib"] = peak_rss_mib()
     return rec
@@ -339,11 +341,7 @@ def worker_steps(args) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-def _g(x, spec=",.0f"):
-    return "n/a" if x is None else format(x, spec)
-
-
-def report_real(peak: dict, recs: dict, device: str) -> str:
+def report_real(peak: dict, recs: dict) -> str:
     scvi = recs.get("scvi")
     rows = []
     for name, r in recs.items():
@@ -357,17 +355,17 @@ def report_real(peak: dict, recs: dict, device: str) -> str:
         rows.append(
             [
                 f"{name} (batch {r['batch_size']})",
-                _g(r.get("n_params")),
-                _g(r["train_cells_per_s"]),
+                fmt(r.get("n_params"), ",.0f"),
+                fmt(r["train_cells_per_s"], ",.0f"),
                 f"{r['train_cells_per_s'] / scvi['train_cells_per_s']:.2f}x" if scvi else "n/a",
-                _g(r.get("vae_cells_per_s")),
-                _g(r.get("prior_cells_per_s")),
-                _g(r["embed_cells_per_s"]),
+                fmt(r.get("vae_cells_per_s"), ",.0f"),
+                fmt(r.get("prior_cells_per_s"), ",.0f"),
+                fmt(r["embed_cells_per_s"], ",.0f"),
                 f"{r['embed_cells_per_s'] / scvi['embed_cells_per_s']:.2f}x" if scvi else "n/a",
                 f"{train_flops / 1e6:.1f}",
                 f"{r['flops_embed_cell'] / 1e6:.2f}",
                 f"{100 * achieved / (peak[key] * 1e12):.1f}% ({key})",
-                _g(r["peak_rss_mib"]),
+                fmt(r["peak_rss_mib"], ",.0f"),
             ]
         )
     head = [
@@ -396,9 +394,9 @@ def report_scale(recs: list[dict]) -> str:
             f"{r['setup_s']:.1f}",
             f"{r['epoch_s']:.1f}",
             f"{r['epoch_s'] / r['n_cells'] * 1e6:.0f}",
-            _g(r["train_cells_per_s"]),
-            _g(r["embed_cells_per_s"]),
-            _g(r["peak_rss_mib"]),
+            fmt(r["train_cells_per_s"], ",.0f"),
+            fmt(r["embed_cells_per_s"], ",.0f"),
+            fmt(r["peak_rss_mib"], ",.0f"),
         ]
         for r in recs
     ]
@@ -489,7 +487,7 @@ def main() -> None:
             print(f"  {name}: {json.dumps(recs[name])}", flush=True)
         results["real"] = recs
         print("\n## Kang 2018 control PBMCs (12,261 cells × 1,287 genes)\n")
-        print(report_real(peak, recs, args.device))
+        print(report_real(peak, recs))
 
     if "steps" in args.sections:
         rec = isolated("steps:")
