@@ -213,3 +213,158 @@ def perturbation_delta(
     fig.tight_layout()
     fig.pearson_r_ = r
     return _finish(fig, save, show)
+
+
+def perturbation_heatmap(
+    pred,
+    *,
+    n_genes: int = 20,
+    labels: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Heatmap of the most responsive predicted genes (rows) across perturbations (columns).
+
+    Genes are ranked by their largest absolute predicted mean change over the chosen
+    requests; the colour is the predicted change (diverging, centred on 0). A dot marks a
+    change whose interval (``varm["scfm_delta_lower"/"_upper"]``) excludes 0. The genes drawn
+    are in ``fig.genes_``.
+
+    Parameters
+    ----------
+    pred
+        The AnnData from ``PerturbationModel.predict_perturbation``.
+    n_genes
+        How many top genes to draw (ignored when ``genes`` is given).
+    labels
+        Requests (columns of ``varm["scfm_delta"]``) to draw; all when ``None``.
+    genes
+        Draw these genes instead of the top ones.
+    """
+    import matplotlib.pyplot as plt
+
+    if "scfm_delta" not in pred.varm:
+        raise KeyError("pred.varm has no 'scfm_delta': pass the output of predict_perturbation.")
+    delta = pd.DataFrame(pred.varm["scfm_delta"], index=pred.var_names)
+    labels = list(delta.columns) if labels is None else list(labels)
+    unknown = [lab for lab in labels if lab not in delta.columns]
+    if unknown or not labels:
+        raise KeyError(
+            f"Requests {unknown} were not predicted (or none chosen); "
+            f"choose from {list(delta.columns)}."
+        )
+    delta = delta[labels]
+    if genes is None:
+        if n_genes < 1:
+            raise ValueError(f"n_genes must be at least 1, got {n_genes}.")
+        genes = delta.abs().max(axis=1).nlargest(min(n_genes, len(delta))).index.tolist()
+    else:
+        genes = list(genes)
+        missing = [g for g in genes if g not in delta.index]
+        if missing or not genes:
+            raise KeyError(f"Genes not in the prediction (or none given): {missing[:5]}")
+    values = delta.loc[genes].to_numpy(dtype=float)
+    vmax = float(np.nanmax(np.abs(values))) or 1.0
+    fig, ax = plt.subplots(
+        figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.22 * len(genes)), layout="constrained"
+    )
+    im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+    if "scfm_delta_lower" in pred.varm and "scfm_delta_upper" in pred.varm:
+        lo = pd.DataFrame(pred.varm["scfm_delta_lower"], index=pred.var_names).loc[genes, labels]
+        hi = pd.DataFrame(pred.varm["scfm_delta_upper"], index=pred.var_names).loc[genes, labels]
+        sure = (lo.to_numpy(float) > 0) | (hi.to_numpy(float) < 0)
+        rows, cols = np.nonzero(sure)
+        ax.scatter(cols, rows, s=6, c="k", marker="o", label="interval excludes 0")
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(genes)), genes)
+    ax.set_title("predicted mean change")
+    fig.colorbar(im, ax=ax, shrink=0.6, label="Δ log-normalised expression")
+    fig.genes_ = genes
+    return _finish(fig, save, show)
+
+
+def generated_vs_real(
+    real,
+    generated,
+    *,
+    color: str | None = None,
+    layer: str | None = None,
+    n_pcs: int = 30,
+    n_neighbors: int = 15,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Generated and real cells on one UMAP.
+
+    Both sets are log-normalised (counts in ``X`` or ``layer``), projected on the PCA of the
+    *real* cells only (so generated cells cannot pull the axes towards themselves), and laid
+    out together by UMAP. The first panel colours by source, the second (when ``color``
+    names an obs column present in both) by that column. Neither input is changed.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    from ..metrics._generation import embed_pair
+
+    if color is not None and (color not in real.obs or color not in generated.obs):
+        raise KeyError(f"{color!r} must be an obs column of both real and generated.")
+    # the same yardstick as sfa.metrics: PCA of the real cells' log-normalised counts
+    pr, pg = embed_pair(real, generated, n_pcs=n_pcs, layer=layer, fit_on="real")
+    pcs = np.vstack([pr, pg]).astype(np.float32)
+    source = ["real"] * real.n_obs + ["generated"] * generated.n_obs
+    obs = pd.DataFrame({"source": pd.Categorical(source, categories=["real", "generated"])})
+    if color is not None:
+        obs[color] = pd.Categorical(
+            np.concatenate([real.obs[color].astype(str), generated.obs[color].astype(str)])
+        )
+    obs.index = obs.index.astype(str)
+    tmp = ad.AnnData(obs=obs, obsm={"X_pca": pcs})
+    sc.pp.neighbors(tmp, use_rep="X_pca", n_neighbors=min(n_neighbors, tmp.n_obs - 1))
+    sc.tl.umap(tmp)
+    colors = ["source"] + ([color] if color is not None else [])
+    fig = sc.pl.umap(tmp, color=colors, show=False, return_fig=True)
+    return _finish(fig, save, show)
+
+
+def adaptation(
+    results: pd.DataFrame,
+    *,
+    metric: str = "accuracy",
+    params_key: str = "trainable_params",
+    baselines: Sequence[str] = (),
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """Quality against trainable parameters, one point per adaptation strategy.
+
+    ``results`` has one row per method (the index names it) with the columns ``params_key``
+    and ``metric``, e.g. the table ``benchmarks/annotation.py`` prints, or one built from
+    :meth:`~scfm_adapt.model.SCFM.parameter_report` and your own evaluation. Rows named in
+    ``baselines`` are drawn as grey squares and a dashed line at their score, so a strategy
+    that does not beat them is visible at once.
+    """
+    import matplotlib.pyplot as plt
+
+    for key in (metric, params_key):
+        if key not in results.columns:
+            raise KeyError(f"results has no column {key!r}; columns: {list(results.columns)}.")
+    missing = [b for b in baselines if b not in results.index]
+    if missing:
+        raise KeyError(f"Baselines {missing} are not rows of results ({list(results.index)}).")
+    if results.empty:
+        raise ValueError("results has no rows.")
+    params = results[params_key].to_numpy(dtype=float)
+    if (params <= 0).any() or np.isnan(params).any():
+        raise ValueError(f"{params_key!r} must be positive numbers (it is drawn on a log axis).")
+    fig, ax = plt.subplots(figsize=(5, 3.6), layout="constrained")
+    is_base = results.index.isin(list(baselines))
+    for name, row, base in zip(results.index, results.itertuples(), is_base):
+        x, y = float(getattr(row, params_key)), float(getattr(row, metric))
+        ax.scatter(x, y, marker="s" if base else "o", c="grey" if base else "C0", zorder=3)
+        ax.annotate(str(name), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        if base:
+            ax.axhline(y, ls="--", c="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set(xlabel="trainable parameters", ylabel=metric)
+    return _finish(fig, save, show)
