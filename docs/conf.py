@@ -19,7 +19,7 @@ import scfm_adapt  # noqa: E402
 
 project = "scfm_adapt"
 author = "scfm_adapt developers"
-copyright = "2026, scfm_adapt developers"  # noqa: A001
+copyright = "2026, scfm_adapt developers"
 version = release = scfm_adapt.__version__
 
 extensions = [
@@ -36,8 +36,6 @@ _TUTORIALS = HERE / "tutorials"
 _TUTORIALS.mkdir(exist_ok=True)
 for _nb in sorted((ROOT / "tutorials").glob("[0-9]*.ipynb")):
     shutil.copy2(_nb, _TUTORIALS / _nb.name)
-
-
 
 
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
