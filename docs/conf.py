@@ -33,12 +33,14 @@ extensions = [
 
 # The notebooks live in tutorials/ (beside the code they exercise); the site gets a copy.
 _TUTORIALS = HERE / "tutorials"
-_TUTORIALS.mkdir(exist_ok=True)
+shutil.rmtree(_TUTORIALS, ignore_errors=True)  # no stale copies of removed notebooks
+_TUTORIALS.mkdir()
 for _nb in sorted((ROOT / "tutorials").glob("[0-9]*.ipynb")):
     shutil.copy2(_nb, _TUTORIALS / _nb.name)
 
 
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
+# autosummary writes its stub pages as .rst
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "**/_*.md", "Thumbs.db", ".DS_Store", "jupyter_execute"]
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
