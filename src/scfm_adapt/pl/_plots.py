@@ -35,6 +35,25 @@ def history(
     ``{metric}_validation`` per epoch, one panel per stage (the prior's ELBO slot holds its
     denoising error).
 
+    Parameters
+    ----------
+    model
+        A trained :class:`~scfm_adapt.model.SCFM` (its ``history``).
+    metric
+        The metric's name without ``_train`` / ``_validation``.
+    stages
+        Stages to draw (``"vae"``, ``"prior"``, ...); all trained stages when ``None``.
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One panel per stage.
+
     Raises
     ------
     ValueError
@@ -78,8 +97,34 @@ def embedding(
     """UMAP of ``adata.obsm[basis]`` coloured by ``obs`` keys, through scanpy.
 
     The neighbour graph and UMAP are computed on a throw-away AnnData holding only the
-    embedding and the colour columns: ``adata`` is not changed. Extra keyword arguments go
-    to :func:`scanpy.pl.umap`.
+    embedding and the colour columns: ``adata`` is not changed.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``obsm[basis]`` (e.g. from :func:`scfm_adapt.tl.embed`).
+    color
+        ``obs`` columns or genes (``var_names``) to colour by, one panel each.
+    basis
+        The ``obsm`` key of the embedding.
+    n_neighbors
+        Neighbours of the graph the UMAP is computed on.
+    **kwargs
+        Passed to :func:`scanpy.pl.umap`.
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    KeyError
+        ``basis`` or a colour is missing.
     """
     import anndata as ad
     import scanpy as sc
@@ -119,8 +164,32 @@ def calibration(
     """Reliability diagram of an annotation: accuracy against confidence in ``n_bins`` equal
     bins, the cell counts per bin, and the expected calibration error (ECE) in the title.
 
-    ``adata.obs`` needs the true labels (``labels_key``) and what
-    :func:`scfm_adapt.tl.annotate` wrote (``pred_key``, ``confidence_key``).
+    Parameters
+    ----------
+    adata
+        AnnData whose ``obs`` holds the true labels and what :func:`scfm_adapt.tl.annotate`
+        wrote.
+    labels_key
+        ``obs`` column of the true labels.
+    pred_key, confidence_key
+        ``obs`` columns of the predicted label and its calibrated confidence.
+    n_bins
+        Equal-width confidence bins.
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The ECE is also in ``fig.ece_``.
+
+    Raises
+    ------
+    KeyError
+        A column is missing.
     """
     import matplotlib.pyplot as plt
 
@@ -181,6 +250,21 @@ def perturbation_delta(
         Column of ``varm["scfm_delta"]`` (a request); the first when ``None``.
     genes
         Plot only these genes (e.g. the top responders).
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The Pearson r of the drawn genes is also in ``fig.pearson_r_``.
+
+    Raises
+    ------
+    KeyError
+        No ``varm["scfm_delta"]``, an unknown request, or genes missing from either input.
     """
     import matplotlib.pyplot as plt
 
@@ -241,6 +325,21 @@ def perturbation_heatmap(
         Requests (columns of ``varm["scfm_delta"]``) to draw; all when ``None``.
     genes
         Draw these genes instead of the top ones.
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The genes drawn are also in ``fig.genes_``.
+
+    Raises
+    ------
+    KeyError
+        No ``varm["scfm_delta"]``, an unknown request, or an unknown gene.
     """
     import matplotlib.pyplot as plt
 
@@ -301,6 +400,34 @@ def generated_vs_real(
     *real* cells only (so generated cells cannot pull the axes towards themselves), and laid
     out together by UMAP. The first panel colours by source, the second (when ``color``
     names an obs column present in both) by that column. Neither input is changed.
+
+    Parameters
+    ----------
+    real, generated
+        AnnData objects with the same genes in the same order (counts in ``X`` or
+        ``layer``), e.g. held-out cells and the output of ``model.generate``.
+    color
+        An ``obs`` column of both to colour the second panel by.
+    layer
+        Layer holding the counts (``X`` when ``None``).
+    n_pcs, n_neighbors
+        Principal components (fitted on ``real``) and neighbours of the UMAP graph.
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        Different genes, or an empty input.
+    KeyError
+        ``color`` is not a column of both.
     """
     import anndata as ad
     import scanpy as sc
@@ -343,6 +470,33 @@ def adaptation(
     :meth:`~scfm_adapt.model.SCFM.parameter_report` and your own evaluation. Rows named in
     ``baselines`` are drawn as grey squares and a dashed line at their score, so a strategy
     that does not beat them is visible at once.
+
+    Parameters
+    ----------
+    results
+        One row per method (index: its name).
+    metric
+        Column drawn on the y axis (e.g. ``"accuracy"``, ``"macro-F1"``).
+    params_key
+        Column of trainable parameter counts, drawn on a log x axis.
+    baselines
+        Rows that are baselines rather than adaptation strategies.
+    save
+        Write the figure to this path; the format follows the suffix (``.png``, ``.pdf``,
+        ``.svg`` ...).
+    show
+        Show the figure; ``None`` shows it only under an interactive backend.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    KeyError
+        A column or a baseline row is missing.
+    ValueError
+        No rows, or parameter counts that are not positive.
     """
     import matplotlib.pyplot as plt
 
