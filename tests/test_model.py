@@ -249,24 +249,6 @@ def test_imports_flow_one_way():
                         assert order.index(top) < i, f"{f.name} ({layer}) imports {top}"
 
 
-@pytest.mark.gpu
-def test_train_and_embed_on_gpu_with_bf16(adata, tiny_kwargs, tmp_path):
-    sfa.model.SCFM.setup_anndata(adata, batch_key="batch")
-    model = sfa.model.SCFM(adata, **tiny_kwargs)
-    model.train(
-        max_epochs=2,
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        enable_progress_bar=False,
-    )
-    assert str(model.device).startswith("cuda")
-    z = model.get_latent_representation()
-    assert np.isfinite(z).all()
-    cpu = sfa.model.SCFM.load(model.save(tmp_path / "m"), adata=adata, accelerator="cpu")
-    np.testing.assert_allclose(cpu.get_latent_representation(), z, rtol=1e-3, atol=1e-4)
-
-
 def test_each_stage_trains_in_train_mode_with_the_other_half_frozen(adata, tiny_kwargs):
     """The prior must train in train mode (CFG condition dropout), the frozen VAE in eval."""
     from lightning.pytorch.callbacks import Callback

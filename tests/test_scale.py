@@ -230,10 +230,12 @@ def test_public_methods_on_gpu_with_bf16_and_pinned_memory(adata, tmp_path):
     assert np.isfinite(model.get_normalized_expression(return_numpy=True)).all()
     assert model.posterior_predictive_sample().shape == adata.shape
     assert np.isfinite(model.get_reconstruction_error()["reconstruction_loss"])
-    gen = model.generate(n_cells=16, n_steps=10)
+    gen = model.generate(n_samples=16, n_steps=10)
     assert gen.n_obs == 16
     sfa.tl.infer_to_disk(adata, model, tmp_path / "gpu.h5ad", progress=False)
-    model.save(tmp_path / "m")
+    z = model.get_latent_representation()
+    cpu = sfa.model.SCFM.load(model.save(tmp_path / "m"), adata=adata, accelerator="cpu")
+    np.testing.assert_allclose(cpu.get_latent_representation(), z, rtol=1e-3, atol=1e-4)
 
 
 def test_interrupted_infer_to_disk_leaves_no_file_and_no_trust(

@@ -23,6 +23,21 @@ def _finish(fig, save: str | Path | None, show: bool | None):
     return fig
 
 
+def _predicted_deltas(pred) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """``varm["scfm_delta"]`` and its interval bounds (``None`` when absent) as genes x
+    requests DataFrames, from the output of ``predict_perturbation``."""
+    if "scfm_delta" not in pred.varm:
+        raise KeyError("pred.varm has no 'scfm_delta': pass the output of predict_perturbation.")
+
+    def frame(key):
+        return pd.DataFrame(pred.varm[key], index=pred.var_names) if key in pred.varm else None
+
+    lo, hi = frame("scfm_delta_lower"), frame("scfm_delta_upper")
+    if lo is None or hi is None:
+        lo = hi = None
+    return frame("scfm_delta"), lo, hi
+
+
 def history(
     model,
     *,
@@ -268,9 +283,7 @@ def perturbation_delta(
     """
     import matplotlib.pyplot as plt
 
-    if "scfm_delta" not in pred.varm:
-        raise KeyError("pred.varm has no 'scfm_delta': pass the output of predict_perturbation.")
-    delta = pd.DataFrame(pred.varm["scfm_delta"], index=pred.var_names)
+    delta, lower, upper = _predicted_deltas(pred)
     label = delta.columns[0] if label is None else label
     if label not in delta.columns:
         raise KeyError(f"{label!r} is not a predicted request; choose from {list(delta.columns)}.")
@@ -282,10 +295,10 @@ def perturbation_delta(
     x = true.loc[genes].to_numpy(dtype=float)
     y = delta.loc[genes, label].to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(4.2, 4))
-    if "scfm_delta_lower" in pred.varm and "scfm_delta_upper" in pred.varm:
-        lo = pd.DataFrame(pred.varm["scfm_delta_lower"], index=pred.var_names).loc[genes, label]
-        hi = pd.DataFrame(pred.varm["scfm_delta_upper"], index=pred.var_names).loc[genes, label]
-        err = np.vstack([y - lo.to_numpy(float), hi.to_numpy(float) - y]).clip(min=0)
+    if lower is not None:
+        lo = lower.loc[genes, label].to_numpy(float)
+        hi = upper.loc[genes, label].to_numpy(float)
+        err = np.vstack([y - lo, hi - y]).clip(min=0)
         ax.errorbar(x, y, yerr=err, fmt="none", ecolor="grey", alpha=0.4, lw=0.8)
     ax.scatter(x, y, s=8, zorder=3)
     lim = [min(x.min(), y.min()), max(x.max(), y.max())]
@@ -343,9 +356,7 @@ def perturbation_heatmap(
     """
     import matplotlib.pyplot as plt
 
-    if "scfm_delta" not in pred.varm:
-        raise KeyError("pred.varm has no 'scfm_delta': pass the output of predict_perturbation.")
-    delta = pd.DataFrame(pred.varm["scfm_delta"], index=pred.var_names)
+    delta, lower, upper = _predicted_deltas(pred)
     labels = list(delta.columns) if labels is None else list(labels)
     unknown = [lab for lab in labels if lab not in delta.columns]
     if unknown or not labels:
@@ -369,10 +380,10 @@ def perturbation_heatmap(
         figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.22 * len(genes)), layout="constrained"
     )
     im = ax.imshow(values, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
-    if "scfm_delta_lower" in pred.varm and "scfm_delta_upper" in pred.varm:
-        lo = pd.DataFrame(pred.varm["scfm_delta_lower"], index=pred.var_names).loc[genes, labels]
-        hi = pd.DataFrame(pred.varm["scfm_delta_upper"], index=pred.var_names).loc[genes, labels]
-        sure = (lo.to_numpy(float) > 0) | (hi.to_numpy(float) < 0)
+    if lower is not None:
+        lo = lower.loc[genes, labels].to_numpy(float)
+        hi = upper.loc[genes, labels].to_numpy(float)
+        sure = (lo > 0) | (hi < 0)
         rows, cols = np.nonzero(sure)
         ax.scatter(cols, rows, s=6, c="k", marker="o", label="interval excludes 0")
     ax.set_xticks(range(len(labels)), labels, rotation=90)
