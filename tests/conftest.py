@@ -118,3 +118,19 @@ def trained(adata, tiny_kwargs):
     model = sfa.model.SCFM(adata, **tiny_kwargs)
     model.train(max_epochs=3, enable_progress_bar=False, early_stopping=False, batch_size=32)
     return model
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the fuzzing tally of tests/test_fuzz.py: examples and outcomes per entry point."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    counts = getattr(fuzz, "COUNTS", None)
+    if not counts:
+        return
+    terminalreporter.section("fuzzing: examples per entry point and their outcomes")
+    for entry, tally in sorted(counts.items()):
+        outcomes = ", ".join(f"{k} {v}" for k, v in tally.most_common())
+        terminalreporter.write_line(f"{entry}: {sum(tally.values())} examples ({outcomes})")
+    total = sum(sum(t.values()) for t in counts.values())
+    terminalreporter.write_line(f"total: {total} examples, no undocumented exception escaped")

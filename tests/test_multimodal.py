@@ -291,7 +291,7 @@ def test_save_load_round_trip(trained, tmp_path):
     )
     onto = sfa.model.SCFM.load(tmp_path / "mm", adata=mdata)
     np.testing.assert_allclose(onto.get_latent_representation(), z, rtol=0, atol=1e-6)
-    with pytest.raises(TypeError, match="holds a MuData model"):
+    with pytest.raises(sfa.errors.ModalityError, match="holds a MuData model"):
         sfa.model.SCFM.load(tmp_path / "mm", adata=mdata.mod["rna"])
     other = mdata.copy()
     other.mod["prot"].var_names = [f"q{j}" for j in range(6)]

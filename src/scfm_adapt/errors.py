@@ -1,6 +1,8 @@
-"""Error classes raised on bad input. Each message names the problem and the fix.
+"""Error classes. Each message names the problem and the fix.
 
-All derive from :class:`ValueError`, so ``except ValueError`` keeps working.
+The input errors derive from :class:`SCFMInputError`, a :class:`ValueError` (so ``except
+ValueError`` keeps working); :class:`MissingKeyError` is also a :class:`KeyError`.
+:class:`TrainingDivergedError` is raised when training produces a NaN or infinite loss.
 """
 
 
@@ -32,17 +34,35 @@ class ModalityError(SCFMInputError):
     """A MuData lacks a modality the model needs, or its modalities' cells do not match."""
 
 
+class MissingKeyError(SCFMInputError, KeyError):
+    """A layer or ``obs`` column the model needs is not in the AnnData."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateNamesError(SCFMInputError):
+    """``obs_names`` or ``var_names`` hold duplicates."""
+
+
 class CheckpointError(SCFMInputError):
     """A checkpoint folder is missing, truncated, tampered with or of an unknown format."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
 
 
 __all__ = [
     "AdapterMismatchError",
     "CheckpointError",
+    "DuplicateNamesError",
     "GeneMismatchError",
     "InvalidCountsError",
+    "MissingKeyError",
     "ModalityError",
     "SCFMInputError",
     "TooFewGenesError",
+    "TrainingDivergedError",
     "UnknownCategoryError",
 ]

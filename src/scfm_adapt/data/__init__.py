@@ -7,7 +7,10 @@ from ._validation import (
     check_counts,
     check_genes,
     check_layer_counts,
+    check_not_view,
     check_obs_keys,
+    check_unique_names,
+    gene_order,
     get_matrix,
 )
 
@@ -18,7 +21,10 @@ __all__ = [
     "check_counts",
     "check_genes",
     "check_layer_counts",
+    "check_not_view",
     "check_obs_keys",
+    "check_unique_names",
+    "gene_order",
     "gene_overlap",
     "get_matrix",
     "is_backed",

@@ -5,23 +5,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 
-from ..errors import GeneMismatchError, InvalidCountsError
+from ..errors import (
+    DuplicateNamesError,
+    GeneMismatchError,
+    InvalidCountsError,
+    MissingKeyError,
+    SCFMInputError,
+)
 
 
 def get_matrix(adata, layer: str | None):
-    """``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer."""
+    """``adata.X`` or ``adata.layers[layer]``, with a clear error for a missing layer.
+
+    A dense matrix of a view (anndata's ``ArrayView``) comes back as a plain array, which
+    scvi-tools' loaders read like any other."""
     if layer is None:
         if adata.X is None:
             raise InvalidCountsError("adata.X is empty; pass `layer=` naming the counts layer.")
-        return adata.X
+        return _plain(adata.X)
     if layer not in adata.layers:
-        raise KeyError(
+        raise MissingKeyError(
             f"Layer {layer!r} not found in adata.layers (has {list(adata.layers)}). "
             "Pass the name of the layer holding raw counts, or layer=None for adata.X."
         )
-    return adata.layers[layer]
+    return _plain(adata.layers[layer])
+
+
+def _plain(matrix):
+    return np.asarray(matrix) if type(matrix).__name__ == "ArrayView" else matrix
 
 
 def _values(matrix, chunk: int = 4096):
@@ -73,11 +87,11 @@ def check_counts(matrix, where: str = "adata.X") -> None:
 
 
 def check_obs_keys(obs, keys, where: str = "adata.obs", hint: str = "") -> None:
-    """Raise :class:`KeyError` naming the first of ``keys`` (``None`` skipped) that is not
-    a column of ``obs``, with the columns there are and an optional ``hint``."""
+    """Raise :class:`~scfm_adapt.errors.MissingKeyError` naming the first of ``keys``
+    (``None`` skipped) that is not a column of ``obs``, with its columns and ``hint``."""
     for key in keys:
         if key is not None and key not in obs:
-            raise KeyError(
+            raise MissingKeyError(
                 f"{key!r} is not a column of {where} (columns: {list(obs.columns)}). {hint}".strip()
             )
 
@@ -97,7 +111,7 @@ def check_genes(var_names: Sequence[str], reference: Sequence[str], what: str = 
         return
     query, ref = set(var_names), set(reference)
     if len(query) != len(var_names):
-        raise GeneMismatchError(
+        raise DuplicateNamesError(
             "adata.var_names has duplicates; call adata.var_names_make_unique() first."
         )
     if query == ref:
@@ -117,3 +131,38 @@ def check_genes(var_names: Sequence[str], reference: Sequence[str], what: str = 
         "model.var_names_)` (missing genes are masked) and map it onto the model with "
         "`SCFM.load_query_data`."
     )
+
+
+def gene_order(var_names: Sequence[str], reference: Sequence[str]) -> np.ndarray | None:
+    """``None`` when ``var_names`` equal ``reference``; the positions that reorder them to
+    ``reference`` when they hold the same genes in another order; otherwise
+    :func:`check_genes`'s error (duplicates, missing or extra genes)."""
+    names = pd.Index(list(map(str, var_names)))
+    ref = pd.Index(list(map(str, reference)))
+    if names.equals(ref):
+        return None
+    if names.is_unique and len(names) == len(ref) and names.isin(ref).all():
+        return names.get_indexer(ref)
+    check_genes(names, ref)
+    raise AssertionError("unreachable: check_genes raises for any other difference")
+
+
+def check_unique_names(adata) -> None:
+    """Raise :class:`~scfm_adapt.errors.DuplicateNamesError` on duplicated cell or gene names."""
+    for axis, fix in (("obs", "obs_names_make_unique"), ("var", "var_names_make_unique")):
+        names = getattr(adata, f"{axis}_names")
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:3].tolist()
+            raise DuplicateNamesError(
+                f"adata.{axis}_names has duplicates (e.g. {dup}); call adata.{fix}() first."
+            )
+
+
+def check_not_view(adata, what: str = "setup_anndata") -> None:
+    """Raise :class:`~scfm_adapt.errors.SCFMInputError` for a view: set-up data must be an
+    AnnData of its own, because the registration writes into it."""
+    if getattr(adata, "is_view", False):
+        raise SCFMInputError(
+            f"adata is a view (a subset of another AnnData); {what} registers the data on the "
+            "object itself, which a view cannot hold. Call `adata = adata.copy()` first."
+        )

@@ -18,10 +18,11 @@ from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import __version__
-from ..data import check_genes, check_layer_counts, get_matrix
+from ..data import check_genes, check_layer_counts, check_not_view, check_unique_names, get_matrix
 from ..errors import CheckpointError, UnknownCategoryError
 from ..module import SCFMModule
 from ..module._annotator import AnnotatorModule
+from ..train import DEFAULT_GRADIENT_CLIP, DivergenceGuard
 from ._io import read_checkpoint, write_checkpoint
 from ._scfm import SCFM
 
@@ -204,6 +205,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             )
         if batch_key is not None and batch_key not in adata.obs:
             raise KeyError(f"{batch_key!r} is not a column of adata.obs.")
+        check_not_view(adata)
         check_layer_counts(adata, layer)
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
@@ -217,6 +219,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         """A light AnnData over ``adata``'s counts (no copy) with every cell unlabelled, so
         that unseen labels or batches never block prediction."""
         check_genes(adata.var_names, self.var_names_, what="annotator")
+        check_unique_names(adata)
         layer = self.registry_["setup_args"].get("layer")
         check_layer_counts(adata, layer)
         labels_key = self.registry_["setup_args"]["labels_key"]
@@ -262,6 +265,11 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", "eps": 1e-8}
         plan.update(plan_kwargs or {})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        trainer_kwargs.setdefault("gradient_clip_val", DEFAULT_GRADIENT_CLIP)
+        trainer_kwargs["callbacks"] = [
+            *(trainer_kwargs.get("callbacks") or []),
+            DivergenceGuard("CellAnnotator.train"),
+        ]
         self.module.train()
         if self.strategy_ == "linear_probe":  # frozen features: no dropout inside
             self.module.backbone.eval()

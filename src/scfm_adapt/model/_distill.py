@@ -13,8 +13,11 @@ from scvi.dataloaders import DataSplitter
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.train import TrainingPlan, TrainRunner
 
+from ..data import gene_order
+from ..errors import GeneMismatchError
 from ..module import DistillationModule
-from ._scfm import SCFM
+from ..train import DEFAULT_GRADIENT_CLIP, DivergenceGuard
+from ._scfm import SCFM, _transfer_errors
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +157,19 @@ def distill(
         )
     if adata is None and teacher.adata is None:
         raise ValueError("The teacher was loaded without data: pass the cells to distil on.")
-    data = teacher._validate_anndata(adata)  # genes, counts, categories; transfers registry
-    SCFM.register_manager(teacher.get_anndata_manager(data, required=True))
+    if adata is None or adata is teacher.adata:
+        data = teacher.adata
+        SCFM.register_manager(teacher.get_anndata_manager(data, required=True))
+    else:
+        teacher._validate_anndata(adata)  # genes, counts, categories (on a private shell)
+        if gene_order(adata.var_names, teacher.var_names_) is not None:
+            raise GeneMismatchError(
+                "adata has the teacher's genes in another order; the student trains on adata "
+                "itself, so reorder it first: `adata = adata[:, teacher.var_names_].copy()`."
+            )
+        # The student is set up on the cells it learns from, as setup_anndata would do.
+        data = adata
+        SCFM.register_manager(_transfer_errors(teacher.adata_manager.transfer_fields, data))
 
     sizes = {
         "encoder_hidden": encoder_hidden,
@@ -193,6 +207,11 @@ def distill(
         early_stopping = False
     plan = TrainingPlan(distiller, lr=lr, **(plan_kwargs or {}))
     trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+    trainer_kwargs.setdefault("gradient_clip_val", DEFAULT_GRADIENT_CLIP)
+    trainer_kwargs["callbacks"] = [
+        *(trainer_kwargs.get("callbacks") or []),
+        DivergenceGuard("distill"),
+    ]
     runner = TrainRunner(
         student,
         training_plan=plan,

@@ -220,7 +220,7 @@ class GenerationMixin:
 
     def _guidance_names(self, guidance_scale: float | Mapping[str, float]):
         if not isinstance(guidance_scale, Mapping):
-            return float(guidance_scale)
+            return _finite(guidance_scale, "guidance_scale")
         known = self.conditions_
         out = {}
         for key, value in guidance_scale.items():
@@ -229,7 +229,7 @@ class GenerationMixin:
                     f"guidance_scale names {key!r}, which is not a condition of the model "
                     f"({list(known)})."
                 )
-            out[known[key].name] = float(value)
+            out[known[key].name] = _finite(value, f"guidance_scale[{key!r}]")
         return out
 
     def _check_prior(self) -> None:
@@ -309,6 +309,7 @@ class GenerationMixin:
             Unknown condition values or keys.
         """
         self._check_prior()
+        _check_steps(n_steps, eta)
         rng = np.random.default_rng(seed)
         frame = self._condition_frame(conditions, n_samples, fill_conditions, rng)
         n = len(frame)
@@ -494,6 +495,9 @@ class GenerationMixin:
             raise ValueError("library_size must be 'observed' or 'model'.")
         codes = self._target_codes(target or {})
         guidance = self._guidance_names(guidance_scale)
+        _check_steps(n_steps, 0.0)
+        if not 0.0 < _finite(strength, "strength") <= 1.0:
+            raise ValueError(f"strength must be in (0, 1] (0.9 by default), got {strength!r}.")
         adata_ = self.adata if adata is None else adata
         self.module.eval()
         device = self.module.device
@@ -538,6 +542,25 @@ def _guidance_param(guidance_scale) -> float | dict:
 
 def _is_list(v) -> bool:
     return isinstance(v, (list, tuple, np.ndarray, pd.Series, pd.Index, pd.Categorical))
+
+
+def _finite(value, name: str) -> float:
+    """``value`` as a finite float, or a ValueError naming the argument."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if not np.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    return out
+
+
+def _check_steps(n_steps, eta) -> None:
+    """The sampler's step count and DDIM ``eta``, with errors that name the fix."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer (e.g. 50), got {n_steps!r}.")
+    if not 0.0 <= _finite(eta, "eta") <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM), got {eta!r}.")
 
 
 def _library_array(library_size, n: int) -> np.ndarray | None:

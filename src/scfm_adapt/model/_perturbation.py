@@ -14,9 +14,10 @@ from scipy import sparse
 
 from .. import __version__
 from ..benchmark._baselines import context_labels
-from ..data import check_genes, check_layer_counts, check_obs_keys
-from ..errors import CheckpointError, SCFMInputError
+from ..data import check_genes, check_layer_counts, check_not_view, check_obs_keys
+from ..errors import CheckpointError, SCFMInputError, TrainingDivergedError
 from ..module._perturbation import ResponseHead, mmd2
+from ..train import DEFAULT_GRADIENT_CLIP
 from ._generation import _seeded
 from ._io import atomic_dir, read_checkpoint, write_checkpoint
 from ._scfm import SCFM
@@ -211,6 +212,7 @@ class PerturbationModel:
         """
         covariate_keys = list(covariate_keys or [])
         check_obs_keys(adata.obs, [perturbation_key, *covariate_keys, dose_key, batch_key])
+        check_not_view(adata)
         check_layer_counts(adata, layer)
         col = adata.obs[perturbation_key]
         if col.isna().any():
@@ -565,8 +567,15 @@ class PerturbationModel:
                 pred = xc + delta
                 loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
                 loss = loss.mean()
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"PerturbationModel.train: the response loss became {loss.item()} in "
+                        f"ensemble member {k}, step {step}. Lower lr (now {lr}) or mmd_weight, "
+                        "and check the data for extreme counts."
+                    )
                 opt.zero_grad()
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(head.parameters(), DEFAULT_GRADIENT_CLIP)
                 opt.step()
                 if step % 50 == 0 or step == head_steps - 1:
                     losses.append(float(loss.detach()))

@@ -25,14 +25,39 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import __version__
-from ..data import check_genes, check_layer_counts, check_obs_keys, matrix_sums
-from ..errors import CheckpointError, UnknownCategoryError
+from ..data import (
+    check_counts,
+    check_genes,
+    check_layer_counts,
+    check_not_view,
+    check_obs_keys,
+    check_unique_names,
+    gene_order,
+    get_matrix,
+    is_backed,
+    matrix_sums,
+)
+from ..errors import (
+    CheckpointError,
+    GeneMismatchError,
+    MissingKeyError,
+    ModalityError,
+    SCFMInputError,
+    UnknownCategoryError,
+)
 from ..module import MODULE_KEYS, SCFMModule
-from ..train import SCFMTrainingPlan
+from ..train import (
+    DEFAULT_GRADIENT_CLIP,
+    DivergenceGuard,
+    EpochCheckpoint,
+    RNGState,
+    SCFMTrainingPlan,
+)
 from ._adaptation import AdaptationMixin
 from ._deploy import DeploymentMixin
 from ._generation import GenerationMixin
 from ._io import read_checkpoint, write_checkpoint
+from ._io import write_json as _write_json
 from ._multimodal import MultimodalMixin, _is_mudata
 
 logger = logging.getLogger(__name__)
@@ -47,9 +72,11 @@ def _transfer_errors(fn, *args, **kwargs):
     except ValueError as e:
         if "not found in source registry" in str(e) or "Cannot transfer" in str(e):
             raise UnknownCategoryError(
-                f"{e} The model only knows the categories it was trained with: drop those "
-                "cells, relabel them to a known category, or map the data as a query "
-                "onto the model (which extends the categories)."
+                "adata holds a category the model never saw (scvi-tools: "
+                f"{str(e).split(' Cannot transfer')[0]}). The model only knows the categories "
+                "it was trained with: drop those cells, relabel them to a known category, or "
+                "map the data as a query onto the model (SCFM.load_query_data extends the "
+                "categories)."
             ) from e
         raise
 
@@ -227,11 +254,9 @@ class SCFM(
                 *(continuous_covariate_keys or []),
             ],
         )
+        check_not_view(adata)
         check_layer_counts(adata, layer)
-        if not adata.obs_names.is_unique:
-            raise ValueError("adata.obs_names has duplicates; call adata.obs_names_make_unique().")
-        if not adata.var_names.is_unique:
-            raise ValueError("adata.var_names has duplicates; call adata.var_names_make_unique().")
+        check_unique_names(adata)
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
@@ -246,34 +271,106 @@ class SCFM(
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and self.is_multimodal:
             adata = self._as_model_mudata(adata)
-            if adata is not self.adata:
+            if adata is not self.adata and not self._checked(adata):
                 self._check_mudata_input(adata)
-        elif adata is not None and adata is not self.adata and not self._checked(adata):
+        elif adata is not None and adata is not self.adata and not self._is_shell(adata):
             if _is_mudata(adata):
                 raise TypeError(
                     "This model was set up on an AnnData; pass an AnnData (e.g. "
                     "mdata.mod['rna']), or set up a MuData model with SCFM.setup_mudata."
                 )
-            check_genes(adata.var_names, self.var_names_)
-            check_layer_counts(adata, self.registry_["setup_args"].get("layer"))
+            adata = self._trusted[1] if self._checked(adata) else self._input_shell(adata)
         return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
+
+    #: How many input shells keep their scvi-tools registration (older ones are dropped).
+    _N_SHELLS = 4
+
+    def _input_shell(self, adata: AnnData) -> AnnData:
+        """A new AnnData over ``adata``'s counts, for scvi-tools to register and read.
+
+        The user's object is never changed: scvi-tools' registration writes ``_scvi_*``
+        columns into ``obs`` and keys into ``uns``, and turns views into copies in place;
+        it does all that to this shell instead. The counts matrix is shared, not copied
+        (sparse, dense or backed), except when the genes come in another order than the
+        model's, where the shell holds them reordered (so results are identical). Only the
+        ``obs`` columns the model was set up with are copied.
+        """
+        args = self.registry_["setup_args"]
+        layer = args.get("layer")
+        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        matrix = get_matrix(adata, layer)
+        order = gene_order(adata.var_names, self.var_names_)
+        if not adata.obs_names.is_unique:
+            check_unique_names(adata)
+        check_counts(matrix, where)
+        if order is not None:
+            if is_backed(matrix):
+                raise GeneMismatchError(
+                    "This backed AnnData has the model's genes in another order, which cannot "
+                    "be reordered on disk. Write a reordered copy first: "
+                    "`adata[:, model.var_names_].to_memory().write_h5ad(...)`."
+                )
+            matrix = matrix[:, order]
+        keys = [
+            args.get("batch_key"),
+            args.get("labels_key"),
+            *(args.get("categorical_covariate_keys") or []),
+            *(args.get("continuous_covariate_keys") or []),
+        ]
+        missing = [k for k in keys if k is not None and k not in adata.obs]
+        if missing:
+            raise MissingKeyError(
+                f"adata.obs lacks {missing}, which this model was set up with (see "
+                "model.registry_['setup_args']). Add the column(s) with the values of these "
+                "cells; where a call does not use them (embeddings do not use labels), any "
+                "category the model knows will do."
+            )
+        obs = pd.DataFrame(
+            {k: adata.obs[k].to_numpy() for k in dict.fromkeys(k for k in keys if k)},
+            index=adata.obs_names.copy(),
+        )
+        for k in obs:
+            if isinstance(adata.obs[k].dtype, pd.CategoricalDtype):
+                obs[k] = pd.Categorical(obs[k], categories=adata.obs[k].cat.categories)
+        shell = AnnData(
+            X=matrix if layer is None else None,
+            obs=obs,
+            var=pd.DataFrame(index=pd.Index(self.var_names_)),
+            layers=None if layer is None else {layer: matrix},
+        )
+        shell.uns["_scfm_shell_of"] = self.id
+        return shell
+
+    def _is_shell(self, adata) -> bool:
+        return isinstance(adata, AnnData) and adata.uns.get("_scfm_shell_of") == self.id
+
+    def _register_manager_for_instance(self, adata_manager) -> None:
+        super()._register_manager_for_instance(adata_manager)
+        if not self._is_shell(adata_manager.adata):
+            return
+        # Each call on a foreign AnnData registers a new shell: keep the store bounded.
+        shells = self.__dict__.setdefault("_shell_ids", [])
+        shells.append(adata_manager.adata_uuid)
+        store = self._per_instance_manager_store.get(self.id, {})
+        while len(shells) > self._N_SHELLS:
+            store.pop(shells.pop(0), None)
 
     def _checked(self, adata) -> bool:
         """Whether ``adata`` is the object :meth:`_trusting` vouches for right now."""
-        ref = getattr(self, "_trusted_ref", None)
-        return ref is not None and ref() is adata
+        trusted = getattr(self, "_trusted", None)
+        return trusted is not None and trusted[0]() is adata
 
     @contextmanager
     def _trusting(self, adata):
-        """Check ``adata`` once, then skip the gene and count checks for this very object
-        until the block ends: chunked inference calls the model once per chunk, and each
-        check is a pass over a backed atlas's counts."""
-        self._validate_anndata(adata)
-        self._trusted_ref = weakref.ref(adata)
+        """Check ``adata`` once (and build its input shell once), then reuse that for this
+        very object until the block ends: chunked inference calls the model once per
+        chunk, and each check is a pass over a backed atlas's counts."""
+        validated = self._validate_anndata(adata)
+        self._trusted = (weakref.ref(adata), validated)
         try:
             yield
         finally:
-            self._trusted_ref = None
+            self._trusted = None
 
     # ------------------------------------------------------------------ training
     def train(
@@ -294,6 +391,8 @@ class SCFM(
         plan_kwargs: dict | None = None,
         pin_memory: bool | None = None,
         compile: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Train stage 1 (the token VAE), stage 2 (the DiT prior) or both, in that order.
@@ -324,16 +423,38 @@ class SCFM(
             Compile the encoder, decoder and DiT in place with :func:`torch.compile`; they
             stay compiled for later training and inference, and checkpoints are unchanged
             (worth it for long runs on a GPU; the first steps pay the compilation).
+        checkpoint_dir
+            Write a Lightning checkpoint of each stage after every epoch, to
+            ``checkpoint_dir/<stage>/last.ckpt`` (weights, optimiser, epoch, early-stopping
+            and random-number states), and ``done.json`` beside it when the stage ends.
+        resume
+            Continue from ``checkpoint_dir``: finished stages are restored, an interrupted
+            one goes on from its last epoch. Give the same arguments as the interrupted
+            call; on a CPU the result matches an uninterrupted run. Lightning checkpoints
+            are read with ``torch.load(weights_only=True)``, which runs no code.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``), e.g.
             ``precision="bf16-mixed"``, ``strategy="ddp"``, ``enable_progress_bar=False``
-            or ``datasplitter_kwargs`` / ``load_sparse_tensor`` for the loaders.
+            or ``datasplitter_kwargs`` / ``load_sparse_tensor`` for the loaders. Gradients
+            are clipped to norm ``gradient_clip_val`` (default 10; ``None`` turns it off).
+
+        Raises
+        ------
+        TrainingDivergedError
+            When a loss or gradient becomes NaN or infinite; it names the epoch and step.
         """
         from scvi.model._utils import get_max_epochs_heuristic
 
         stages = list(STAGES) if stage == "both" else [stage]
         if stages == ["prior"] and "vae" not in self.trained_stages_:
             raise RuntimeError("Train the VAE first: model.train(stage='vae') or stage='both'.")
+        if self.adata is None:
+            raise ValueError(
+                "This model was loaded without data; load it onto an AnnData "
+                "(SCFM.load(path, adata=...)) to train it further."
+            )
+        if not self.is_multimodal:  # the counts may have changed since setup_anndata
+            check_layer_counts(self.adata, self.registry_["setup_args"].get("layer"))
         max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
         from scvi.dataloaders._data_splitting import validate_data_split
 
@@ -349,11 +470,21 @@ class SCFM(
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
         callbacks = trainer_kwargs.pop("callbacks", None) or []
+        trainer_kwargs.setdefault("gradient_clip_val", DEFAULT_GRADIENT_CLIP)
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
+        ckpt_root = None if checkpoint_dir is None else Path(checkpoint_dir)
+        if ckpt_root is not None:
+            split = self._checkpoint_split(ckpt_root, resume, train_size, validation_size)
+            ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+            trainer_kwargs["datasplitter_kwargs"] = {**ds_kwargs, "external_indexing": split}
         if compile:
             # In place (nn.Module.compile): parameter names, and so checkpoints, are unchanged.
             for part in self.module.compile_targets():
                 part.compile()
         for st in stages:
+            if resume and self._restore_finished_stage(ckpt_root / st, st):
+                continue
             epochs = max_epochs if st == "vae" else (max_epochs_prior or max_epochs)
             kwargs = {"lr": lr if st == "vae" else lr_prior, **(plan_kwargs or {})}
             if st == "vae":
@@ -382,7 +513,12 @@ class SCFM(
                 )
             # scvi-tools' Trainer appends its own callbacks to the list it is given: each
             # stage gets a fresh copy, or stage 2 would inherit stage 1's early stopping.
-            stage_kwargs = {**trainer_kwargs, "callbacks": list(callbacks)}
+            guard = DivergenceGuard(f"SCFM.train, stage {st!r}")
+            stage_kwargs = {**trainer_kwargs, "callbacks": [*callbacks, guard, RNGState()]}
+            if ckpt_root is not None:
+                extra = self._checkpointing(ckpt_root / st, resume)
+                stage_kwargs["callbacks"] += extra.pop("callbacks")
+                stage_kwargs.update(extra)
             self.history_, self.is_trained_ = None, False
             try:
                 with warnings.catch_warnings():
@@ -408,10 +544,76 @@ class SCFM(
                 self.histories_[st] = self.history_ or {}
             if st not in self.trained_stages_:
                 self.trained_stages_.append(st)
+            if ckpt_root is not None:
+                _write_json(ckpt_root / st / "done.json", {"history": self.histories_[st]})
         self.module.set_stage("vae")
         self.module.eval()
         self.is_trained_ = True
         self._model_summary_string = self._summary()
+
+    @staticmethod
+    def _checkpointing(folder: Path, resume: bool) -> dict:
+        """Trainer arguments that write ``folder/last.ckpt`` each epoch (and resume it)."""
+        last = folder / "last.ckpt"
+        if not resume and folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} holds checkpoints of an earlier run; pass resume=True to continue "
+                "it, or another checkpoint_dir."
+            )
+        out = {"callbacks": [EpochCheckpoint(last)]}
+        if resume and last.exists():
+            out["ckpt_path"] = str(last)
+        return out
+
+    def _checkpoint_split(
+        self, root: Path, resume: bool, train_size: float, validation_size: float | None
+    ) -> list[np.ndarray]:
+        """The cells' train/validation/test split of a checkpointed run, kept in
+        ``root/split.json`` so that a resumed run (in a new process, under another seed)
+        trains on the same cells. It is the split scvi-tools' DataSplitter draws itself."""
+        import json
+
+        from scvi import settings
+        from scvi.dataloaders._data_splitting import validate_data_split
+
+        f = root / "split.json"
+        if resume and f.exists():
+            saved = json.loads(f.read_text())
+            if saved["n_obs"] != self.adata.n_obs:
+                raise ValueError(
+                    f"{f} was written for {saved['n_obs']} cells, this model has "
+                    f"{self.adata.n_obs}: resume with the data of the interrupted run."
+                )
+            return [np.asarray(saved[k], dtype=np.int64) for k in ("train", "validation", "test")]
+        n_train, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        idx = np.random.RandomState(seed=settings.seed).permutation(self.adata.n_obs)
+        split = [idx[n_val : n_val + n_train], idx[:n_val], idx[n_val + n_train :]]
+        _write_json(
+            f,
+            {
+                "n_obs": self.adata.n_obs,
+                **{k: v.tolist() for k, v in zip(("train", "validation", "test"), split)},
+            },
+        )
+        return split
+
+    def _restore_finished_stage(self, folder: Path, stage: str) -> bool:
+        """On resume: load a stage that finished before the interruption, if it did."""
+        import json
+
+        from ._io import from_jsonable
+
+        done, last = folder / "done.json", folder / "last.ckpt"
+        if not (done.exists() and last.exists()):
+            return False
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        state = {k[len("module.") :]: v for k, v in ckpt["state_dict"].items()}
+        self.module.load_state_dict(state, strict=True)
+        self.histories_[stage] = from_jsonable(json.loads(done.read_text()))["history"]
+        if stage not in self.trained_stages_:
+            self.trained_stages_.append(stage)
+        logger.info("Stage %r finished before the interruption: restored from %s.", stage, last)
+        return True
 
     @property
     def history(self) -> dict[str, dict[str, pd.DataFrame]]:
@@ -688,42 +890,18 @@ class SCFM(
             "adaptation": self.module.adaptation_meta(),
         }
         state = self.module.checkpoint_state()
-        path = write_checkpoint(dir_path, state, config, overwrite=overwrite)
-        if save_anndata:
-            self.adata.write_h5ad(path / "adata.h5ad")
-        return path
+        extra = {"adata.h5ad": self.adata.write_h5ad} if save_anndata else None
+        return write_checkpoint(dir_path, state, config, overwrite=overwrite, extra_files=extra)
 
     @classmethod
-    def load(
-        cls,
-        dir_path: str | Path,
-        adata: AnnData | None = None,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-    ) -> SCFM:
-        """Load a model saved by :meth:`save`, onto ``adata`` when given.
-
-        Raises
-        ------
-        CheckpointError
-            Missing, truncated or modified files, or an unknown format.
-        GeneMismatchError
-            ``adata``'s genes differ from the model's.
-        UnknownCategoryError
-            ``adata`` holds a batch or covariate category the model never saw.
-        """
-        state, config = read_checkpoint(dir_path)
-        if config.get("model") != cls.__name__:
-            raise CheckpointError(
-                f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}; "
-                f"load it with scfm_adapt.model.{config.get('model')}.load."
-            )
+    def _from_checkpoint(cls, dir_path, state: dict, config: dict, adata) -> SCFM:
+        """Build the model a checkpoint's config describes and load its weights."""
         registry = config["registry"]
         method = registry.get("setup_method_name", "setup_anndata")
         if adata is not None:
             if method == "setup_mudata":
                 if not _is_mudata(adata):
-                    raise TypeError(
+                    raise ModalityError(
                         f"{dir_path} holds a MuData model; load it onto a MuData with the "
                         f"modalities {registry['setup_args']['modalities']}, or without data."
                     )
@@ -753,6 +931,43 @@ class SCFM(
             raise CheckpointError(f"{dir_path}: px_r_extra without a batch extension.")
         model.module.load_state_dict(state, strict=True)
         model.module.restore_adaptation(meta, adapt_tensors)
+        return model
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> SCFM:
+        """Load a model saved by :meth:`save`, onto ``adata`` when given.
+
+        Raises
+        ------
+        CheckpointError
+            Missing, truncated or modified files, or an unknown format.
+        GeneMismatchError
+            ``adata``'s genes differ from the model's.
+        UnknownCategoryError
+            ``adata`` holds a batch or covariate category the model never saw.
+        """
+        state, config = read_checkpoint(dir_path)
+        if config.get("model") != cls.__name__:
+            raise CheckpointError(
+                f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}; "
+                f"load it with scfm_adapt.model.{config.get('model')}.load."
+            )
+        try:
+            model = cls._from_checkpoint(dir_path, state, config, adata)
+        except SCFMInputError:
+            raise
+        except (RuntimeError, KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+            raise CheckpointError(
+                f"{dir_path}: the weights do not fit the config ({type(e).__name__}: "
+                f"{str(e)[:300]}). The checkpoint is damaged, was edited, or its files come "
+                "from different saves; re-save or re-download it."
+            ) from e
         model.trained_stages_ = list(config.get("trained_stages", []))
         model.histories_ = config.get("history", {})
         model.is_trained_ = bool(model.trained_stages_)

@@ -1,5 +1,12 @@
-"""Training plans (Lightning modules) for the SCFM stages."""
+"""Training plans (Lightning modules) and callbacks for the SCFM stages."""
 
+from ._callbacks import DEFAULT_GRADIENT_CLIP, DivergenceGuard, EpochCheckpoint, RNGState
 from ._plan import SCFMTrainingPlan
 
-__all__ = ["SCFMTrainingPlan"]
+__all__ = [
+    "DEFAULT_GRADIENT_CLIP",
+    "DivergenceGuard",
+    "EpochCheckpoint",
+    "RNGState",
+    "SCFMTrainingPlan",
+]
