@@ -37,8 +37,8 @@ def run(name, adata, epochs, batch_key=None):
     scvi.settings.seed = 0
     sfa.model.SCFM.setup_anndata(adata, batch_key=batch_key)
     model = sfa.model.SCFM(adata)
-    clip = sfa.train.DEFAULT_GRADIENT_CLIP
     for stage in ("vae", "prior"):
+        clip = sfa.train.DEFAULT_GRADIENT_CLIP if stage == "vae" else sfa.train.PRIOR_GRADIENT_CLIP
         rec = NormRecorder()
         t0 = time.perf_counter()
         model.train(

@@ -146,7 +146,11 @@ def test_gradient_clipping_is_on_by_default_and_can_be_turned_off():
 
     m, _ = _model()
     m.train(max_epochs=1, max_epochs_prior=1, **FIT, callbacks=[Spy()])
-    assert seen["clip"] == [sfa.train.DEFAULT_GRADIENT_CLIP] * 2
+    assert seen["clip"] == [sfa.train.DEFAULT_GRADIENT_CLIP, sfa.train.PRIOR_GRADIENT_CLIP]
+    assert seen["clip"] == [1000.0, 10.0]
     seen.clear()
     m.train(max_epochs=1, **FIT, stage="vae", callbacks=[Spy()], gradient_clip_val=None)
     assert seen["clip"] == [None]
+    seen.clear()
+    m.train(max_epochs=1, **FIT, callbacks=[Spy()], gradient_clip_val=5.0)
+    assert seen["clip"] == [5.0, 5.0]

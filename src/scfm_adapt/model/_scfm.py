@@ -48,6 +48,7 @@ from ..errors import (
 from ..module import MODULE_KEYS, SCFMModule
 from ..train import (
     DEFAULT_GRADIENT_CLIP,
+    PRIOR_GRADIENT_CLIP,
     DivergenceGuard,
     EpochCheckpoint,
     RNGState,
@@ -436,7 +437,9 @@ class SCFM(
             Passed to :class:`scvi.train.Trainer` (a Lightning ``Trainer``), e.g.
             ``precision="bf16-mixed"``, ``strategy="ddp"``, ``enable_progress_bar=False``
             or ``datasplitter_kwargs`` / ``load_sparse_tensor`` for the loaders. Gradients
-            are clipped to norm ``gradient_clip_val`` (default 10; ``None`` turns it off).
+            are clipped to norm ``gradient_clip_val``: by default 1000 in the VAE stage and
+            10 in the prior stage, above every normal step measured
+            (``benchmarks/grad_norms.py``); ``None`` turns clipping off.
 
         Raises
         ------
@@ -470,7 +473,7 @@ class SCFM(
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
         callbacks = trainer_kwargs.pop("callbacks", None) or []
-        trainer_kwargs.setdefault("gradient_clip_val", DEFAULT_GRADIENT_CLIP)
+        clip = trainer_kwargs.pop("gradient_clip_val", "default")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
         ckpt_root = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -515,6 +518,11 @@ class SCFM(
             # stage gets a fresh copy, or stage 2 would inherit stage 1's early stopping.
             guard = DivergenceGuard(f"SCFM.train, stage {st!r}")
             stage_kwargs = {**trainer_kwargs, "callbacks": [*callbacks, guard, RNGState()]}
+            if clip == "default":
+                clip_st = DEFAULT_GRADIENT_CLIP if st == "vae" else PRIOR_GRADIENT_CLIP
+            else:
+                clip_st = clip
+            stage_kwargs["gradient_clip_val"] = clip_st
             if ckpt_root is not None:
                 extra = self._checkpointing(ckpt_root / st, resume)
                 stage_kwargs["callbacks"] += extra.pop("callbacks")

@@ -1,10 +1,17 @@
 """Training plans (Lightning modules) and callbacks for the SCFM stages."""
 
-from ._callbacks import DEFAULT_GRADIENT_CLIP, DivergenceGuard, EpochCheckpoint, RNGState
+from ._callbacks import (
+    DEFAULT_GRADIENT_CLIP,
+    PRIOR_GRADIENT_CLIP,
+    DivergenceGuard,
+    EpochCheckpoint,
+    RNGState,
+)
 from ._plan import SCFMTrainingPlan
 
 __all__ = [
     "DEFAULT_GRADIENT_CLIP",
+    "PRIOR_GRADIENT_CLIP",
     "DivergenceGuard",
     "EpochCheckpoint",
     "RNGState",
