@@ -66,6 +66,8 @@ class RNGState(Callback):
 
     The states are taken when the checkpoint is written (the end of an epoch) and put back
     when Lightning restores the checkpoint, before the first resumed epoch draws its shuffle.
+    Under DDP the checkpoint holds rank 0's states only, so a resumed multi-process run
+    continues correctly but not bit for bit.
     """
 
     def state_dict(self) -> dict:
@@ -113,9 +115,10 @@ class EpochCheckpoint(Callback):
         self.path = Path(path)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Every process calls it (it ends in a barrier under DDP); rank 0 writes the file.
         trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
