@@ -199,8 +199,9 @@ def test_fuzz_load_onto_data(fuzz_model, a):
 
 
 def _mostly(valid, *invalid):
-    """``valid`` four times in five, else one of ``invalid``."""
-    return st.one_of(valid, valid, valid, valid, st.sampled_from(invalid))
+    """Mostly ``valid``, sometimes one of ``invalid``. The deciding draw picks an inner value
+    for ``invalid`` (hypothesis favours the bounds) and shrinks towards ``valid``."""
+    return st.integers(0, 9).flatmap(lambda i: st.sampled_from(invalid) if i in (4, 7) else valid)
 
 
 NAN, INF = float("nan"), float("inf")
@@ -272,7 +273,7 @@ def test_fuzz_damaged_checkpoint(fuzz_model, tmp_path_factory, name, cut, flips,
 
 @FUZZ
 @given(
-    a=anndatas(),
+    a=st.integers(0, 9).flatmap(lambda i: anndatas() if i in (3, 6, 8) else st.just(None)),
     target=st.sampled_from(
         [{"batch": "b1"}, {"batch": "b9"}, {"cell_type": "type2"}, {}, {"x": 1}]
     ),
@@ -281,8 +282,16 @@ def test_fuzz_damaged_checkpoint(fuzz_model, tmp_path_factory, name, cut, flips,
 )
 def test_fuzz_counterfactual(fuzz_model, a, target, n_steps, strength):
     m, _ = fuzz_model
+    # a is mostly None (the training cells): the arguments get fuzzed on
+    # valid cells too, not only behind an input error
     out = check(
-        "SCFM.counterfactual", m.counterfactual, a, target, n_steps=n_steps, strength=strength
+        "SCFM.counterfactual",
+        m.counterfactual,
+        a,
+        target,
+        indices=None if a is not None else np.arange(24),
+        n_steps=n_steps,
+        strength=strength,
     )
     if out is not None:
         _finite(out.X.toarray() if sparse.issparse(out.X) else out.X)
