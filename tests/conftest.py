@@ -110,6 +110,24 @@ def tiny_kwargs() -> dict:
     return dict(TINY)
 
 
+@pytest.fixture(scope="module")
+def tiny_saved(tmp_path_factory):
+    """A tiny SCFM trained 2 epochs on :func:`make_adata` and its saved folder, shared by
+    the tests of one module: ``(model, path)``."""
+    import scvi
+    import torch
+
+    import scfm_adapt as sfa
+
+    torch.set_num_threads(n_threads())
+    scvi.settings.seed = 0
+    a = make_adata()
+    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
+    m = sfa.model.SCFM(a, **TINY)
+    m.train(max_epochs=2, enable_progress_bar=False, early_stopping=False, batch_size=32)
+    return m, m.save(tmp_path_factory.mktemp("tiny") / "m")
+
+
 @pytest.fixture
 def trained(adata, tiny_kwargs):
     import scfm_adapt as sfa

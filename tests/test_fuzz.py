@@ -22,10 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import scvi
 from scipy import sparse
-
-from conftest import TINY, make_adata
 
 hyp = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -136,22 +133,6 @@ def anndatas(draw, genes=GENES):
     return a
 
 
-@pytest.fixture(scope="module")
-def fuzz_model(tmp_path_factory):
-    import torch
-
-    from conftest import n_threads
-
-    torch.set_num_threads(n_threads())
-    scvi.settings.seed = 0
-    a = make_adata()
-    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
-    m = sfa.model.SCFM(a, **TINY)
-    m.train(max_epochs=2, enable_progress_bar=False, early_stopping=False, batch_size=32)
-    path = m.save(tmp_path_factory.mktemp("fuzz") / "m")
-    return m, path
-
-
 def _finite(out):
     arr = out.to_numpy() if isinstance(out, pd.DataFrame) else np.asarray(out)
     assert np.isfinite(arr.astype(np.float64)).all()
@@ -172,8 +153,8 @@ def test_fuzz_setup_anndata(a):
 
 @FUZZ
 @given(a=anndatas())
-def test_fuzz_inference(fuzz_model, a):
-    m, _ = fuzz_model
+def test_fuzz_inference(tiny_saved, a):
+    m, _ = tiny_saved
     out = check("SCFM.get_latent_representation", m.get_latent_representation, a)
     if out is not None:
         _finite(out)
@@ -191,8 +172,8 @@ def test_fuzz_inference(fuzz_model, a):
 
 @FUZZ
 @given(a=anndatas())
-def test_fuzz_load_onto_data(fuzz_model, a):
-    _, path = fuzz_model
+def test_fuzz_load_onto_data(tiny_saved, a):
+    _, path = tiny_saved
     out = check("SCFM.load(adata)", sfa.model.SCFM.load, path, adata=a)
     if out is not None:
         _finite(out.get_latent_representation())
@@ -217,8 +198,8 @@ NAN, INF = float("nan"), float("inf")
     sampler=_mostly(st.sampled_from(["ddim", "ddpm"]), "euler"),
     library=st.one_of(st.none(), _mostly(st.floats(1, 1e5), -10.0, 0.0, NAN)),
 )
-def test_fuzz_generate(fuzz_model, label, batch, n, scale, n_steps, sampler, library):
-    m, _ = fuzz_model
+def test_fuzz_generate(tiny_saved, label, batch, n, scale, n_steps, sampler, library):
+    m, _ = tiny_saved
     conditions = {k: v for k, v in (("cell_type", label), ("batch", batch)) if v is not None}
     out = check(
         "SCFM.generate",
@@ -243,14 +224,14 @@ def test_fuzz_generate(fuzz_model, label, batch, n, scale, n_steps, sampler, lib
     flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=4),
     forge=st.booleans(),
 )
-def test_fuzz_damaged_checkpoint(fuzz_model, tmp_path_factory, name, cut, flips, forge):
+def test_fuzz_damaged_checkpoint(tiny_saved, tmp_path_factory, name, cut, flips, forge):
     """Truncated or bit-flipped files (with the manifest forged to match, or not) load
     only if nothing changed, else raise CheckpointError."""
     import shutil
 
     from scfm_adapt.model import _io
 
-    _, path = fuzz_model
+    _, path = tiny_saved
     dst = tmp_path_factory.mktemp("dmg") / "m"
     shutil.copytree(path, dst)
     f = dst / name
@@ -280,8 +261,8 @@ def test_fuzz_damaged_checkpoint(fuzz_model, tmp_path_factory, name, cut, flips,
     n_steps=st.integers(-1, 6),
     strength=st.one_of(st.floats(-0.5, 1.5), st.just(float("nan"))),
 )
-def test_fuzz_counterfactual(fuzz_model, a, target, n_steps, strength):
-    m, _ = fuzz_model
+def test_fuzz_counterfactual(tiny_saved, a, target, n_steps, strength):
+    m, _ = tiny_saved
     # a is mostly None (the training cells): the arguments get fuzzed on
     # valid cells too, not only behind an input error
     out = check(

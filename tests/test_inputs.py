@@ -166,7 +166,7 @@ def _seeded(fn):
 
 STOCHASTIC = {"posterior_predictive_sample", "get_reconstruction_error"}
 
-#: SCFM entry points that take a foreign AnnData: name -> f(model, adata, tmp_path)
+#: SCFM entry points that take a foreign AnnData: name -> f(model, adata, checkpoint path)
 SCFM_CALLS = {
     "get_latent_representation": lambda m, a, p: m.get_latent_representation(a),
     "get_normalized_expression": lambda m, a, p: m.get_normalized_expression(a, return_numpy=True),
@@ -180,26 +180,10 @@ SCFM_CALLS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    import torch
-
-    from conftest import n_threads
-
-    torch.set_num_threads(n_threads())
-    scvi.settings.seed = 0
-    a = make_adata()
-    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
-    m = sfa.model.SCFM(a, **TINY)
-    m.train(max_epochs=2, enable_progress_bar=False, early_stopping=False, batch_size=32)
-    path = m.save(tmp_path_factory.mktemp("ckpt") / "m")
-    return m, path
-
-
 @pytest.mark.parametrize("call", list(SCFM_CALLS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_scfm_entry_points_handle_or_reject_each_input(model, case, call, tmp_path):
-    m, path = model
+def test_scfm_entry_points_handle_or_reject_each_input(tiny_saved, case, call, tmp_path):
+    m, path = tiny_saved
     q = _query(case, tmp_path)
     fn = SCFM_CALLS[call]
     expected = CASES[case][1]
@@ -284,8 +268,8 @@ def test_zero_cells_train_and_embed_finitely():
 
 # ------------------------------------------------------------------ annotator
 @pytest.fixture(scope="module")
-def annotator(model):
-    backbone, _ = model
+def annotator(tiny_saved):
+    backbone, _ = tiny_saved
     a = make_adata()
     sfa.model.CellAnnotator.setup_anndata(a, labels_key="cell_type")
     ann = sfa.model.CellAnnotator(a, backbone, strategy="linear_probe")
@@ -350,8 +334,8 @@ SCVI_UNS = ("_scvi_uuid", "_scvi_manager_uuid")
 
 @pytest.mark.parametrize("call", list(SCFM_CALLS))
 @pytest.mark.parametrize("fmt", ["csr", "dense", "view"])
-def test_entry_points_leave_the_users_anndata_unchanged(model, call, fmt, tmp_path):
-    m, path = model
+def test_entry_points_leave_the_users_anndata_unchanged(tiny_saved, call, fmt, tmp_path):
+    m, path = tiny_saved
     if call == "load" and fmt == "view":
         pytest.skip("load refuses views (tested in the matrix)")
     q = make_adata() if fmt != "dense" else _astype(np.float32, "dense")(make_adata())
@@ -370,8 +354,8 @@ def test_entry_points_leave_the_users_anndata_unchanged(model, call, fmt, tmp_pa
         assert q.is_view == (fmt == "view")  # a view stays a view
 
 
-def test_setup_train_and_tl_write_only_documented_slots(model, annotator):
-    m, _ = model
+def test_setup_train_and_tl_write_only_documented_slots(tiny_saved, annotator):
+    m, _ = tiny_saved
     a = make_adata()
     a.layers["counts"] = a.X.copy()
     snap = _snapshot(a)

@@ -22,7 +22,7 @@ from ..data import check_genes, check_layer_counts, check_not_view, check_unique
 from ..errors import CheckpointError, UnknownCategoryError
 from ..module import SCFMModule
 from ..module._annotator import AnnotatorModule
-from ..train import DEFAULT_GRADIENT_CLIP, DivergenceGuard
+from ..train import guarded
 from ._io import read_checkpoint, write_checkpoint
 from ._scfm import SCFM
 
@@ -265,11 +265,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", "eps": 1e-8}
         plan.update(plan_kwargs or {})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        trainer_kwargs.setdefault("gradient_clip_val", DEFAULT_GRADIENT_CLIP)
-        trainer_kwargs["callbacks"] = [
-            *(trainer_kwargs.get("callbacks") or []),
-            DivergenceGuard("CellAnnotator.train"),
-        ]
+        trainer_kwargs = guarded(trainer_kwargs, "CellAnnotator.train")
         self.module.train()
         if self.strategy_ == "linear_probe":  # frozen features: no dropout inside
             self.module.backbone.eval()

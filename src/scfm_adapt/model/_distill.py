@@ -16,7 +16,7 @@ from scvi.train import TrainingPlan, TrainRunner
 from ..data import gene_order
 from ..errors import GeneMismatchError
 from ..module import DistillationModule
-from ..train import DEFAULT_GRADIENT_CLIP, DivergenceGuard
+from ..train import guarded
 from ._scfm import SCFM, _transfer_errors
 
 logger = logging.getLogger(__name__)
@@ -207,11 +207,7 @@ def distill(
         early_stopping = False
     plan = TrainingPlan(distiller, lr=lr, **(plan_kwargs or {}))
     trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-    trainer_kwargs.setdefault("gradient_clip_val", DEFAULT_GRADIENT_CLIP)
-    trainer_kwargs["callbacks"] = [
-        *(trainer_kwargs.get("callbacks") or []),
-        DivergenceGuard("distill"),
-    ]
+    trainer_kwargs = guarded(trainer_kwargs, "distill")
     runner = TrainRunner(
         student,
         training_plan=plan,

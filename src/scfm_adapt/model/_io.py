@@ -112,6 +112,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a file written by :func:`write_json` (numpy arrays and frames restored)."""
+    return from_jsonable(json.loads(Path(path).read_text()))
+
+
 def _config_digest(raw: dict) -> str:
     """SHA-256 of a config's canonical JSON, without its own ``config_sha256`` entry."""
     body = {k: v for k, v in raw.items() if k != "config_sha256"}

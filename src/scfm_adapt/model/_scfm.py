@@ -49,15 +49,16 @@ from ..module import MODULE_KEYS, SCFMModule
 from ..train import (
     DEFAULT_GRADIENT_CLIP,
     PRIOR_GRADIENT_CLIP,
-    DivergenceGuard,
     EpochCheckpoint,
     RNGState,
     SCFMTrainingPlan,
+    guarded,
 )
 from ._adaptation import AdaptationMixin
 from ._deploy import DeploymentMixin
 from ._generation import GenerationMixin
 from ._io import read_checkpoint, write_checkpoint
+from ._io import read_json as _read_json
 from ._io import write_json as _write_json
 from ._multimodal import MultimodalMixin, _is_mudata
 
@@ -301,8 +302,7 @@ class SCFM(
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
         matrix = get_matrix(adata, layer)
         order = gene_order(adata.var_names, self.var_names_)
-        if not adata.obs_names.is_unique:
-            check_unique_names(adata)
+        check_unique_names(adata)
         check_counts(matrix, where)
         if order is not None:
             if is_backed(matrix):
@@ -473,7 +473,6 @@ class SCFM(
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
         callbacks = trainer_kwargs.pop("callbacks", None) or []
-        clip = trainer_kwargs.pop("gradient_clip_val", "default")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
         ckpt_root = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -516,13 +515,11 @@ class SCFM(
                 )
             # scvi-tools' Trainer appends its own callbacks to the list it is given: each
             # stage gets a fresh copy, or stage 2 would inherit stage 1's early stopping.
-            guard = DivergenceGuard(f"SCFM.train, stage {st!r}")
-            stage_kwargs = {**trainer_kwargs, "callbacks": [*callbacks, guard, RNGState()]}
-            if clip == "default":
-                clip_st = DEFAULT_GRADIENT_CLIP if st == "vae" else PRIOR_GRADIENT_CLIP
-            else:
-                clip_st = clip
-            stage_kwargs["gradient_clip_val"] = clip_st
+            stage_kwargs = guarded(
+                {**trainer_kwargs, "callbacks": [*callbacks, RNGState()]},
+                f"SCFM.train, stage {st!r}",
+                DEFAULT_GRADIENT_CLIP if st == "vae" else PRIOR_GRADIENT_CLIP,
+            )
             if ckpt_root is not None:
                 extra = self._checkpointing(ckpt_root / st, resume)
                 stage_kwargs["callbacks"] += extra.pop("callbacks")
@@ -579,45 +576,33 @@ class SCFM(
         """The cells' train/validation/test split of a checkpointed run, kept in
         ``root/split.json`` so that a resumed run (in a new process, under another seed)
         trains on the same cells. It is the split scvi-tools' DataSplitter draws itself."""
-        import json
-
-        from scvi import settings
-        from scvi.dataloaders._data_splitting import validate_data_split
-
         f = root / "split.json"
         if resume and f.exists():
-            saved = json.loads(f.read_text())
+            saved = _read_json(f)
             if saved["n_obs"] != self.adata.n_obs:
                 raise ValueError(
                     f"{f} was written for {saved['n_obs']} cells, this model has "
                     f"{self.adata.n_obs}: resume with the data of the interrupted run."
                 )
             return [np.asarray(saved[k], dtype=np.int64) for k in ("train", "validation", "test")]
-        n_train, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
-        idx = np.random.RandomState(seed=settings.seed).permutation(self.adata.n_obs)
-        split = [idx[n_val : n_val + n_train], idx[:n_val], idx[n_val + n_train :]]
-        _write_json(
-            f,
-            {
-                "n_obs": self.adata.n_obs,
-                **{k: v.tolist() for k, v in zip(("train", "validation", "test"), split)},
-            },
+        splitter = self._data_splitter_cls(
+            self.adata_manager, train_size=train_size, validation_size=validation_size
         )
+        splitter.setup()
+        split = [np.asarray(i) for i in (splitter.train_idx, splitter.val_idx, splitter.test_idx)]
+        names = ("train", "validation", "test")
+        _write_json(f, {"n_obs": self.adata.n_obs, **dict(zip(names, split))})
         return split
 
     def _restore_finished_stage(self, folder: Path, stage: str) -> bool:
         """On resume: load a stage that finished before the interruption, if it did."""
-        import json
-
-        from ._io import from_jsonable
-
         done, last = folder / "done.json", folder / "last.ckpt"
         if not (done.exists() and last.exists()):
             return False
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
         state = {k[len("module.") :]: v for k, v in ckpt["state_dict"].items()}
         self.module.load_state_dict(state, strict=True)
-        self.histories_[stage] = from_jsonable(json.loads(done.read_text()))["history"]
+        self.histories_[stage] = _read_json(done)["history"]
         if stage not in self.trained_stages_:
             self.trained_stages_.append(stage)
         logger.info("Stage %r finished before the interruption: restored from %s.", stage, last)

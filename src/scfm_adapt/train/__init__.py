@@ -6,6 +6,7 @@ from ._callbacks import (
     DivergenceGuard,
     EpochCheckpoint,
     RNGState,
+    guarded,
 )
 from ._plan import SCFMTrainingPlan
 
@@ -16,4 +17,5 @@ __all__ = [
     "EpochCheckpoint",
     "RNGState",
     "SCFMTrainingPlan",
+    "guarded",
 ]

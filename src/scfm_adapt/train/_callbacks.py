@@ -59,6 +59,16 @@ class DivergenceGuard(Callback):
             self._raise(trainer, "a gradient became NaN or infinite")
 
 
+def guarded(trainer_kwargs: dict, what: str, clip: float = DEFAULT_GRADIENT_CLIP) -> dict:
+    """A copy of ``trainer_kwargs`` with gradient clipping at ``clip`` unless the caller set
+    ``gradient_clip_val`` (``None`` turns it off), and a :class:`DivergenceGuard` added to
+    the callbacks."""
+    out = dict(trainer_kwargs)
+    out.setdefault("gradient_clip_val", clip)
+    out["callbacks"] = [*(out.get("callbacks") or []), DivergenceGuard(what)]
+    return out
+
+
 class RNGState(Callback):
     """Save the Python, NumPy and torch random states with each Lightning checkpoint and
     restore them when a run resumes, so that the shuffles and the dropout of the remaining
