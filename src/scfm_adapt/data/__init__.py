@@ -1,6 +1,17 @@
 """Input checks and gene alignment between AnnData objects and models."""
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
+from ._genesets import (
+    OTHER_GENES,
+    as_gene_graph,
+    go_gene_graph,
+    go_gene_sets,
+    memberships,
+    read_gmt,
+    resolve_gene_sets,
+    select_gene_sets,
+    set_graph,
+)
 from ._backed import is_backed, matrix_sums, read_backed, row_blocks
 from ._mudata import pair_modalities
 from ._validation import (
@@ -16,6 +27,15 @@ from ._validation import (
 
 __all__ = [
     "OBSERVED_KEY",
+    "OTHER_GENES",
+    "as_gene_graph",
+    "go_gene_graph",
+    "go_gene_sets",
+    "memberships",
+    "read_gmt",
+    "resolve_gene_sets",
+    "select_gene_sets",
+    "set_graph",
     "GeneOverlap",
     "align_genes",
     "check_counts",

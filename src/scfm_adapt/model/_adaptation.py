@@ -148,6 +148,8 @@ class AdaptationMixin:
             "n_genes": len(self.var_names_),
             "genes_sha256": genes_digest(self.var_names_),
             **{k: self.module.hparams_[k] for k in _SHAPE_KEYS},
+            # Only for other tokenizers, so adapters saved before tokenizers existed still fit.
+            **({"tokenizer": self.module.tokenizer} if self.module.tokenizer != "latent" else {}),
         }
 
     def save_adapter(

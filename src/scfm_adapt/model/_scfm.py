@@ -61,6 +61,7 @@ from ._io import read_checkpoint, write_checkpoint
 from ._io import read_json as _read_json
 from ._io import write_json as _write_json
 from ._multimodal import MultimodalMixin, _is_mudata
+from ._tokenizer import TokenizerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def _expression_frame(values, adata, indices, columns, return_numpy: bool):
 
 
 class SCFM(
+    TokenizerMixin,
     DeploymentMixin,
     MultimodalMixin,
     GenerationMixin,
@@ -134,6 +136,39 @@ class SCFM(
         ``"gene"`` (default) or ``"gene-batch"``.
     n_tokens, token_dim
         Each cell's latent is ``n_tokens`` tokens of width ``token_dim``.
+    tokenizer
+        How the encoder reads a cell (the latent keeps its shape whichever is chosen):
+
+        * ``"latent"`` (default): one linear map of all genes to ``n_tokens`` tokens.
+        * ``"pathway"``: one token per gene set (``gene_sets``); attributions read as
+          pathways (:meth:`get_pathway_attributions`).
+        * ``"rank"``: the cell's top-``k`` genes by normalised expression (divided by each
+          gene's median over expressing training cells), in rank order, as gene-id tokens
+          with learned gene embeddings (Geneformer's input).
+        * ``"geneformer"``: an external Geneformer-style BERT loaded from the local folder
+          ``backbone``; its weights stay frozen unless an adapter trains them.
+
+        Learned queries pool the tokens into the latent (Perceiver-style).
+    gene_sets
+        ``tokenizer="pathway"``: ``"go"`` (default; GO biological processes from the data
+        folder's GO tables), ``"go_mf"``, ``"go_cc"``, a ``.gmt`` path or a dict of set name
+        to genes; fitted to the genes by :func:`~scfm_adapt.data.select_gene_sets`. Genes in
+        no chosen set share one extra token.
+    gene_graph
+        Restricts attention between gene (``"rank"``) or pathway (``"pathway"``) tokens:
+        ``"go"`` (genes sharing a specific GO term), a genes × genes matrix or an edge list
+        of gene names. Pathway tokens attend along sets that overlap or are linked by an
+        edge; sparse graphs run on neighbour lists.
+    backbone
+        ``tokenizer="geneformer"``: the checkpoint folder.
+    tokenizer_kwargs
+        Options: ``pathway``: ``min_size`` (10), ``max_size`` (300), ``max_sets`` (64),
+        ``max_overlap`` (0.5), ``n_channels`` (4), ``min_jaccard`` (0.05); ``rank``:
+        ``top_k`` (64); ``geneformer``: ``gene_id_key`` (an ``adata.var`` column of
+        Ensembl ids), ``min_vocab_fraction`` (0.5), ``token_dictionary``, ``gene_medians``
+        (files, when not in the folder); any graph: ``go_max_term_size`` (50).
+    tokenizer_options
+        The resolved options (set by :meth:`load`; not for users).
     **module_kwargs
         Further sizes passed to :class:`~scfm_adapt.module.SCFMModule` (``encoder_hidden``,
         ``encoder_depth``, ``decoder_hidden``, ``dit_hidden``, ``dit_depth``, ``p_uncond`` ...).
@@ -158,6 +193,12 @@ class SCFM(
         dispersion: Literal["gene", "gene-batch"] = "gene",
         n_tokens: int = 8,
         token_dim: int = 16,
+        tokenizer: Literal["latent", "pathway", "rank", "geneformer"] = "latent",
+        gene_sets=None,
+        gene_graph=None,
+        backbone: str | Path | None = None,
+        tokenizer_kwargs: dict | None = None,
+        tokenizer_options: dict | None = None,
         registry: dict | None = None,
         var_names: Sequence[str] | None = None,
         modality_var_names: dict[str, Sequence[str]] | None = None,
@@ -180,7 +221,29 @@ class SCFM(
         self.modality_var_names_ = {
             k: [str(v) for v in vs] for k, vs in (modality_var_names or {}).items()
         }
+        fill = None
+        if tokenizer != "latent" and tokenizer_options is None:
+            if adata is None or self.is_multimodal:
+                raise SCFMInputError(
+                    f"tokenizer={tokenizer!r} is built from the training data: pass the "
+                    "AnnData it trains on (MuData models use the default 'latent' tokenizer)."
+                )
+            tokenizer_options, fill = self._resolve_tokenizer(
+                adata, tokenizer, gene_sets, gene_graph, backbone, tokenizer_kwargs
+            )
+        elif tokenizer == "latent" and any(
+            v is not None for v in (gene_sets, gene_graph, backbone, tokenizer_kwargs)
+        ):
+            raise SCFMInputError(
+                "gene_sets, gene_graph, backbone and tokenizer_kwargs configure the 'pathway', "
+                "'rank' and 'geneformer' tokenizers; pass tokenizer=... as well."
+            )
+        if tokenizer != "latent":
+            self.init_kwargs_["tokenizer"] = tokenizer
+            self.init_kwargs_["tokenizer_options"] = tokenizer_options
         self.module = self._make_module()
+        if fill:
+            self._fill_tokenizer(fill)
         self.trained_stages_: list[str] = []
         self.histories_: dict[str, dict] = {}
         self.init_params_ = self._get_init_params(locals())
@@ -990,7 +1053,8 @@ class SCFM(
         return (
             f"SCFM: {m.n_input} genes → {m.n_tokens} latent tokens × {m.token_dim}, "
             f"{m.gene_likelihood.upper()} likelihood, dispersion per {m.dispersion}\n"
-            f"  encoder: {len(m.encoder.blocks)}-block transformer, width {m.encoder.hidden}\n"
+            f"  encoder: {len(m.encoder.blocks)}-block transformer, width {m.encoder.hidden}, "
+            f"{m.tokenizer} tokens\n"
             f"  prior: DiT, {len(m.dit.blocks)} adaLN-Zero blocks, conditions: {conds}\n"
             f"  parameters: {n_params:,}; trained stages: {stages}{extra}"
         )

@@ -180,7 +180,7 @@ class AdaptableMixin:
         alts = []
         linear = self._linear_names()
         for part in spec.parts:
-            targets = spec.options.get("target_modules") or DEFAULT_TARGETS[part]
+            targets = spec.options.get("target_modules") or self._default_targets(part)
             names = "|".join(re.escape(t) for t in targets)
             pattern = rf"^{_PREFIX[part]}\.(?:{names})$"
             if not any(re.match(pattern, n) for n in linear):
@@ -191,6 +191,17 @@ class AdaptableMixin:
                 )
             alts.append(pattern[1:-1])
         return "^(?:" + "|".join(alts) + ")$"
+
+    def _default_targets(self, part: str) -> tuple[str, ...]:
+        """LoRA targets of ``part``; an encoder names its own (an external BERT's differ)."""
+        if part == "encoder":
+            return tuple(getattr(self.encoder, "lora_targets", DEFAULT_TARGETS["encoder"]))
+        return DEFAULT_TARGETS[part]
+
+    def _pretrained_external(self, name: str) -> bool:
+        """Weights loaded from an external checkpoint: frozen unless an adapter trains them."""
+        prefixes = getattr(self.encoder, "pretrained_prefixes", ())
+        return bool(prefixes) and name.startswith(tuple(f"encoder.{p}" for p in prefixes))
 
     def _linear_names(self) -> list[str]:
         """Linear layers by canonical name (a peft-wrapped layer counts, its base does not)."""
@@ -246,8 +257,8 @@ class AdaptableMixin:
             depth = len(self.encoder.blocks)
             m = re.match(r"encoder\.blocks\.(\d+)\.", n)
             if m:
-                return int(m.group(1)) >= depth - k or ".norm" in n
-            return n.startswith(("encoder.norm", "encoder.head"))
+                return int(m.group(1)) >= depth - k or bool(re.search(r"\.(norm|LayerNorm)", n))
+            return n.startswith(("encoder.norm", "encoder.head", "encoder.pool"))
         if part == "dit":
             depth = len(self.dit.blocks)
             m = re.match(r"dit\.blocks\.(\d+)\.", n)
@@ -370,7 +381,7 @@ class AdaptableMixin:
             if n.startswith("dit_ema.") or not n.startswith(prefixes):
                 out[n] = False
             elif spec is None:
-                out[n] = not _is_added(n)
+                out[n] = not _is_added(n) and not self._pretrained_external(n)
             elif spec.strategy == "lora":
                 out[n] = f"lora_A.{spec.name}." in n or f"lora_B.{spec.name}." in n
             elif spec.strategy == "adapter":

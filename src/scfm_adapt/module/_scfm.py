@@ -23,12 +23,79 @@ from torch.distributions import Normal, Poisson
 from torch.distributions import kl_divergence as kl
 
 from ..diffusion import NoiseSchedule, ddim_invert, ddim_sample
-from ..nn import DiT, TokenDecoder, TokenEncoder
+from ..nn import DiT, PathwayTokenEncoder, RankTokenEncoder, TokenDecoder, TokenEncoder
 from ._adapt import AdaptableMixin
 from ._keys import MODULE_KEYS as K
 
 Stage = Literal["vae", "prior"]
 LIKELIHOODS = ("nb", "zinb", "poisson")
+TOKENIZERS = ("latent", "pathway", "rank", "geneformer")
+
+
+def make_encoder(
+    tokenizer: str,
+    options: dict | None,
+    n_input: int,
+    n_tokens: int,
+    token_dim: int,
+    hidden: int,
+    depth: int,
+    n_heads: int,
+    dropout: float,
+) -> nn.Module:
+    """The stage-1 encoder for ``tokenizer`` (shapes only; data-derived buffers such as
+    gene-set memberships, graphs and medians are filled by the model or the state dict).
+
+    ``options`` (JSON): ``pathway``: ``n_sets``, ``n_members``, ``n_channels``, ``n_edges``;
+    ``rank``: ``top_k``, ``n_edges``; ``geneformer``: ``bert_config``, ``gene_token_ids``,
+    ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``.
+    """
+    o = dict(options or {})
+    if tokenizer == "latent":
+        return TokenEncoder(n_input, n_tokens, token_dim, hidden, depth, n_heads, dropout)
+    if tokenizer == "pathway":
+        return PathwayTokenEncoder(
+            n_input,
+            int(o["n_sets"]),
+            int(o["n_members"]),
+            n_tokens,
+            token_dim,
+            hidden,
+            depth,
+            n_heads,
+            dropout,
+            n_channels=int(o.get("n_channels", 4)),
+            n_edges=int(o.get("n_edges", 0)),
+        )
+    if tokenizer == "rank":
+        return RankTokenEncoder(
+            n_input,
+            n_tokens,
+            token_dim,
+            hidden,
+            depth,
+            n_heads,
+            dropout,
+            top_k=int(o.get("top_k", 64)),
+            n_edges=int(o.get("n_edges", 0)),
+        )
+    if tokenizer == "geneformer":
+        from ..nn._external import GeneformerEncoder
+
+        return GeneformerEncoder(
+            o["bert_config"],
+            o["gene_token_ids"],
+            n_tokens,
+            token_dim,
+            pad_id=o.get("pad_id", 0),
+            cls_id=o.get("cls_id"),
+            eos_id=o.get("eos_id"),
+            max_len=o.get("max_len"),
+            dropout=dropout,
+        )
+    raise ValueError(f"tokenizer={tokenizer!r}; choose one of {TOKENIZERS}.")
+
+
 DISPERSIONS = ("gene", "gene-batch")
 
 
@@ -71,6 +138,10 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         Decay of the exponential moving average of the DiT weights used for sampling.
     dropout
         Dropout in the encoder.
+    tokenizer, tokenizer_options
+        How the encoder reads a cell: ``"latent"`` (a linear map of all genes to tokens),
+        ``"pathway"`` (one token per gene set), ``"rank"`` (top-k genes as gene-id tokens)
+        or ``"geneformer"`` (an external BERT); see :func:`make_encoder`.
     """
 
     def __init__(
@@ -97,6 +168,8 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         prediction: str = "eps",
         ema_decay: float = 0.999,
         dropout: float = 0.1,
+        tokenizer: str = "latent",
+        tokenizer_options: dict | None = None,
     ):
         super().__init__()
         # Constructor arguments, to rebuild this module from a checkpoint (see ``rebuild``).
@@ -113,8 +186,19 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         self.stage: Stage = "vae"
         self.schedule = NoiseSchedule(n_diffusion_steps, "cosine", prediction)
 
-        self.encoder = TokenEncoder(
-            n_input, n_tokens, token_dim, encoder_hidden, encoder_depth, n_heads, dropout
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer={tokenizer!r}; choose one of {TOKENIZERS}.")
+        self.tokenizer = tokenizer
+        self.encoder = make_encoder(
+            tokenizer,
+            tokenizer_options,
+            n_input,
+            n_tokens,
+            token_dim,
+            encoder_hidden,
+            encoder_depth,
+            n_heads,
+            dropout,
         )
         self.decoder = TokenDecoder(
             n_input,

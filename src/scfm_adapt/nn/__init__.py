@@ -1,9 +1,11 @@
 """Pure torch building blocks: no AnnData, no scvi-tools, no noise schedule."""
 
 from ._adapters import AdapterHost, BottleneckAdapter, ExtendableEmbedding
-from ._attention import MLP, Attention, TransformerBlock
+from ._attention import MLP, Attention, TransformerBlock, graph_mask, graph_neighbors
+from ._attribution import integrated_gradients
 from ._dit import DiT, DiTBlock, FinalLayer, modulate
 from ._embedding import CategoricalEmbedder, ContinuousEmbedder, TimestepEmbedder
+from ._tokenizers import PathwayTokenEncoder, QueryPool, RankTokenEncoder
 from ._tokens import TokenDecoder, TokenEncoder
 
 __all__ = [
@@ -17,9 +19,15 @@ __all__ = [
     "DiTBlock",
     "ExtendableEmbedding",
     "FinalLayer",
+    "PathwayTokenEncoder",
+    "QueryPool",
+    "RankTokenEncoder",
     "TimestepEmbedder",
     "TokenDecoder",
     "TokenEncoder",
     "TransformerBlock",
+    "graph_mask",
+    "graph_neighbors",
+    "integrated_gradients",
     "modulate",
 ]

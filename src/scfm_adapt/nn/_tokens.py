@@ -22,6 +22,11 @@ class TokenEncoder(nn.Module):
     ``(B, n_tokens, token_dim)``.
     """
 
+    #: LoRA targets (module names under ``encoder.blocks.<i>``).
+    lora_targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    #: Parts loaded from an external checkpoint (none: trained from scratch).
+    pretrained_prefixes: tuple[str, ...] = ()
+
     def __init__(
         self,
         n_genes: int,

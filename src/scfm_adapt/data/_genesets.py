@@ -1,0 +1,269 @@
+"""Gene sets and gene graphs for pathway tokens and graph-masked attention.
+
+Gene sets come from the GO tables (:func:`go_gene_sets`), a GMT file (:func:`read_gmt`) or
+a dict; :func:`select_gene_sets` fits them to a data set's genes. Graphs are undirected edge
+arrays over gene (or set) indices: from GO (:func:`go_gene_graph`), from a user's matrix or
+edge list (:func:`as_gene_graph`), and lifted from genes to sets (:func:`set_graph`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GeneMismatchError, SCFMInputError
+
+#: Name of the catch-all token of genes in no selected set.
+OTHER_GENES = "(genes in no set)"
+
+
+def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Gene sets of a GMT file: one set a line, ``name<TAB>description<TAB>gene<TAB>...``.
+
+    Raises
+    ------
+    SCFMInputError
+        When a line has no genes or a name repeats.
+    """
+    sets: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            fields = [x.strip() for x in line.rstrip("\n").split("\t")]
+            if not fields or not fields[0]:
+                continue
+            if len(fields) < 3 or not any(fields[2:]):
+                raise SCFMInputError(
+                    f"{path}, line {n}: a GMT line is 'name<TAB>description<TAB>genes...'; "
+                    f"this one has no genes ({line[:60]!r})."
+                )
+            if fields[0] in sets:
+                raise SCFMInputError(f"{path}, line {n}: the set {fields[0]!r} appears twice.")
+            sets[fields[0]] = [g for g in fields[2:] if g]
+    if not sets:
+        raise SCFMInputError(f"{path} holds no gene set.")
+    return sets
+
+
+def go_gene_sets(
+    ontology: str = "BP", path: str | os.PathLike | None = None
+) -> dict[str, list[str]]:
+    """Every GO term of ``ontology`` with its directly annotated genes (symbols).
+
+    Keys read ``"GO:0006955 immune response"``. Size filters and the choice among the
+    ~12k BP terms are :func:`select_gene_sets`' job, against a data set's genes.
+    """
+    from ..datasets import go_gene2go, go_terms
+
+    g2g = go_gene2go(path)
+    g2g = g2g[g2g["ontology"] == ontology][["go_id", "symbol"]].dropna().drop_duplicates()
+    terms = go_terms(path)
+    names = terms.drop_duplicates("go_id").set_index("go_id")["term"]
+    out: dict[str, list[str]] = {}
+    for go_id, genes in g2g.groupby("go_id", sort=True)["symbol"]:
+        out[f"{go_id} {names.get(go_id, '')}".strip()] = sorted(genes.astype(str))
+    return out
+
+
+def select_gene_sets(
+    gene_sets: Mapping[str, Sequence[str]],
+    var_names: Sequence[str],
+    min_size: int = 10,
+    max_size: int = 300,
+    max_sets: int | None = 64,
+    max_overlap: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Fit gene sets to a data set: member indices of the sets worth a token.
+
+    Sets are cut to the genes in ``var_names`` and kept when ``min_size <= size <=
+    max_size``. When more than ``max_sets`` remain, sets are chosen greedily by how many
+    genes they add that no chosen set covers yet (ties: the larger set, then the name),
+    skipping sets whose overlap with a chosen one exceeds ``max_overlap`` of the smaller
+    (near-duplicates, common among GO parents and children). Deterministic.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Set name → sorted gene indices into ``var_names``, in the chosen order.
+
+    Raises
+    ------
+    GeneMismatchError
+        When no set keeps ``min_size`` of the data's genes (wrong species or identifiers).
+    """
+    index = {g: i for i, g in enumerate(map(str, var_names))}
+    fitted = {}
+    for name, genes in gene_sets.items():
+        idx = np.unique([index[g] for g in map(str, genes) if g in index]).astype(np.int64)
+        if min_size <= idx.size <= max_size:
+            fitted[str(name)] = idx
+    if not fitted:
+        example = next(iter(gene_sets.values()), [])[:3]
+        raise GeneMismatchError(
+            f"No gene set has between {min_size} and {max_size} of the data's "
+            f"{len(index):,} genes (set genes look like {list(example)}, the data's like "
+            f"{list(var_names[:3])}). Use the same identifiers (GO sets are gene symbols: "
+            "map Ensembl ids with sfa.datasets.go_gene_ids()) or widen min_size/max_size."
+        )
+    if max_sets is None or len(fitted) <= max_sets:
+        return fitted
+    covered = np.zeros(len(index), dtype=bool)
+    chosen: dict[str, np.ndarray] = {}
+    candidates = sorted(fitted.items(), key=lambda kv: (-kv[1].size, kv[0]))
+    while len(chosen) < max_sets and candidates:
+        gains = [int((~covered[idx]).sum()) for _, idx in candidates]
+        best = int(np.argmax(gains))  # first maximum: the larger set, then the name
+        name, idx = candidates.pop(best)
+        chosen[name] = idx
+        covered[idx] = True
+        candidates = [
+            (n, m)
+            for n, m in candidates
+            if np.intersect1d(m, idx, assume_unique=True).size
+            <= max_overlap * min(m.size, idx.size)
+        ]
+    return chosen
+
+
+def memberships(
+    sets: Mapping[str, np.ndarray], n_genes: int, other: bool = True
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Parallel ``(set index, gene index)`` arrays of ``sets``; with ``other``, a last set
+    of every gene in none (so the encoder sees all expression)."""
+    names = list(sets)
+    set_idx = [np.full(len(v), i, dtype=np.int64) for i, v in enumerate(sets.values())]
+    gene_idx = [np.asarray(v, dtype=np.int64) for v in sets.values()]
+    if other:
+        rest = np.setdiff1d(np.arange(n_genes), np.concatenate(gene_idx) if gene_idx else [])
+        if rest.size:
+            names.append(OTHER_GENES)
+            set_idx.append(np.full(rest.size, len(names) - 1, dtype=np.int64))
+            gene_idx.append(rest.astype(np.int64))
+    return names, np.concatenate(set_idx), np.concatenate(gene_idx)
+
+
+def go_gene_graph(
+    var_names: Sequence[str],
+    ontology: str = "BP",
+    max_term_size: int = 50,
+    path: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """Edges ``(E, 2)`` (``i < j``) between genes of ``var_names`` that share a specific GO
+    term: one annotated to at most ``max_term_size`` genes genome-wide (broad terms would
+    link nearly everything)."""
+    from ..datasets import go_gene2go
+
+    g2g = go_gene2go(path)
+    g2g = g2g[g2g["ontology"] == ontology][["go_id", "symbol"]].dropna().drop_duplicates()
+    size = g2g.groupby("go_id")["symbol"].transform("size")
+    g2g = g2g[size <= max_term_size]
+    index = {g: i for i, g in enumerate(map(str, var_names))}
+    g2g = g2g[g2g["symbol"].isin(index)]
+    pairs = []
+    for _, genes in g2g.groupby("go_id")["symbol"]:
+        idx = np.array(sorted(index[g] for g in genes), dtype=np.int64)
+        if idx.size > 1:
+            i, j = np.triu_indices(idx.size, k=1)
+            pairs.append(np.stack([idx[i], idx[j]], 1))
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(pairs), axis=0)
+
+
+def as_gene_graph(graph, var_names: Sequence[str]) -> np.ndarray:
+    """A user's gene graph as edges ``(E, 2)`` (``i < j``) over ``var_names``' indices.
+
+    Accepts a square matrix (numpy or scipy sparse, genes × genes in ``var_names``' order;
+    nonzero = edge), a :class:`pandas.DataFrame` whose first two columns name genes, or a
+    sequence of gene-name pairs. Edges between genes not in ``var_names`` are dropped;
+    self-loops are dropped (every token attends to itself anyway).
+
+    Raises
+    ------
+    SCFMInputError
+        A matrix of the wrong shape, or no edge left between the data's genes.
+    """
+    import pandas as pd
+    from scipy import sparse
+
+    n = len(var_names)
+    if sparse.issparse(graph) or isinstance(graph, np.ndarray):
+        if graph.shape != (n, n):
+            raise SCFMInputError(
+                f"gene_graph is a {graph.shape[0]} x {graph.shape[1]} matrix; expected "
+                f"{n} x {n} (genes in the model's order), or pass an edge list of gene names."
+            )
+        coo = sparse.coo_matrix(graph)
+        keep = coo.data != 0
+        edges = np.stack([coo.row[keep], coo.col[keep]], 1).astype(np.int64)
+    else:
+        pairs = graph.iloc[:, :2].to_numpy() if isinstance(graph, pd.DataFrame) else graph
+        index = {g: i for i, g in enumerate(map(str, var_names))}
+        edges = np.array(
+            [
+                (index[str(a)], index[str(b)])
+                for a, b in pairs
+                if str(a) in index and str(b) in index
+            ],
+            dtype=np.int64,
+        ).reshape(-1, 2)
+    edges = np.sort(edges, axis=1)
+    edges = edges[edges[:, 0] != edges[:, 1]]
+    if edges.size == 0:
+        raise SCFMInputError(
+            "gene_graph has no edge between two of the data's genes (are the names the same "
+            "identifiers as adata.var_names?)."
+        )
+    return np.unique(edges, axis=0)
+
+
+def set_graph(
+    set_idx: np.ndarray,
+    gene_idx: np.ndarray,
+    n_sets: int,
+    gene_edges: np.ndarray | None = None,
+    min_jaccard: float = 0.05,
+) -> np.ndarray:
+    """Edges ``(E, 2)`` between gene sets: sets sharing at least ``min_jaccard`` of their
+    genes, and, with ``gene_edges``, sets linked by at least one gene-graph edge."""
+    from scipy import sparse
+
+    n_genes = int(gene_idx.max()) + 1 if gene_idx.size else 0
+    if gene_edges is not None and gene_edges.size:
+        n_genes = max(n_genes, int(gene_edges.max()) + 1)
+    m = sparse.csr_matrix(
+        (np.ones(set_idx.size, np.float32), (set_idx, gene_idx)), shape=(n_sets, n_genes)
+    )
+    inter = (m @ m.T).toarray()
+    size = np.diag(inter)
+    union = size[:, None] + size[None, :] - inter
+    adj = inter >= min_jaccard * np.maximum(union, 1)
+    if gene_edges is not None and gene_edges.size:
+        g = sparse.coo_matrix(
+            (np.ones(len(gene_edges), np.float32), (gene_edges[:, 0], gene_edges[:, 1])),
+            shape=(n_genes, n_genes),
+        )
+        g = g + g.T
+        adj |= (m @ g @ m.T).toarray() > 0
+    i, j = np.nonzero(np.triu(adj, k=1))
+    return np.stack([i, j], 1).astype(np.int64)
+
+
+def resolve_gene_sets(gene_sets, var_names: Sequence[str], **select) -> dict[str, np.ndarray]:
+    """``"go"`` / ``"go_bp"`` / ``"go_mf"`` / ``"go_cc"``, a GMT path or a dict, fitted to
+    ``var_names`` by :func:`select_gene_sets`."""
+    if isinstance(gene_sets, str) and gene_sets.lower() in ("go", "go_bp", "go_mf", "go_cc"):
+        ont = {"go": "BP"}.get(gene_sets.lower(), gene_sets[-2:].upper())
+        sets = go_gene_sets(ont)
+    elif isinstance(gene_sets, str | os.PathLike) and Path(gene_sets).suffix.lower() == ".gmt":
+        sets = read_gmt(gene_sets)
+    elif isinstance(gene_sets, Mapping):
+        sets = {str(k): list(v) for k, v in gene_sets.items()}
+    else:
+        raise SCFMInputError(
+            f"gene_sets={gene_sets!r}: pass 'go' (GO biological processes), 'go_mf', 'go_cc', "
+            "a path to a .gmt file, or a dict of set name to gene names."
+        )
+    return select_gene_sets(sets, var_names, **select)
