@@ -1,6 +1,7 @@
 """Input checks and gene alignment between AnnData objects and models."""
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
+from ._backed import is_backed, matrix_sums, read_backed, row_blocks
 from ._genesets import (
     OTHER_GENES,
     as_gene_graph,
@@ -12,7 +13,6 @@ from ._genesets import (
     select_gene_sets,
     set_graph,
 )
-from ._backed import is_backed, matrix_sums, read_backed, row_blocks
 from ._mudata import pair_modalities
 from ._validation import (
     check_counts,
@@ -28,16 +28,9 @@ from ._validation import (
 __all__ = [
     "OBSERVED_KEY",
     "OTHER_GENES",
-    "as_gene_graph",
-    "go_gene_graph",
-    "go_gene_sets",
-    "memberships",
-    "read_gmt",
-    "resolve_gene_sets",
-    "select_gene_sets",
-    "set_graph",
     "GeneOverlap",
     "align_genes",
+    "as_gene_graph",
     "check_counts",
     "check_genes",
     "check_layer_counts",
@@ -47,9 +40,16 @@ __all__ = [
     "gene_order",
     "gene_overlap",
     "get_matrix",
+    "go_gene_graph",
+    "go_gene_sets",
     "is_backed",
     "matrix_sums",
+    "memberships",
     "pair_modalities",
     "read_backed",
+    "read_gmt",
+    "resolve_gene_sets",
     "row_blocks",
+    "select_gene_sets",
+    "set_graph",
 ]

@@ -234,8 +234,15 @@ def find_geneformer_files(
     else:
         medians = _find_mapping(folder, _MEDIAN_STEM)
     if missing:
-        raise CheckpointError(f"Not a Geneformer-style checkpoint: {'; '.join(missing)} in {folder} ({listing}).")
-    return {"config": config, "weights": weights, "token_dictionary": tokens, "gene_medians": medians}
+        raise CheckpointError(
+            f"Not a Geneformer-style checkpoint: {'; '.join(missing)} in {folder} ({listing})."
+        )
+    return {
+        "config": config,
+        "weights": weights,
+        "token_dictionary": tokens,
+        "gene_medians": medians,
+    }
 
 
 # ---------------------------------------------------------------------------- vocabulary

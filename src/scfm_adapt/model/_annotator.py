@@ -19,7 +19,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import __version__
 from ..data import check_genes, check_layer_counts, check_not_view, check_unique_names, get_matrix
-from ..errors import CheckpointError, UnknownCategoryError
+from ..errors import CheckpointError, SCFMInputError, UnknownCategoryError
 from ..module import SCFMModule
 from ..module._annotator import AnnotatorModule
 from ..train import guarded
@@ -412,6 +412,77 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         """
         table, probs = self.predict_details(adata, indices, min_confidence, batch_size)
         return probs if soft else table["label"].to_numpy()
+
+    def get_pathway_attributions(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        label: str | None = None,
+        n_steps: int = 32,
+        batch_size: int | None = 128,
+    ) -> pd.DataFrame:
+        """Which pathway tokens drive each cell's annotation (backbones built with
+        ``tokenizer="pathway"``).
+
+        Integrated gradients of the logit of ``label`` (default: each cell's predicted
+        type) with respect to the pathway tokens, from the tokens of the average
+        pretraining cell. Positive: the pathway's state in this cell, compared with the
+        average cell, pushes it towards the label.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Cells × pathways; each row sums to the logit's change from the baseline, up to
+            ``attrs["completeness_gap"]``; ``attrs["label"]`` holds the explained labels.
+        """
+        from ._tokenizer import pathway_attributions
+
+        bb_model_names = self.module.backbone.hparams_.get("tokenizer_options") or {}
+        if self.module.backbone.tokenizer != "pathway":
+            raise SCFMInputError(
+                "Pathway attributions need a backbone built with tokenizer='pathway'; this "
+                f"one uses {self.module.backbone.tokenizer!r}."
+            )
+        classes = list(self.classes_)
+        if label is not None and label not in classes:
+            raise UnknownCategoryError(f"label={label!r} is not one of the types {classes}.")
+        target_adata = self.adata if adata is None else self._query_view(adata)
+        target_adata = self._validate_anndata(target_adata)
+        logits, _, _ = self._outputs(target_adata, indices, batch_size)
+        chosen = (
+            torch.full((logits.shape[0],), classes.index(label))
+            if label is not None
+            else logits.argmax(1)
+        )
+        loader = self._make_data_loader(
+            adata=target_adata, indices=indices, batch_size=batch_size, shuffle=False
+        )
+        head = self.module.head
+
+        def batches():
+            start = 0
+            for tensors in loader:
+                x = tensors[REGISTRY_KEYS.X_KEY].to(self.device)
+                yield {"X": x, "class": chosen[start : start + x.shape[0]].to(self.device)}
+                start += x.shape[0]
+
+        def target(features, tensors, x_norm):  # the chosen class's logit, (B,)
+            logits = head(features.flatten(1)).float()
+            return logits.gather(1, tensors["class"][:, None])[:, 0]
+
+        names = target_adata.obs_names
+        if indices is not None:
+            names = names[np.asarray(indices)]
+        df = pathway_attributions(
+            self.module.backbone,
+            batches(),
+            target,
+            bb_model_names["set_names"],
+            names,
+            n_steps,
+        )
+        df.attrs["label"] = np.asarray(classes, dtype=object)[chosen.numpy()]
+        return df
 
     @torch.inference_mode()
     def get_latent_representation(

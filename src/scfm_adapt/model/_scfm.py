@@ -231,13 +231,15 @@ class SCFM(
             tokenizer_options, fill = self._resolve_tokenizer(
                 adata, tokenizer, gene_sets, gene_graph, backbone, tokenizer_kwargs
             )
-        elif tokenizer == "latent" and any(
-            v is not None for v in (gene_sets, gene_graph, backbone, tokenizer_kwargs)
-        ):
-            raise SCFMInputError(
-                "gene_sets, gene_graph, backbone and tokenizer_kwargs configure the 'pathway', "
-                "'rank' and 'geneformer' tokenizers; pass tokenizer=... as well."
-            )
+        elif tokenizer == "latent":
+            given = {"gene_sets": gene_sets, "gene_graph": gene_graph, "backbone": backbone}
+            given = [k for k, v in {**given, "tokenizer_kwargs": tokenizer_kwargs}.items() if v]
+            if given:
+                raise SCFMInputError(
+                    f"{given} configure another tokenizer than the default 'latent': pass "
+                    "tokenizer='pathway' (gene_sets, gene_graph), 'rank' (gene_graph) or "
+                    "'geneformer' (backbone) as well."
+                )
         if tokenizer != "latent":
             self.init_kwargs_["tokenizer"] = tokenizer
             self.init_kwargs_["tokenizer_options"] = tokenizer_options

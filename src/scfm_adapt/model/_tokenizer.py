@@ -118,7 +118,7 @@ class TokenizerMixin:
                 set_edges = set_graph(
                     set_idx, gene_idx, len(names), edges, kw.get("min_jaccard", 0.05)
                 )
-                options["n_edges"] = int(len(set_edges))
+                options["n_edges"] = len(set_edges)
                 data["edges"] = set_edges
         elif tokenizer == "rank":
             options = {"top_k": int(kw.get("top_k", 64)), "n_edges": 0}
@@ -213,45 +213,12 @@ class TokenizerMixin:
                 f"uses tokenizer={self.module.tokenizer!r}."
             )
 
-    def _pathway_attributions(
-        self,
-        adata,
-        indices,
-        target: Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor],
-        n_steps: int = 32,
-        batch_size: int = 128,
-    ) -> pd.DataFrame:
-        """Integrated gradients of ``target(features, tensors, x_norm) -> (B,)`` with respect
-        to the pathway tokens, from the tokens of a cell expressing nothing: cells ×
-        pathways, each row summing to ``target(cell) - target(baseline)`` (the gap is in
-        ``.attrs["completeness_gap"]``)."""
-        from ..nn import integrated_gradients
-
+    def _pathway_attributions(self, adata, indices, target, n_steps=32, batch_size=128):
         self._require_pathways()
-        module = self.module
-        enc = module.encoder
-        was_training = module.training
-        module.eval()
-        rows, gaps = [], []
-        try:
-            for tensors in self._batches(adata, indices, batch_size):
-                x_norm, _ = module.normalize(tensors["X"].float())
-                inputs = enc.token_inputs(x_norm).detach()
-                base = enc.baseline_inputs(x_norm).detach()
-
-                def fn(h, tensors=tensors, x_norm=x_norm):
-                    return target(enc.features_from_inputs(h), tensors, x_norm)
-
-                attr, gap = integrated_gradients(fn, inputs, base, n_steps)
-                rows.append(attr.sum(-1).float().cpu())  # (B, P): summed over the width
-                gaps.append(gap.float().cpu())
-        finally:
-            module.train(was_training)
-        adata_v = adata if adata is not None else self.adata
+        batches = self._batches(adata, indices, batch_size)
+        adata_v = self.adata if adata is None else adata
         obs = adata_v.obs_names if indices is None else adata_v.obs_names[np.asarray(indices)]
-        df = pd.DataFrame(torch.cat(rows).numpy(), index=obs, columns=self.pathway_names_)
-        df.attrs["completeness_gap"] = torch.cat(gaps).numpy()
-        return df
+        return pathway_attributions(self.module, batches, target, self.pathway_names_, obs, n_steps)
 
     def get_pathway_attributions(
         self,
@@ -263,8 +230,9 @@ class TokenizerMixin:
         """Which pathway tokens drive each cell's embedding.
 
         Integrated gradients, per cell, of the squared distance between its embedding and
-        the embedding of a cell that expresses nothing, with respect to the pathway tokens
-        (``tokenizer="pathway"`` models). Annotation and perturbation have their own
+        the embedding of the average training cell (the pseudo-bulk of the pretraining
+        data, :meth:`~scfm_adapt.module.SCFMModule.reference_input`), with respect to the
+        pathway tokens (``tokenizer="pathway"`` models). Annotation and perturbation have their own
         targets: :meth:`CellAnnotator.get_pathway_attributions`,
         :meth:`PerturbationModel.get_pathway_attributions`.
 
@@ -278,10 +246,56 @@ class TokenizerMixin:
 
         def target(features, tensors, x_norm):
             z = enc.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
-            z0 = enc.head(enc.features_from_inputs(enc.baseline_inputs(x_norm))).chunk(2, -1)[0]
+            ref = enc.token_inputs(self.module.reference_input())
+            z0 = enc.head(enc.features_from_inputs(ref)).chunk(2, -1)[0]
             return (z - z0.detach()).pow(2).flatten(1).sum(1)
 
         return self._pathway_attributions(adata, indices, target, n_steps, batch_size)
+
+
+def pathway_attributions(
+    module,
+    batches,
+    target: Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor],
+    names: Sequence[str],
+    obs_names,
+    n_steps: int = 32,
+) -> pd.DataFrame:
+    """Integrated gradients of ``target(features, tensors, x_norm) -> (B,)`` with respect
+    to the pathway tokens of ``module`` (an SCFM module with ``tokenizer="pathway"``), from
+    the tokens of the average pretraining cell (``module.reference_input()``).
+
+    The baseline is the average cell, not an empty one: attributions read "what in this
+    cell's pathways, compared with a typical cell, moves the output", and the path stays
+    among realistic token norms (from near-zero tokens the LayerNorms make the path so steep
+    that the integral needs hundreds of steps).
+
+    Returns cells × pathways; each row sums to ``target(cell) - target(baseline)`` up to the
+    quadrature error, kept per cell in ``.attrs["completeness_gap"]``.
+    """
+    from ..nn import integrated_gradients
+
+    enc = module.encoder
+    was_training = module.training
+    module.eval()
+    rows, gaps = [], []
+    try:
+        for tensors in batches:
+            x_norm, _ = module.normalize(tensors["X"].float())
+            inputs = enc.token_inputs(x_norm).detach()
+            base = enc.token_inputs(module.reference_input()).detach().expand_as(inputs)
+
+            def fn(h, tensors=tensors, x_norm=x_norm):
+                return target(enc.features_from_inputs(h), tensors, x_norm)
+
+            attr, gap = integrated_gradients(fn, inputs, base, n_steps)
+            rows.append(attr.sum(-1).float().cpu())  # (B, P): summed over the token width
+            gaps.append(gap.float().cpu())
+    finally:
+        module.train(was_training)
+    df = pd.DataFrame(torch.cat(rows).numpy(), index=obs_names, columns=list(names))
+    df.attrs["completeness_gap"] = torch.cat(gaps).numpy()
+    return df
 
 
 def _symbol_to_ensembl(var_names: Sequence[str], vocab: dict) -> dict[str, str] | None:
@@ -297,7 +311,7 @@ def _symbol_to_ensembl(var_names: Sequence[str], vocab: dict) -> dict[str, str] 
         from ..datasets import go_gene_ids
 
         ids = go_gene_ids()
-    except Exception as e:  # noqa: BLE001 - the table is optional; the caller reports coverage
+    except Exception as e:
         logger.info("No symbol → Ensembl table (%s); genes matched by name only.", e)
         return None
     ids = ids.dropna(subset=["ensembl"])

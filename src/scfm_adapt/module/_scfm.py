@@ -345,6 +345,11 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
     def masks_genes(self) -> bool:
         return not bool(self.gene_mask.all())
 
+    def reference_input(self) -> torch.Tensor:
+        """Normalised expression ``(1, G)`` of the average pretraining cell (the pseudo-bulk
+        of ``ref_gene_frac``): the baseline of attributions."""
+        return torch.log1p(self.ref_gene_frac * 1e4)[None]
+
     def observed_share(self) -> torch.Tensor:
         """Pretraining share of all counts that falls on the observed (unmasked) genes."""
         return (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)

@@ -184,12 +184,8 @@ class GeneformerEncoder(nn.Module):
         self.register_buffer("gene_median", torch.ones(ids.shape[0]))
 
         hidden = config.hidden_size
-        self.hidden, self.n_tokens, self.token_dim, self.var_eps = (
-            hidden,
-            n_tokens,
-            token_dim,
-            var_eps,
-        )
+        self.hidden, self.n_tokens, self.token_dim = hidden, n_tokens, token_dim
+        self.var_eps = var_eps
         self.queries = nn.Parameter(torch.randn(1, n_tokens, hidden) * 0.02)
         self.pool = QueryPool(hidden, config.num_attention_heads, dropout)
         self.drop = nn.Dropout(dropout)
@@ -263,9 +259,7 @@ class GeneformerEncoder(nn.Module):
         return ids, mask
 
     # ------------------------------------------------------------------ forward
-    def token_states(
-        self, x_norm: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def token_states(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """BERT hidden states of each cell's gene tokens, for inspection and attribution.
 
         Returns

@@ -215,10 +215,6 @@ class PathwayTokenEncoder(_PooledEncoder):
         attributions are computed on."""
         return self.token_in(self.pooled_expression(x)) + self.set_embed
 
-    def baseline_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens of a cell that expresses nothing (the attribution baseline)."""
-        return self.token_inputs(torch.zeros_like(x))
-
     def features_from_inputs(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised pooled states ``(B, n_tokens, hidden)`` of token inputs ``h``."""
         attn_mask, neighbors = self.graph()
