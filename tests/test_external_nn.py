@@ -331,6 +331,6 @@ def test_gradients_reach_pooling(ckpt_v1):
         p.requires_grad_(not n.startswith(GeneformerEncoder.pretrained_prefixes))
     mean, var = enc(random_x(3, seed=5))
     (mean.square().sum() + var.sum()).backward()
-    for p in (enc.queries, enc.head.weight, enc.pool.q.weight, enc.pool.kv.weight):
+    for p in (enc.pool.queries, enc.head.weight, enc.pool.q.weight, enc.pool.kv.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert enc.embeddings.word_embeddings.weight.grad is None

@@ -288,7 +288,7 @@ def test_pathway_graph_runs_sparse_and_masks(pathway_model):
 
 
 def test_pathway_attributions_sum_to_the_change_from_baseline(pathway_model):
-    m, a = pathway_model
+    m, _ = pathway_model
     df = m.get_pathway_attributions(indices=np.arange(20), n_steps=64)
     assert df.shape == (20, len(m.pathway_names_))
     assert list(df.columns) == m.pathway_names_

@@ -24,11 +24,19 @@ from ._validation import (
     gene_order,
     get_matrix,
 )
+from ._vocab import (
+    GeneformerCheckpoint,
+    load_geneformer,
+    map_genes_to_vocab,
+    safe_load_pickle,
+    write_random_geneformer,
+)
 
 __all__ = [
     "OBSERVED_KEY",
     "OTHER_GENES",
     "GeneOverlap",
+    "GeneformerCheckpoint",
     "align_genes",
     "as_gene_graph",
     "check_counts",
@@ -43,6 +51,8 @@ __all__ = [
     "go_gene_graph",
     "go_gene_sets",
     "is_backed",
+    "load_geneformer",
+    "map_genes_to_vocab",
     "matrix_sums",
     "memberships",
     "pair_modalities",
@@ -50,6 +60,8 @@ __all__ = [
     "read_gmt",
     "resolve_gene_sets",
     "row_blocks",
+    "safe_load_pickle",
     "select_gene_sets",
     "set_graph",
+    "write_random_geneformer",
 ]

@@ -32,6 +32,15 @@ logger = logging.getLogger(__name__)
 ANNOTATOR_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "gene_to_tokens")
 
 
+def _annotator_targets(encoder) -> tuple[str, ...]:
+    """:data:`ANNOTATOR_LORA_TARGETS` for the latent encoder; other encoders name their own
+    transformer targets (an external BERT's differ), plus the gene projection if any."""
+    own = getattr(encoder, "lora_targets", None)
+    if own is None or tuple(own) == ANNOTATOR_LORA_TARGETS[:4]:
+        return ANNOTATOR_LORA_TARGETS if hasattr(encoder, "gene_to_tokens") else tuple(own)
+    return tuple(own) + (("gene_to_tokens",) if hasattr(encoder, "gene_to_tokens") else ())
+
+
 class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
     """Cell-type annotation by adapting a pretrained :class:`SCFM`.
 
@@ -106,7 +115,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
                 # The gene → token projection is where a new protocol or tissue differs
                 # most: on CellBench (CEL-seq2 → Drop-seq) LoRA on the transformer alone
                 # reached 0.40 accuracy, with this layer added 0.96 (benchmarks/README.md).
-                adapt_kwargs.setdefault("target_modules", ANNOTATOR_LORA_TARGETS)
+                adapt_kwargs.setdefault("target_modules", _annotator_targets(backbone.encoder))
             backbone.add_adapter(adapter_name, strategy, **adapt_kwargs)
             self.var_names_ = list(pretrained.var_names_)
         else:

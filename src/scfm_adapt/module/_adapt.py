@@ -97,6 +97,12 @@ def _neutral_key(param: str, adapter: str) -> str | None:
     return None
 
 
+def _is_tuner(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
 def is_extension(name: str) -> bool:
     """Rows of new categories added by query mapping (see ``extend_categories``)."""
     return name.endswith(".extra") or name == "px_r_extra"
@@ -328,12 +334,21 @@ class AdaptableMixin:
             for layer in self._tuner_layers():
                 if name in layer.lora_A:
                     layer.delete_adapter(name)
+            self._unwrap_empty_lora()
         elif spec.strategy == "adapter":
             for block in self._blocks(PARTS):
                 if name in block.adapters:
                     del block.adapters[name]
         self._base_values.pop(name, None)
         self._tuned_values.pop(name, None)
+
+    def _unwrap_empty_lora(self) -> None:
+        """Put back the plain linear layer wherever peft's wrapper holds no adapter any
+        more, so that parameter names (and saved checkpoints) are those of the base."""
+        for name, layer in [(n, m) for n, m in self.named_modules() if _is_tuner(m)]:
+            if len(layer.lora_A) == 0:
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent) if parent else self, child, layer.base_layer)
 
     # ------------------------------------------------------------------ merge
     @property

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ._adapters import AdapterHost
+from ._tokenizers import QueryPool
 
 # Buffers of BertEmbeddings that old transformers saved but that are rebuilt, not loaded.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -59,37 +60,6 @@ class BertBlock(AdapterHost):
         return ffn.LayerNorm(self._adapt("mlp", m) + h)
 
 
-class QueryPool(nn.Module):
-    """Multi-head cross-attention of learned queries to a sequence (no self-attention).
-
-    ``q``, ``kv`` and ``proj`` are plain linear maps (possible LoRA targets).
-    """
-
-    def __init__(self, dim: int, n_heads: int, dropout: float = 0.0):
-        super().__init__()
-        if dim % n_heads:
-            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
-        self.n_heads, self.dropout = n_heads, dropout
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, queries: torch.Tensor, states: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """``queries`` ``(B, T, H)``, ``states`` ``(B, L, H)``, ``attention_mask`` ``(B, L)``
-        bool (``True``: attend; each row needs one ``True``) → ``(B, T, H)``."""
-        b, t, d = queries.shape
-        n, dh = self.n_heads, d // self.n_heads
-        q = self.q(queries).view(b, t, n, dh).transpose(1, 2)  # (B, nh, T, dh)
-        kv = self.kv(states).view(b, states.shape[1], 2, n, dh)
-        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, nh, L, dh)
-        p = self.dropout if self.training else 0.0
-        mask = attention_mask[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))  # (B, T, H)
-
-
 class GeneformerEncoder(nn.Module):
     """Geneformer-style BERT → ``n_tokens`` latent tokens (mean and variance).
 
@@ -113,7 +83,8 @@ class GeneformerEncoder(nn.Module):
     max_len
         Genes per cell; default ``max_position_embeddings`` minus the special tokens.
     dropout
-        Dropout of the pooling (the BERT keeps the dropout of its configuration).
+        Dropout on the BERT states before pooling (the BERT keeps the dropout of its
+        configuration).
     var_eps
         Floor of the posterior variance.
     """
@@ -186,8 +157,7 @@ class GeneformerEncoder(nn.Module):
         hidden = config.hidden_size
         self.hidden, self.n_tokens, self.token_dim = hidden, n_tokens, token_dim
         self.var_eps = var_eps
-        self.queries = nn.Parameter(torch.randn(1, n_tokens, hidden) * 0.02)
-        self.pool = QueryPool(hidden, config.num_attention_heads, dropout)
+        self.pool = QueryPool(hidden, n_tokens, config.num_attention_heads)
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, 2 * token_dim)
@@ -285,9 +255,7 @@ class GeneformerEncoder(nn.Module):
     def features(self, x_norm: torch.Tensor) -> torch.Tensor:
         """Pooled, normalised states ``(B, n_tokens, hidden)``."""
         h, _, mask = self.token_states(x_norm)
-        q = self.queries.expand(h.shape[0], -1, -1)  # (B, T, H)
-        pooled = q + self.drop(self.pool(q, h, self._attend(mask)))  # (B, T, H)
-        return self.norm(pooled)
+        return self.norm(self.pool(self.drop(h), self._attend(mask)))  # (B, T, H)
 
     def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw_var = self.head(self.features(x_norm)).chunk(2, dim=-1)  # (B, T, d) each
