@@ -354,3 +354,20 @@ def test_perturbation_pathway_attributions():
     assert np.median(gap) <= 0.05 * np.median(np.abs(df.sum(1))) + 1e-4
     with pytest.raises(SCFMInputError, match="not the model's genes"):
         pm.get_pathway_attributions(ctrl, "A", genes=["nope"])
+
+
+def test_distilled_student_keeps_the_tokenizer_data(pathway_model):
+    m, _ = pathway_model
+    student = sfa.model.distill(
+        m,
+        max_epochs=1,
+        encoder_hidden=8,
+        encoder_depth=1,
+        decoder_hidden=16,
+        batch_size=32,
+        enable_progress_bar=False,
+    )
+    t_enc, s_enc = m.module.encoder, student.module.encoder
+    assert student.module.tokenizer == "pathway" and s_enc.hidden == 8
+    for name in ("member_set", "member_gene", "edges"):
+        assert torch.equal(getattr(t_enc, name), getattr(s_enc, name))

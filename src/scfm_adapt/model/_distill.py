@@ -41,6 +41,11 @@ def _copy_data_state(teacher: SCFM, student: SCFM) -> None:
         src, dst = getattr(t, name, None), getattr(s, name, None)
         if src is not None and dst is not None and src.shape == dst.shape:
             dst.copy_(src)
+    if t.tokenizer == s.tokenizer:  # gene sets, graphs and medians: the tokenizer's data
+        own = dict(s.encoder.named_buffers())
+        for name, buf in t.encoder.named_buffers():
+            if name in own and own[name].shape == buf.shape:
+                own[name].copy_(buf)
     px_r = t.px_r
     if getattr(t, "px_r_extra", None) is not None:  # dispersion of categories added later
         px_r = torch.cat([px_r, t.px_r_extra], 1)
@@ -178,7 +183,13 @@ def distill(
     }
     if n_heads is not None:
         sizes["n_heads"] = n_heads
-    student = SCFM(data, **{**teacher.init_kwargs_, **sizes})
+    kwargs = {**teacher.init_kwargs_, **sizes}
+    if kwargs.get("tokenizer") == "geneformer":
+        # Distillation shrinks the encoder; a frozen external BERT is not what it can shrink.
+        kwargs.pop("tokenizer")
+        kwargs.pop("tokenizer_options")
+        logger.info("The student of a Geneformer-backed teacher reads cells with 'latent' tokens.")
+    student = SCFM(data, **kwargs)
     with torch.no_grad():
         _copy_data_state(teacher, student)
         has_prior = _copy_prior(teacher, student)
