@@ -218,7 +218,7 @@ def pathway_model():
         tokenizer="pathway",
         gene_sets=toy_sets(),
         gene_graph=chain(40),
-        tokenizer_kwargs={"min_size": 5},
+        tokenizer_kwargs={"min_size": 5, "sparse_threshold": 1.0},  # neighbour lists
         **TINY,
     )
     m.train(max_epochs=8, stage="vae", **FAST)
@@ -279,6 +279,7 @@ def test_pathway_graph_runs_sparse_and_masks(pathway_model):
     names = m.pathway_names_
     assert names[-1] == OTHER_GENES and len(names) == enc.n_sets
     attn_mask, neighbors = enc.graph()
+    assert attn_mask is None and neighbors is not None  # sparse_threshold=1: neighbour lists
     dense = graph_mask(enc.edges, enc.n_sets)
     h = enc.token_inputs(m.module.normalize(torch.as_tensor(a.X[:5].toarray()))[0])
     w = enc.blocks[0].attn.attention_weights(enc.blocks[0].norm1(h), attn_mask, neighbors)

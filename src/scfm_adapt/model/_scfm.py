@@ -158,12 +158,13 @@ class SCFM(
         Restricts attention between gene (``"rank"``) or pathway (``"pathway"``) tokens:
         ``"go"`` (genes sharing a specific GO term), a genes × genes matrix or an edge list
         of gene names. Pathway tokens attend along sets that overlap or are linked by an
-        edge; sparse graphs run on neighbour lists.
+        edge.
     backbone
         ``tokenizer="geneformer"``: the checkpoint folder.
     tokenizer_kwargs
         Options: ``pathway``: ``min_size`` (10), ``max_size`` (300), ``max_sets`` (64),
-        ``max_overlap`` (0.5), ``n_channels`` (4), ``min_jaccard`` (0.05); ``rank``:
+        ``max_overlap`` (0.5), ``n_channels`` (4), ``min_jaccard`` (0.05),
+        ``sparse_threshold`` (0: graph attention on the fused kernel with a mask); ``rank``:
         ``top_k`` (64); ``geneformer``: ``gene_id_key`` (an ``adata.var`` column of
         Ensembl ids), ``min_vocab_fraction`` (0.5), ``token_dictionary``, ``gene_medians``
         (files, when not in the folder); any graph: ``go_max_term_size`` (50).

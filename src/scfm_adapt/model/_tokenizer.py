@@ -21,7 +21,15 @@ from ..errors import SCFMInputError
 logger = logging.getLogger(__name__)
 
 TOKENIZER_KWARGS = {
-    "pathway": ("min_size", "max_size", "max_sets", "max_overlap", "n_channels", "min_jaccard"),
+    "pathway": (
+        "min_size",
+        "max_size",
+        "max_sets",
+        "max_overlap",
+        "n_channels",
+        "min_jaccard",
+        "sparse_threshold",
+    ),
     "rank": ("top_k",),
     "geneformer": ("gene_id_key", "min_vocab_fraction", "token_dictionary", "gene_medians"),
     "latent": (),
@@ -112,6 +120,7 @@ class TokenizerMixin:
                 "n_members": int(set_idx.size),
                 "n_channels": int(kw.get("n_channels", 4)),
                 "n_edges": 0,
+                "sparse_threshold": float(kw.get("sparse_threshold", 0.0)),
             }
             data = {"memberships": (set_idx, gene_idx)}
             if edges is not None or gene_graph is not None:

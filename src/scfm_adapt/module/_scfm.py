@@ -46,7 +46,8 @@ def make_encoder(
     """The stage-1 encoder for ``tokenizer`` (shapes only; data-derived buffers such as
     gene-set memberships, graphs and medians are filled by the model or the state dict).
 
-    ``options`` (JSON): ``pathway``: ``n_sets``, ``n_members``, ``n_channels``, ``n_edges``;
+    ``options`` (JSON): ``pathway``: ``n_sets``, ``n_members``, ``n_channels``, ``n_edges``,
+    ``sparse_threshold``;
     ``rank``: ``top_k``, ``n_edges``; ``geneformer``: ``bert_config``, ``gene_token_ids``,
     ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``.
     """
@@ -66,6 +67,7 @@ def make_encoder(
             dropout,
             n_channels=int(o.get("n_channels", 4)),
             n_edges=int(o.get("n_edges", 0)),
+            sparse_threshold=float(o.get("sparse_threshold", 0.0)),
         )
     if tokenizer == "rank":
         return RankTokenEncoder(
