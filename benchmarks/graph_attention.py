@@ -62,14 +62,14 @@ def main(argv=None) -> None:
         mask, nb = graph_mask(edges, n), graph_neighbors(edges, n)
         x = torch.randn(args.batch, n, 64, requires_grad=True)
 
-        def step(kw):
+        def step(kw, x=x):
             with torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
                 out = block(x, **kw)
             out.float().sum().backward()
             return out
 
-        t_dense = timed(lambda: step({"attn_mask": mask}), args.repeats)
-        t_nb = timed(lambda: step({"neighbors": nb}), args.repeats)
+        t_dense = timed(lambda mask=mask: step({"attn_mask": mask}), args.repeats)
+        t_nb = timed(lambda nb=nb: step({"neighbors": nb}), args.repeats)
         with torch.no_grad():
             diff = (block(x, attn_mask=mask) - block(x, neighbors=nb)).abs().max().item()
         print(
