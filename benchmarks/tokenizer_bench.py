@@ -416,7 +416,7 @@ def run_annotation(name: str, args, workdir: Path, out: dict) -> list[str]:
                     ]
                 )
         lines.append(
-            markdown_table(["cell type", "#", "pathway", "mean |attr|", "mean attr"], body)
+            markdown_table(["cell type", "#", "pathway", "mean abs attr", "mean attr"], body)
         )
         report += [*lines, ""]
     text = "\n".join(report)
