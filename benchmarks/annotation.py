@@ -68,8 +68,15 @@ def pretrain(split: Split, epochs: int = PRETRAIN_EPOCHS):
 
 
 def scfm_annotator(
-    split: Split, strategy: str, pretrained, max_epochs: int = 40, **overrides
-) -> Result:
+    split: Split,
+    strategy: str,
+    pretrained,
+    max_epochs: int = 40,
+    return_annotator: bool = False,
+    **overrides,
+):
+    """A CellAnnotator with ``strategy`` on ``pretrained``, scored on the split's test cells:
+    a :class:`Result` (and the annotator, with ``return_annotator``)."""
     import scfm_adapt as sfa
 
     t0 = time.perf_counter()
@@ -83,7 +90,7 @@ def scfm_annotator(
     table, probs = ann.predict_details(split.test)
     wall = time.perf_counter() - t0
     rep = ann.parameter_report()
-    return Result(
+    result = Result(
         method=f"scfm_{strategy}",
         proba=probs.to_numpy(),
         classes=list(probs.columns),
@@ -96,6 +103,7 @@ def scfm_annotator(
             f"epochs {len(ann.history_['elbo_train'])}"
         ),
     )
+    return (result, ann) if return_annotator else result
 
 
 def main(argv=None) -> None:

@@ -175,12 +175,15 @@ def ceiling_scores(task: dict, seed: int = 0, reference=None) -> tuple[pd.DataFr
     return scores, pred_d, true_d
 
 
-def run_task(
-    task: dict, epochs: int, head_steps: int, scvi_epochs: int, seed: int = 0
-) -> tuple[dict, dict]:
-    """Predictions of every method for the task's units (log-normalised cells), plus extras."""
-    import torch
+BASELINES = ("no_change", "mean_shift", "additive", "linear", "scvi_arith", "scvi_arith_mean")
 
+
+def baseline_predictions(task: dict, scvi_epochs: int, seed: int = 0) -> tuple:
+    """Every baseline's predictions for the task's units (log-normalised cells).
+
+    Returns ``(preds, truth, ctrls, scvi_seconds)``: ``preds[method][unit]``, and the real
+    perturbed and control cells of each unit.
+    """
     import scfm_adapt as sfa
 
     B = sfa.benchmark
@@ -188,30 +191,15 @@ def run_task(
     setup = task["setup"]
     keys = setup.get("covariate_keys", [])
     train = task["train"]
-    methods = ("no_change", "mean_shift", "additive", "linear", "scvi_arith", "scvi_arith_mean")
-    preds: dict[str, dict] = {m: {} for m in (*methods, "scfm")}
-    extras = {"coverage": [], "width": [], "ood": {}, "seconds": {}}
-
     table = B.PerturbationTable(train, setup["perturbation_key"], setup["control_group"], keys)
-    feats = None
-    if task["features"] == "go":
-        feats = sfa.datasets.go_gene_features()
+    feats = sfa.datasets.go_gene_features() if task["features"] == "go" else None
     linear = B.LinearPCARidge(n_components=10, ridge=0.1, pert_features=feats).fit(table)
-
     t = time.perf_counter()
     scvi_b = B.ScVILatentArithmetic(
         setup["perturbation_key"], setup["control_group"], keys, max_epochs=scvi_epochs, seed=seed
     ).fit(train)
-    extras["seconds"]["scvi"] = time.perf_counter() - t
-
-    torch.manual_seed(seed)
-    t = time.perf_counter()
-    sfa.model.PerturbationModel.setup_anndata(train, **setup)
-    model = sfa.model.PerturbationModel(train, gene_features=task["features"])
-    model.train(max_epochs=epochs, head_steps=head_steps, progress=False, seed=seed)
-    extras["seconds"]["scfm_train"] = time.perf_counter() - t
-    extras["calibration_oob_pearson"] = model.calibration_["oob_pearson"]
-
+    scvi_s = time.perf_counter() - t
+    preds: dict[str, dict] = {m: {} for m in BASELINES}
     truth, ctrls = {}, {}
     for (p, ctx), (ctrl, true) in task["test"].items():
         unit = unit_name(p, ctx)
@@ -226,6 +214,37 @@ def run_task(
             ctrl, p, ctx, rule=rule, output="sample", seed=seed
         )
         preds["scvi_arith_mean"][unit] = scvi_b.predict(ctrl, p, ctx, rule=rule, output="mean")
+    return preds, truth, ctrls, scvi_s
+
+
+def run_task(
+    task: dict, epochs: int, head_steps: int, scvi_epochs: int, seed: int = 0
+) -> tuple[dict, dict]:
+    """Predictions of every method for the task's units (log-normalised cells), plus extras."""
+    import torch
+
+    import scfm_adapt as sfa
+
+    B = sfa.benchmark
+    L = B.lognorm
+    setup = task["setup"]
+    keys = setup.get("covariate_keys", [])
+    train = task["train"]
+    extras = {"coverage": [], "width": [], "ood": {}, "seconds": {}}
+    preds, truth, ctrls, extras["seconds"]["scvi"] = baseline_predictions(task, scvi_epochs, seed)
+    preds["scfm"] = {}
+
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    sfa.model.PerturbationModel.setup_anndata(train, **setup)
+    model = sfa.model.PerturbationModel(train, gene_features=task["features"])
+    model.train(max_epochs=epochs, head_steps=head_steps, progress=False, seed=seed)
+    extras["seconds"]["scfm_train"] = time.perf_counter() - t
+    extras["calibration_oob_pearson"] = model.calibration_["oob_pearson"]
+
+    for (p, ctx), (ctrl, _) in task["test"].items():
+        unit = unit_name(p, ctx)
+        lc, lt = ctrls[unit], truth[unit]
         cov = {keys[0]: ctx} if keys else None
         out = model.predict_perturbation(ctrl, p, covariates=cov, seed=seed)
         preds["scfm"][unit] = L(out)

@@ -72,7 +72,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _annotation import (
     DATASETS,
-    Result,
     evaluate,
     format_table,
     knn_pca,
@@ -80,8 +79,9 @@ from _annotation import (
     logreg_hvg,
 )
 from _common import environment_info, fmt, markdown_table, quiet, write_json
-from annotation import ANNOTATOR
+from annotation import ANNOTATOR, scfm_annotator
 from perturbation import (
+    baseline_predictions,
     ceiling_scores,
     kang_units,
     training_reference,
@@ -99,7 +99,6 @@ RANK_TOP_K = 64
 ATTRIBUTION_TYPES = ("CD14+ Monocyte", "CD19+ B")
 ATTRIBUTION_CELLS = 25  # per type
 THROUGHPUT_CELLS = 2000
-BASELINE_METHODS = ("no_change", "mean_shift", "additive", "linear", "scvi_arith")
 
 
 # =========================================================================== helpers
@@ -214,31 +213,10 @@ def pretrain(split, tokenizer: str, epochs: int, geneformer_dir: Path | None):
 def fit_annotator(split, strategy: str, pretrained, max_epochs: int):
     """``annotation.scfm_annotator`` with the annotator kept (for attributions and the full
     parameter report)."""
-    import scfm_adapt as sfa
-
     reset_seeds()
-    t0 = time.perf_counter()
-    train = split.train.copy()
-    sfa.model.CellAnnotator.setup_anndata(train, labels_key=split.label_key)
-    opts = dict(ANNOTATOR[strategy])
-    lr = opts.pop("lr")
-    opts = {k: v for k, v in opts.items() if v is not None}
-    ann = sfa.model.CellAnnotator(train, pretrained=pretrained, strategy=strategy, **opts)
-    ann.train(max_epochs=max_epochs, lr=lr, enable_progress_bar=False)
-    table, probs = ann.predict_details(split.test)
-    wall = time.perf_counter() - t0
+    result, ann = scfm_annotator(split, strategy, pretrained, max_epochs, return_annotator=True)
     rep = ann.parameter_report()
-    result = Result(
-        method=strategy,
-        proba=probs.to_numpy(),
-        classes=list(probs.columns),
-        trainable_params=int(rep["trainable"]),
-        wall_s=wall,
-        notes=(
-            f"epochs {len(ann.history_['elbo_train'])}; "
-            f"flagged unknown {table['is_ood'].mean():.1%}"
-        ),
-    )
+    result.method = strategy
     return ann, result, {k: (float(v) if k == "fraction" else int(v)) for k, v in rep.items()}
 
 
@@ -431,39 +409,6 @@ def run_annotation(name: str, args, workdir: Path, out: dict) -> list[str]:
 
 
 # =========================================================================== perturbation
-def perturbation_baselines(task: dict, scvi_epochs: int, seed: int = 0):
-    """Baseline predictions of one task, as in ``perturbation.run_task`` (minus scfm)."""
-    import scfm_adapt as sfa
-
-    B = sfa.benchmark
-    L = B.lognorm
-    setup = task["setup"]
-    keys = setup.get("covariate_keys", [])
-    train = task["train"]
-    table = B.PerturbationTable(train, setup["perturbation_key"], setup["control_group"], keys)
-    feats = sfa.datasets.go_gene_features() if task["features"] == "go" else None
-    linear = B.LinearPCARidge(n_components=10, ridge=0.1, pert_features=feats).fit(table)
-    t = time.perf_counter()
-    scvi_b = B.ScVILatentArithmetic(
-        setup["perturbation_key"], setup["control_group"], keys, max_epochs=scvi_epochs, seed=seed
-    ).fit(train)
-    scvi_s = time.perf_counter() - t
-    preds = {m: {} for m in (*BASELINE_METHODS, "scvi_arith_mean")}
-    truth, ctrls = {}, {}
-    for (p, ctx), (ctrl, true) in task["test"].items():
-        u = unit_name(p, ctx)
-        lc, lt = L(ctrl), L(true)
-        truth[u], ctrls[u] = lt, lc
-        preds["no_change"][u] = lc
-        preds["mean_shift"][u] = B.shifted_cells(lc, B.mean_shift_delta(table, p, ctx))
-        preds["additive"][u] = B.shifted_cells(lc, B.additive_delta(table, p, ctx))
-        preds["linear"][u] = B.shifted_cells(lc, linear.predict_delta(p, lc.mean(0)))
-        rule = "additive" if "+" in p else "mean"
-        preds["scvi_arith"][u] = scvi_b.predict(ctrl, p, ctx, rule=rule, output="sample", seed=seed)
-        preds["scvi_arith_mean"][u] = scvi_b.predict(ctrl, p, ctx, rule=rule, output="mean")
-    return preds, truth, ctrls, scvi_s
-
-
 def scfm_perturbation(task: dict, tokenizer: str, gf_dir, args, seed: int = 0):
     """One PerturbationModel with ``tokenizer``; predictions, timings and extras."""
     import scfm_adapt as sfa
@@ -526,7 +471,7 @@ def run_perturbation(args, workdir: Path, out: dict) -> list[str]:
     deltas, true_d, ceil_d, base_secs = {}, {}, {}, {}
     for task in units:
         t0 = time.perf_counter()
-        preds, truth, ctrls, scvi_s = perturbation_baselines(task, args.scvi_epochs)
+        preds, truth, ctrls, scvi_s = baseline_predictions(task, args.scvi_epochs)
         base_secs[task["name"]] = scvi_s
         print(
             f"  {task['name']}: baselines {time.perf_counter() - t0:.0f} s "

@@ -446,7 +446,6 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         """
         from ._tokenizer import pathway_attributions
 
-        bb_model_names = self.module.backbone.hparams_.get("tokenizer_options") or {}
         if self.module.backbone.tokenizer != "pathway":
             raise SCFMInputError(
                 "Pathway attributions need a backbone built with tokenizer='pathway'; this "
@@ -457,12 +456,11 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             raise UnknownCategoryError(f"label={label!r} is not one of the types {classes}.")
         target_adata = self.adata if adata is None else self._query_view(adata)
         target_adata = self._validate_anndata(target_adata)
-        logits, _, _ = self._outputs(target_adata, indices, batch_size)
-        chosen = (
-            torch.full((logits.shape[0],), classes.index(label))
-            if label is not None
-            else logits.argmax(1)
-        )
+        if label is not None:
+            n = target_adata.n_obs if indices is None else len(indices)
+            chosen = torch.full((n,), classes.index(label))
+        else:  # each cell's predicted type: one forward pass before the integrals
+            chosen = self._outputs(target_adata, indices, batch_size)[0].argmax(1)
         loader = self._make_data_loader(
             adata=target_adata, indices=indices, batch_size=batch_size, shuffle=False
         )
@@ -486,7 +484,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             self.module.backbone,
             batches(),
             target,
-            bb_model_names["set_names"],
+            self.module.backbone.hparams_["tokenizer_options"]["set_names"],
             names,
             n_steps,
         )

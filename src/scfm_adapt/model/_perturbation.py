@@ -989,8 +989,8 @@ class PerturbationModel:
                 )
             gene_idx = torch.as_tensor([names.index(g) for g in genes])
             signs = torch.ones(len(genes))
-        gi, sg = gene_idx.to(dev), signs.to(dev).clamp(min=-1)
-        sg = torch.where(sg == 0, torch.ones_like(sg), sg)
+        gi, sg = gene_idx.to(dev), signs.to(dev)
+        sg = torch.where(sg == 0, torch.ones_like(sg), sg)  # a gene that does not move: +1
 
         def target(features, tensors, x_norm):
             return (response(features, tensors)[:, gi] * sg).mean(1)

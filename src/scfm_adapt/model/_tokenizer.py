@@ -123,7 +123,7 @@ class TokenizerMixin:
                 "sparse_threshold": float(kw.get("sparse_threshold", 0.0)),
             }
             data = {"memberships": (set_idx, gene_idx)}
-            if edges is not None or gene_graph is not None:
+            if edges is not None:
                 set_edges = set_graph(
                     set_idx, gene_idx, len(names), edges, kw.get("min_jaccard", 0.05)
                 )
@@ -251,13 +251,17 @@ class TokenizerMixin:
             Cells × pathways (:attr:`pathway_names_`); each row sums to the target's change
             from the baseline, up to ``attrs["completeness_gap"]``.
         """
+        self._require_pathways()
         enc = self.module.encoder
+        was_training = self.module.training
+        self.module.eval()
+        with torch.no_grad():  # the baseline's embedding: once, not at every step
+            z0 = enc(self.module.reference_input())[0]  # (1, T, d) posterior mean
+        self.module.train(was_training)
 
         def target(features, tensors, x_norm):
             z = enc.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
-            ref = enc.token_inputs(self.module.reference_input())
-            z0 = enc.head(enc.features_from_inputs(ref)).chunk(2, -1)[0]
-            return (z - z0.detach()).pow(2).flatten(1).sum(1)
+            return (z - z0).pow(2).flatten(1).sum(1)
 
         return self._pathway_attributions(adata, indices, target, n_steps, batch_size)
 

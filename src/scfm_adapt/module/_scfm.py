@@ -29,6 +29,7 @@ from ._keys import MODULE_KEYS as K
 
 Stage = Literal["vae", "prior"]
 LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
 TOKENIZERS = ("latent", "pathway", "rank", "geneformer")
 
 
@@ -96,9 +97,6 @@ def make_encoder(
             dropout=dropout,
         )
     raise ValueError(f"tokenizer={tokenizer!r}; choose one of {TOKENIZERS}.")
-
-
-DISPERSIONS = ("gene", "gene-batch")
 
 
 class SCFMModule(AdaptableMixin, BaseModuleClass):
@@ -188,8 +186,6 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         self.stage: Stage = "vae"
         self.schedule = NoiseSchedule(n_diffusion_steps, "cosine", prediction)
 
-        if tokenizer not in TOKENIZERS:
-            raise ValueError(f"tokenizer={tokenizer!r}; choose one of {TOKENIZERS}.")
         self.tokenizer = tokenizer
         self.encoder = make_encoder(
             tokenizer,

@@ -18,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
 from ._adapters import AdapterHost
 from ._tokenizers import QueryPool
+from ._tokens import PosteriorEncoder
 
 # Buffers of BertEmbeddings that old transformers saved but that are rebuilt, not loaded.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -60,7 +60,7 @@ class BertBlock(AdapterHost):
         return ffn.LayerNorm(self._adapt("mlp", m) + h)
 
 
-class GeneformerEncoder(nn.Module):
+class GeneformerEncoder(PosteriorEncoder):
     """Geneformer-style BERT → ``n_tokens`` latent tokens (mean and variance).
 
     Drop-in for :class:`~scfm_adapt.nn.TokenEncoder`: :meth:`forward` maps normalised
@@ -257,10 +257,6 @@ class GeneformerEncoder(nn.Module):
         h, _, mask = self.token_states(x_norm)
         return self.norm(self.pool(self.drop(h), self._attend(mask)))  # (B, T, H)
 
-    def forward(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_var = self.head(self.features(x_norm)).chunk(2, dim=-1)  # (B, T, d) each
-        return mean, F.softplus(raw_var) + self.var_eps
-
     # ------------------------------------------------------------------ weights
     def _backbone_tensors(self) -> dict[str, torch.Tensor]:
         """Backbone parameters under their ``BertModel`` names (peft's ``base_layer`` removed,
@@ -316,4 +312,4 @@ class GeneformerEncoder(nn.Module):
             t.copy_(given[k])
 
 
-__all__ = ["BertBlock", "GeneformerEncoder", "QueryPool"]
+__all__ = ["BertBlock", "GeneformerEncoder"]

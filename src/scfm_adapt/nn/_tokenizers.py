@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import TransformerBlock, graph_mask, graph_neighbors
+from ._tokens import PosteriorEncoder
 
 
 class QueryPool(nn.Module):
@@ -59,23 +60,9 @@ class QueryPool(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Q, D/H)
         return self.queries + self.proj(out.transpose(1, 2).reshape(b, -1, d))  # (B, Q, D)
 
-    @torch.no_grad()
-    def attention_weights(self, x: torch.Tensor, valid: torch.Tensor | None = None):
-        """How much each query reads each token, ``(B, H, Q, T)``."""
-        q, k, _ = self._heads(x)
-        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if valid is not None:
-            s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-        return s.softmax(-1)
 
-
-class _PooledEncoder(nn.Module):
+class _PooledEncoder(PosteriorEncoder):
     """Shared tail: transformer blocks over tokens, query pooling, posterior head."""
-
-    #: LoRA targets (module names under ``encoder.blocks.<i>``), as for TokenEncoder.
-    lora_targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    #: Parts loaded from an external checkpoint (none: these encoders train from scratch).
-    pretrained_prefixes: tuple[str, ...] = ()
 
     def _init_tail(self, n_tokens, token_dim, hidden, depth, n_heads, dropout, var_eps) -> None:
         self.n_tokens, self.token_dim, self.hidden, self.var_eps = (
@@ -91,10 +78,6 @@ class _PooledEncoder(nn.Module):
         self.pool = QueryPool(hidden, n_tokens, n_heads)
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, 2 * token_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_var = self.head(self.features(x)).chunk(2, dim=-1)  # (B, T, d) each
-        return mean, F.softplus(raw_var) + self.var_eps
 
 
 class PathwayTokenEncoder(_PooledEncoder):

@@ -15,17 +15,32 @@ from ._adapters import ExtendableEmbedding
 from ._attention import TransformerBlock
 
 
-class TokenEncoder(nn.Module):
+class PosteriorEncoder(nn.Module):
+    """What every stage-1 encoder shares: ``features(x)`` ``(B, n_tokens, hidden)`` read by
+    ``head`` into the posterior mean and variance of the tokens, each
+    ``(B, n_tokens, token_dim)``; and the names the adaptation machinery looks for."""
+
+    #: LoRA targets (module names under ``encoder.blocks.<i>``).
+    lora_targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    #: Parts loaded from an external checkpoint (none: trained from scratch).
+    pretrained_prefixes: tuple[str, ...] = ()
+    head: nn.Linear
+    var_eps: float
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, raw_var = self.head(self.features(x)).chunk(2, dim=-1)  # (B, T, d) each
+        return mean, F.softplus(raw_var) + self.var_eps
+
+
+class TokenEncoder(PosteriorEncoder):
     """Genes → ``n_tokens`` tokens (one linear map), then a small transformer.
 
     Returns the posterior mean and variance of the latent tokens, each
     ``(B, n_tokens, token_dim)``.
     """
-
-    #: LoRA targets (module names under ``encoder.blocks.<i>``).
-    lora_targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    #: Parts loaded from an external checkpoint (none: trained from scratch).
-    pretrained_prefixes: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -57,10 +72,6 @@ class TokenEncoder(nn.Module):
         for block in self.blocks:
             h = block(h)  # (B, T, H)
         return self.norm(h)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, raw_var = self.head(self.features(x)).chunk(2, dim=-1)  # (B, T, d) each
-        return mean, F.softplus(raw_var) + self.var_eps
 
 
 class TokenDecoder(nn.Module):
