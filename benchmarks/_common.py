@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmark scripts: splits, metrics, memory, environment, tables.
+"""Plumbing shared by the benchmark scripts: donor split, quiet logs, memory, timers,
+subprocesses, JSON, environment and markdown tables.
 
-Everything here is model-agnostic: functions take embeddings and label arrays (numpy), so
-the annotation, generation and perturbation benchmarks can reuse them unchanged.
+The metrics and baselines the scripts report are the package's own (``sfa.metrics``,
+``sfa.baselines``), so a figure here is what a user computes on their data.
 """
 
 from __future__ import annotations
@@ -88,113 +89,7 @@ def donor_split(
     return train, [d for d in ordered if d in set(test)]
 
 
-# --------------------------------------------------------------------------- metrics
-def knn_transfer(
-    x_ref: np.ndarray,
-    y_ref: np.ndarray,
-    x_query: np.ndarray,
-    y_query: np.ndarray,
-    k: int = 15,
-) -> dict[str, float]:
-    """Label transfer by a k-nearest-neighbour classifier from reference to query cells.
-
-    A ``KNeighborsClassifier(k)`` (Euclidean, uniform weights) is fit on the reference
-    embedding and labels and scored on the query cells.
-
-    Parameters
-    ----------
-    x_ref, y_ref
-        Reference embedding ``(n_ref, d)`` and labels ``(n_ref,)``.
-    x_query, y_query
-        Query embedding ``(n_query, d)`` and its true labels ``(n_query,)``.
-    k
-        Number of neighbours.
-
-    Returns
-    -------
-    ``{"accuracy": ..., "macro_f1": ...}`` on the query cells.
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    y_ref, y_query = np.asarray(y_ref).astype(str), np.asarray(y_query).astype(str)
-    pred = KNeighborsClassifier(n_neighbors=k).fit(x_ref, y_ref).predict(x_query)
-    return {
-        "accuracy": float(accuracy_score(y_query, pred)),
-        "macro_f1": float(f1_score(y_query, pred, average="macro", zero_division=0)),
-    }
-
-
-def _normalized_entropy(counts: np.ndarray, n_max: int) -> np.ndarray:
-    """Row-wise Shannon entropy of count vectors, divided by ``log(n_max)``."""
-    p = counts / counts.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
-    return h / math.log(n_max)
-
-
-def batch_mixing_entropy(
-    x: np.ndarray,
-    batches: np.ndarray,
-    groups: np.ndarray,
-    k: int = 50,
-) -> dict[str, Any]:
-    """Within-group kNN entropy of batch labels (1 = perfectly mixed, 0 = unmixed).
-
-    Definition. For each group ``g`` (a cell type) with cells ``S_g`` from ``B_g`` distinct
-    batches (donors), and each cell ``i`` in ``S_g``: take its ``k_g = min(k, |S_g| - 1)``
-    nearest other cells *of the same group* (Euclidean, in the embedding), let ``p_b`` be the
-    fraction of them from batch ``b``, and score ``H_i = -sum_b p_b log p_b / log(min(B_g,
-    k_g))``. A group's score is the mean of ``H_i`` over its cells; the reported score is the
-    unweighted mean over groups. Groups with fewer than 2 batches are skipped. Restricting
-    neighbours to the same group means differences in cell-type composition between
-    batches are not counted as (lack of) mixing.
-
-    The maximum 1 needs every batch equally present in every neighbourhood; when batches
-    differ in size, even a perfectly mixed embedding scores below 1. ``reference`` gives
-    the score of the batch composition itself (what random neighbours would get, up to
-    sampling noise) as a yardstick. The score alone rewards erasing structure, so read it
-    next to a conservation metric such as :func:`knn_transfer`.
-
-    Parameters
-    ----------
-    x
-        Embedding ``(n_cells, d)``.
-    batches
-        Batch (donor) label per cell.
-    groups
-        Group (cell type) label per cell.
-    k
-        Neighbours per cell.
-
-    Returns
-    -------
-    ``{"score": float, "reference": float, "per_group": {group: score}, "k": k}``.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    batches, groups = np.asarray(batches).astype(str), np.asarray(groups).astype(str)
-    per_group: dict[str, float] = {}
-    reference: list[float] = []
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        codes, inverse = np.unique(batches[idx], return_inverse=True)
-        k_g = min(k, len(idx) - 1)
-        if len(codes) < 2 or k_g < 2:
-            continue
-        n_max = min(len(codes), k_g)
-        nn = NearestNeighbors(n_neighbors=k_g + 1).fit(x[idx])
-        neigh = nn.kneighbors(x[idx], return_distance=False)[:, 1:]  # drop the cell itself
-        counts = np.zeros((len(idx), len(codes)))
-        np.add.at(counts, (np.repeat(np.arange(len(idx)), k_g), inverse[neigh].ravel()), 1.0)
-        per_group[str(g)] = float(_normalized_entropy(counts, n_max).mean())
-        composition = np.bincount(inverse, minlength=len(codes))[None, :].astype(float)
-        reference.append(float(_normalized_entropy(composition, n_max)[0]))
-    score = float(np.mean(list(per_group.values()))) if per_group else float("nan")
-    ref = float(np.mean(reference)) if reference else float("nan")
-    return {"score": score, "reference": ref, "per_group": per_group, "k": k}
-
-
+# --------------------------------------------------------------------------- timing
 def throughput(n_epochs: int, n_cells: int, seconds: float) -> float:
     """Training throughput in cells per second: ``n_epochs * n_cells / seconds``."""
     return n_epochs * n_cells / seconds if seconds > 0 else float("nan")
@@ -408,64 +303,7 @@ def pass_fail(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-# --------------------------------------------------------------------------- baselines
-def log_normalized(adata: Any, target_sum: float = 1e4) -> Any:
-    """A copy of ``adata`` with ``X`` library-normalised to ``target_sum`` and ``log1p``-ed."""
-    import scanpy as sc
-
-    out = adata.copy()
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    sc.pp.log1p(out)
-    return out
-
-
-def pca_baseline(
-    adata: Any,
-    fit_mask: np.ndarray | None = None,
-    n_comps: int = 50,
-    n_top_genes: int = 2000,
-    seed: int = 0,
-) -> np.ndarray:
-    """The usual Scanpy embedding: log-normalised (top-variable) genes, then PCA.
-
-    Counts are normalised to 10,000 per cell and ``log1p``-ed; when there are more than
-    ``n_top_genes`` genes, the ``n_top_genes`` highly variable ones (Scanpy's default
-    ``seurat`` flavour) are kept. Gene selection and PCA are fit on the ``fit_mask`` cells
-    only and every cell is then projected, so held-out cells never inform the basis.
-
-    Parameters
-    ----------
-    adata
-        AnnData with raw counts in ``X``.
-    fit_mask
-        Boolean mask of the cells to fit on (default: all).
-    n_comps
-        Number of principal components (capped by the data's size).
-    n_top_genes
-        Highly variable genes to keep, when there are more genes than that.
-    seed
-        Random state of the PCA solver.
-
-    Returns
-    -------
-    ``(n_cells, n_comps)`` embedding.
-    """
-    import scanpy as sc
-    from sklearn.decomposition import PCA
-
-    fit_mask = np.ones(adata.n_obs, bool) if fit_mask is None else np.asarray(fit_mask, bool)
-    lognorm = log_normalized(adata)
-    if lognorm.n_vars > n_top_genes:
-        hvg = sc.pp.highly_variable_genes(
-            lognorm[fit_mask], n_top_genes=n_top_genes, inplace=False
-        )["highly_variable"].to_numpy()
-        lognorm = lognorm[:, hvg]
-    x = dense(lognorm.X)
-    n_comps = min(n_comps, x.shape[1] - 1, int(fit_mask.sum()) - 1)
-    pca = PCA(n_components=n_comps, random_state=seed).fit(x[fit_mask])
-    return pca.transform(x).astype(np.float32)
-
-
+# --------------------------------------------------------------------------- arrays
 def dense(x: Any) -> np.ndarray:
     """A dense float32 array from a numpy or scipy sparse matrix."""
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)

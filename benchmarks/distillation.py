@@ -68,13 +68,13 @@ from _common import (
     donor_split,
     environment_info,
     fmt,
-    knn_transfer,
     markdown_table,
     quiet,
     throughput,
     timer,
     write_json,
 )
+from scfm_adapt.metrics import knn_transfer
 
 DATASET = "kang2018_ctrl_8donors"
 LABELS_KEY, BATCH_KEY = "cluster_id", "sample_id"

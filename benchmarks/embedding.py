@@ -32,7 +32,7 @@ kNN accuracy / macro-F1
 Donor mixing
     Within-cell-type kNN entropy of donor labels, ``k=50``, normalised to [0, 1] (1 =
     every neighbourhood holds all donors equally), averaged over cells, then over cell
-    types; see :func:`_common.batch_mixing_entropy`. Read it together with kNN accuracy:
+    types; see :func:`scfm_adapt.metrics.batch_mixing_entropy`. Read it together with kNN accuracy:
     mixing alone rewards erasing biology.
 Held-out NLL
     ``get_reconstruction_error(indices=model.test_indices)``: mean negative log-likelihood
@@ -68,16 +68,11 @@ from typing import Any
 import numpy as np
 
 from _common import (
-    batch_mixing_entropy,
-    dense,
     donor_split,
     environment_info,
     fmt,
-    knn_transfer,
-    log_normalized,
     markdown_table,
     pass_fail,
-    pca_baseline,
     peak_rss_mib,
     quiet,
     run_isolated,
@@ -86,6 +81,8 @@ from _common import (
     track_peak_memory,
     write_json,
 )
+from scfm_adapt.baselines import lognorm_genes, pca_embedding
+from scfm_adapt.metrics import batch_mixing_entropy, knn_transfer
 
 DATASET = "kang2018_ctrl_8donors"
 LABELS_KEY, BATCH_KEY = "cluster_id", "sample_id"
@@ -287,9 +284,9 @@ def _fit_baseline(
 ) -> tuple[np.ndarray, dict]:
     with track_peak_memory() as mem, timer() as t:
         if n_comps is None:
-            emb = dense(log_normalized(adata).X)
+            emb = lognorm_genes(adata)
         else:
-            emb = pca_baseline(adata, train_mask, n_comps, cfg.n_top_genes, cfg.seed)
+            emb = pca_embedding(adata, train_mask, n_comps, cfg.n_top_genes, cfg.seed)
     return emb, {
         "summary": "normalize_total(1e4) + log1p" + ("" if n_comps is None else " + HVG + PCA"),
         "n_params": None,

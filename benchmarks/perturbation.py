@@ -11,7 +11,7 @@ Tasks (seed 0), all on the real data in ``$SCFM_ADAPT_DATA`` / ``../shared/data`
 - ``mcfaline``: McFaline-Figueroa 2023; hold out one cell line's perturbed cells (default
   A172) and predict each of its perturbations from its control cells.
 
-Metrics (``sfa.benchmark``, on log1p(normalize_total 1e4)): ``pearson_delta`` (all genes),
+Metrics (``sfa.metrics``, on log1p(normalize_total 1e4)): ``pearson_delta`` (all genes),
 ``pearson_delta_top20``, ``r2_top100``, ``sign_acc_top20``, ``cosine_lfc``, ``energy``
 (PCA fitted on the training cells, outside every scored unit) and ``rank`` (among the
 task's units). Every method's cells are sampled counts, except the shift baselines (control
@@ -154,14 +154,14 @@ def training_reference(task: dict, seed: int = 0) -> np.ndarray:
     import scfm_adapt as sfa
 
     idx = np.random.default_rng(seed).permutation(task["train"].n_obs)[:2000]
-    return sfa.benchmark.lognorm(task["train"][idx])
+    return sfa.metrics.lognorm(task["train"][idx])
 
 
 def ceiling_scores(task: dict, seed: int = 0, reference=None) -> tuple[pd.DataFrame, dict, dict]:
     """Noise-ceiling scores of a task, with the mean deltas of both halves per unit."""
     import scfm_adapt as sfa
 
-    L = sfa.benchmark.lognorm
+    L = sfa.metrics.lognorm
     pred, truth, ctrls = {}, {}, {}
     for (p, ctx), (ctrl, true) in task["test"].items():
         u = unit_name(p, ctx)
@@ -169,7 +169,7 @@ def ceiling_scores(task: dict, seed: int = 0, reference=None) -> tuple[pd.DataFr
         ctrls[u] = L(ctrl)
     if reference is None:
         reference = training_reference(task, seed)
-    scores = sfa.benchmark.evaluate_predictions({"ceiling": pred}, truth, ctrls, reference)
+    scores = sfa.metrics.evaluate_predictions({"ceiling": pred}, truth, ctrls, reference)
     pred_d = {u: pred[u].mean(0) - ctrls[u].mean(0) for u in pred}
     true_d = {u: truth[u].mean(0) - ctrls[u].mean(0) for u in truth}
     return scores, pred_d, true_d
@@ -186,8 +186,8 @@ def baseline_predictions(task: dict, scvi_epochs: int, seed: int = 0) -> tuple:
     """
     import scfm_adapt as sfa
 
-    B = sfa.benchmark
-    L = B.lognorm
+    B = sfa.baselines
+    L = sfa.metrics.lognorm
     setup = task["setup"]
     keys = setup.get("covariate_keys", [])
     train = task["train"]
@@ -225,8 +225,7 @@ def run_task(
 
     import scfm_adapt as sfa
 
-    B = sfa.benchmark
-    L = B.lognorm
+    L = sfa.metrics.lognorm
     setup = task["setup"]
     keys = setup.get("covariate_keys", [])
     train = task["train"]
@@ -255,7 +254,7 @@ def run_task(
         extras["width"].append(float(np.mean(hi - lo)))
         extras["ood"][unit] = float(out.obs["ood_score"].iloc[0])
     reference = training_reference(task, seed)
-    scores = B.evaluate_predictions(preds, truth, ctrls, reference)
+    scores = sfa.metrics.evaluate_predictions(preds, truth, ctrls, reference)
     ceil_scores, ceil_pred_d, ceil_true_d = ceiling_scores(task, seed, reference)
     extras["deltas"] = {
         m: {u: v.mean(0) - ctrls[u].mean(0) for u, v in d.items()} for m, d in preds.items()
@@ -315,13 +314,13 @@ def main(argv=None) -> None:
         if len(units) >= 2:  # rank among all held-out units of the task (across folds)
             for m, d in deltas.items():
                 ref = ceil_d if m == "ceiling" else true_d
-                r = sfa.benchmark.rank_metric(
+                r = sfa.metrics.rank_metric(
                     np.stack([d[u] for u in units]), np.stack([ref[u] for u in units])
                 )
                 for u, v in zip(units, r):
                     scores.loc[(scores["method"] == m) & (scores["unit"] == u), "rank"] = v
         scores.to_csv(RESULTS / f"perturbation_{name}.csv", index=False)
-        table = sfa.benchmark.summarize(scores.drop(columns=["task"]))
+        table = sfa.metrics.summarize(scores.drop(columns=["task"]))
         print(
             f"\n== {name}: {scores['unit'].nunique()} held-out units, seed {args.seed}, "
             f"{time.perf_counter() - t0:.0f} s"

@@ -64,12 +64,12 @@ from _common import (
     donor_split,
     environment_info,
     fmt,
-    knn_transfer,
     markdown_table,
     quiet,
     timer,
     write_json,
 )
+from scfm_adapt.metrics import knn_transfer
 
 DATASET = "kang2018_ctrl_8donors"
 LABELS_KEY, BATCH_KEY = "cluster_id", "sample_id"
@@ -138,8 +138,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _log_pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson r of the logs (``scfm_adapt.benchmark``'s Pearson on log values)."""
-    from scfm_adapt.benchmark._metrics import _pearson
+    """Pearson r of the logs (``scfm_adapt.metrics``' Pearson on log values)."""
+    from scfm_adapt.metrics._perturbation import _pearson
 
     return _pearson(np.log(a.astype(np.float64)).ravel(), np.log(b.astype(np.float64)).ravel())
 

@@ -413,7 +413,7 @@ def scfm_perturbation(task: dict, tokenizer: str, gf_dir, args, seed: int = 0):
     """One PerturbationModel with ``tokenizer``; predictions, timings and extras."""
     import scfm_adapt as sfa
 
-    L = sfa.benchmark.lognorm
+    L = sfa.metrics.lognorm
     setup = task["setup"]
     keys = setup.get("covariate_keys", [])
     train = task["train"].copy()
@@ -500,7 +500,7 @@ def run_perturbation(args, workdir: Path, out: dict) -> list[str]:
                 flush=True,
             )
         reference = training_reference(task)
-        scores = sfa.benchmark.evaluate_predictions(preds, truth, ctrls, reference)
+        scores = sfa.metrics.evaluate_predictions(preds, truth, ctrls, reference)
         ceil, ceil_pred_d, ceil_true_d = ceiling_scores(task, 0, reference)
         scores = pd.concat([scores, ceil], ignore_index=True)
         scores["task"] = task["name"]
@@ -517,12 +517,12 @@ def run_perturbation(args, workdir: Path, out: dict) -> list[str]:
             if not all(u in d for u in unit_list):
                 continue
             ref = ceil_d if m == "ceiling" else true_d
-            r = sfa.benchmark.rank_metric(
+            r = sfa.metrics.rank_metric(
                 np.stack([d[u] for u in unit_list]), np.stack([ref[u] for u in unit_list])
             )
             for u, v in zip(unit_list, r):
                 scores.loc[(scores["method"] == m) & (scores["unit"] == u), "rank"] = v
-    summary = sfa.benchmark.summarize(scores.drop(columns=["task"]))
+    summary = sfa.metrics.summarize(scores.drop(columns=["task"]))
     # methods missing a unit (a crash) would be averaged over fewer units: mark them
     n_units = scores.groupby("method")["unit"].nunique()
 

@@ -128,14 +128,31 @@ def tiny_saved(tmp_path_factory):
     return m, m.save(tmp_path_factory.mktemp("tiny") / "m")
 
 
-@pytest.fixture
-def trained(adata, tiny_kwargs):
+@pytest.fixture(scope="session")
+def _trained_checkpoint(tmp_path_factory):
+    """A tiny SCFM trained once per session (both stages, 3 epochs on :func:`make_adata`),
+    saved: the ``trained`` fixture loads a fresh copy of it for each test."""
+    import scvi
+    import torch
+
     import scfm_adapt as sfa
 
-    sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
-    model = sfa.model.SCFM(adata, **tiny_kwargs)
+    torch.set_num_threads(n_threads())
+    scvi.settings.seed = 0
+    a = make_adata()
+    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
+    model = sfa.model.SCFM(a, **TINY)
     model.train(max_epochs=3, enable_progress_bar=False, early_stopping=False, batch_size=32)
-    return model
+    return model.save(tmp_path_factory.mktemp("trained") / "model")
+
+
+@pytest.fixture
+def trained(adata, _trained_checkpoint):
+    """A trained tiny SCFM on this test's ``adata``, a model of its own (tests may adapt,
+    train or quantize it): loaded from the session's checkpoint, not retrained."""
+    import scfm_adapt as sfa
+
+    return sfa.model.SCFM.load(_trained_checkpoint, adata=adata)
 
 
 def pytest_terminal_summary(terminalreporter):

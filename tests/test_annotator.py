@@ -130,6 +130,7 @@ def test_errors(pretrained):
         ann.predict(bad)
 
 
+@pytest.mark.slow
 def test_annotation_on_real_data(shared_data):
     """Kang 2018 controls: pretrain on 4 donors, annotate 2 unseen donors."""
     from sklearn.metrics import accuracy_score

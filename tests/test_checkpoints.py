@@ -18,7 +18,7 @@ import torch
 import scfm_adapt as sfa
 from conftest import REPO, make_adata
 from scfm_adapt.errors import CheckpointError
-from scfm_adapt.model import _io
+from scfm_adapt.model.base import _checkpoint as _io
 
 FIXTURE = REPO / "tests" / "data" / "checkpoint_v1"
 
@@ -130,7 +130,7 @@ KILLED_SAVE = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import make_adata, TINY
     import scfm_adapt as sfa
-    from scfm_adapt.model import _io
+    from scfm_adapt.model.base import _checkpoint as _io
     adata = make_adata()
     sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
     model = sfa.model.SCFM(adata, **TINY)  # untrained weights differ from the saved ones
@@ -146,6 +146,7 @@ KILLED_SAVE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("die_at", [1, 2], ids=["before-any-rename", "between-renames"])
 def test_save_killed_mid_way_leaves_the_previous_checkpoint_loadable(
     trained, adata, tmp_path, die_at

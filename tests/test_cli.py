@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from scfm_adapt.cli import knn_cv_accuracy, main
 
 
+@pytest.mark.slow
 def test_quickstart_writes_report_h5ad_umap_and_model(tmp_path):
     import anndata as ad
 

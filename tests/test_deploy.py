@@ -17,6 +17,7 @@ from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
 import scfm_adapt as sfa
 from conftest import TINY, make_adata, n_threads
+from scfm_adapt.module import tuner_layers
 
 
 def _train(seed: int = 0, **train_kwargs):
@@ -150,10 +151,10 @@ def test_active_lora_adapter_is_merged_into_the_quantized_copy():
     z = q.get_latent_representation()
     err = np.linalg.norm(z - z_lora) / np.linalg.norm(z_lora)
     assert err < 0.05 < np.linalg.norm(z_base - z_lora) / np.linalg.norm(z_lora)
-    assert not q.module._tuner_layers()  # LoRA folded in, wrappers gone, all int8
+    assert not tuner_layers(q.module)  # LoRA folded in, wrappers gone, all int8
     assert not any(isinstance(m, nn.Linear) for m in q.module.modules())
     # the float model keeps its (unmerged) adapter
-    assert model.module._tuner_layers() and not model.module.merged
+    assert tuner_layers(model.module) and not model.module.merged
     np.testing.assert_array_equal(model.get_latent_representation(), z_lora)
     with pytest.raises(RuntimeError, match="inference only"):
         q.set_adapter(None)

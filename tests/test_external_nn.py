@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from scfm_adapt.data._vocab import (
+from scfm_adapt.data._geneformer import (
     find_geneformer_files,
     load_geneformer,
     load_mapping,
@@ -22,7 +22,7 @@ from scfm_adapt.data._vocab import (
     write_random_geneformer,
 )
 from scfm_adapt.errors import CheckpointError, GeneMismatchError
-from scfm_adapt.nn._external import GeneformerEncoder
+from scfm_adapt.nn._geneformer import GeneformerEncoder
 
 GENES = [f"ENSG{i:011d}" for i in range(40)]
 

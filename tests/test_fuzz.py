@@ -229,7 +229,7 @@ def test_fuzz_damaged_checkpoint(tiny_saved, tmp_path_factory, name, cut, flips,
     only if nothing changed, else raise CheckpointError."""
     import shutil
 
-    from scfm_adapt.model import _io
+    from scfm_adapt.model.base import _checkpoint as _io
 
     _, path = tiny_saved
     dst = tmp_path_factory.mktemp("dmg") / "m"
@@ -276,3 +276,22 @@ def test_fuzz_counterfactual(tiny_saved, a, target, n_steps, strength):
     )
     if out is not None:
         _finite(out.X.toarray() if sparse.issparse(out.X) else out.X)
+
+
+@pytest.mark.slow
+def test_fuzzing_at_depth(tmp_path):
+    """Every fuzzer above again, with ``SCFM_FUZZ_DEEP_EXAMPLES`` (default 300) examples per
+    entry point instead of the default run's ``N``, in a fresh process."""
+    import subprocess
+    import sys
+
+    deep = os.environ.get("SCFM_FUZZ_DEEP_EXAMPLES", "300")
+    env = {**os.environ, "SCFM_FUZZ_EXAMPLES": deep}
+    here = Path(__file__)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
+         "-k", "not test_fuzzing_at_depth", "--rootdir", str(here.parent.parent)],
+        env=env, capture_output=True, text=True, cwd=here.parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no undocumented exception escaped" in proc.stdout

@@ -78,7 +78,7 @@ def test_save_load_round_trip_gives_identical_latent(trained, adata, tmp_path):
 
 
 def test_save_refuses_to_overwrite_and_is_atomic(trained, adata, tmp_path, monkeypatch):
-    from scfm_adapt.model import _io
+    from scfm_adapt.model.base import _checkpoint as _io
 
     path = trained.save(tmp_path / "m")
     with pytest.raises(FileExistsError, match="overwrite=True"):

@@ -1,4 +1,4 @@
-"""PerturbationModel, sfa.benchmark baselines and metrics, GO gene features."""
+"""PerturbationModel, sfa.baselines, sfa.metrics of perturbations, GO gene features."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import scfm_adapt as sfa
 from scfm_adapt import errors
 
-B = sfa.benchmark
+B = sfa.baselines
+M = sfa.metrics
+D = sfa.data
 
 # effects of the synthetic perturbations: gene blocks multiplied by 4 (A, B, D-like A)
 EFFECTS = {"A": slice(0, 5), "B": slice(5, 10), "C": slice(10, 15)}
@@ -121,8 +123,8 @@ def test_learned_response_points_the_right_way(pert_model):
     assert d["A"].iloc[0:5].mean() > d["A"].iloc[5:].mean() + 0.3
     assert d["B"].iloc[5:10].mean() > d["B"].iloc[0:5].mean() + 0.3
     # the predicted cells themselves carry the change
-    lo = B.lognorm(out[out.obs["condition"] == "A"].X)
-    assert lo[:, 0:5].mean() - B.lognorm(ctrl.X)[:, 0:5].mean() > 0.3
+    lo = M.lognorm(out[out.obs["condition"] == "A"].X)
+    assert lo[:, 0:5].mean() - M.lognorm(ctrl.X)[:, 0:5].mean() > 0.3
 
 
 def test_combination_order_invariance(pert_model):
@@ -239,45 +241,49 @@ def test_metrics_on_hand_computed_cases():
     ctrl = np.zeros((2, 4))
     true = np.array([[1.0, 2.0, -1.0, 0.0], [1.0, 2.0, -1.0, 0.0]])
     pred = np.array([[2.0, 4.0, -2.0, 0.0]])  # delta twice the truth: r = 1, cosine = 1
-    assert B.pearson_delta(pred, true, ctrl) == pytest.approx(1.0)
-    assert B.cosine_lfc(pred, true, ctrl) == pytest.approx(1.0)
-    assert list(B.de_genes(true, ctrl, 2)) == [1, 0]
+    assert M.pearson_delta(pred, true, ctrl) == pytest.approx(1.0)
+    assert M.cosine_lfc(pred, true, ctrl) == pytest.approx(1.0)
+    assert list(M.de_genes(true, ctrl, 2)) == [1, 0]
     # R² over the top-3 DE genes (ordered 1, 0, 2): true means (2, 1, -1), predicted (4, 2, -2)
     mt = np.array([2.0, 1.0, -1.0])
     mp = np.array([4.0, 2.0, -2.0])
     expected = 1 - ((mt - mp) ** 2).sum() / ((mt - mt.mean()) ** 2).sum()
-    assert B.r2_means(pred, true, ctrl, top_k=3) == pytest.approx(expected)
+    assert M.r2_means(pred, true, ctrl, top_k=3) == pytest.approx(expected)
     flipped = np.array([[1.0, -2.0, 1.0, 0.0]])
-    assert B.sign_accuracy(flipped, true, ctrl, top_k=3) == pytest.approx(1 / 3)
-    assert B.pearson_delta(flipped, true, ctrl, top_k=2) == pytest.approx(-1.0)
-    assert np.isnan(B.cosine_lfc(ctrl, true, ctrl))  # no change: undefined
+    assert M.sign_accuracy(flipped, true, ctrl, top_k=3) == pytest.approx(1 / 3)
+    assert M.pearson_delta(flipped, true, ctrl, top_k=2) == pytest.approx(-1.0)
+    assert np.isnan(M.cosine_lfc(ctrl, true, ctrl))  # no change: undefined
 
 
 def test_rank_metric_exposes_identical_predictions():
     true = np.eye(4)
-    assert np.allclose(B.rank_metric(true, true), 0.0)
+    assert np.allclose(M.rank_metric(true, true), 0.0)
     same = np.tile(np.full(4, 0.25), (4, 1))
-    assert np.allclose(B.rank_metric(same, true), 0.5)
+    assert np.allclose(M.rank_metric(same, true), 0.5)
     swapped = true[[1, 0, 2, 3]]
-    r = B.rank_metric(swapped, true)
+    r = M.rank_metric(swapped, true)
     # e1 is strictly closer than its own e0, e2 and e3 tie with it: (1 + 2/2) / 3
     assert r[0] == pytest.approx(2 / 3) and r[2] == 0.0
     with pytest.raises(ValueError):
-        B.rank_metric(true[:1], true[:1])
+        M.rank_metric(true[:1], true[:1])
 
 
 def test_energy_distance_and_lognorm():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(200, 10))
     x = rng.normal(size=(100, 10))
-    assert B.energy_distance(x, x, ref) == pytest.approx(0.0, abs=1e-9)
-    assert B.energy_distance(x + 2.0, x, ref) > B.energy_distance(x + 0.5, x, ref) > 0
+    assert M.perturbation_energy_distance(x, x, ref) == pytest.approx(0.0, abs=1e-9)
+    assert (
+        M.perturbation_energy_distance(x + 2.0, x, ref)
+        > M.perturbation_energy_distance(x + 0.5, x, ref)
+        > 0
+    )
     counts = np.array([[1.0, 3.0], [0.0, 2.0]])
-    assert np.allclose(B.lognorm(counts), np.log1p(counts / counts.sum(1, keepdims=True) * 1e4))
+    assert np.allclose(M.lognorm(counts), np.log1p(counts / counts.sum(1, keepdims=True) * 1e4))
     with pytest.raises(ValueError, match="non-negative"):
-        B.lognorm(-counts)
-    out = B.evaluate_unit(x + 0.1, x, x, reference=ref)
-    assert set(out) == set(B.METRICS)
+        M.lognorm(-counts)
+    out = M.evaluate_unit(x + 0.1, x, x, reference=ref)
+    assert set(out) == set(M.METRICS)
 
 
 # ------------------------------------------------------------------ baselines
@@ -310,10 +316,10 @@ def _toy_table():
 
 
 def test_canonical_names():
-    assert B.canonical_perturbation("B+A", "ctrl") == "A+B"
-    assert B.canonical_perturbation("A+ctrl", "ctrl") == "A"
-    assert B.canonical_perturbation("ctrl", "ctrl") == "ctrl"
-    assert B.split_perturbation(" B + A ", "ctrl") == ["A", "B"]
+    assert D.canonical_perturbation("B+A", "ctrl") == "A+B"
+    assert D.canonical_perturbation("A+ctrl", "ctrl") == "A"
+    assert D.canonical_perturbation("ctrl", "ctrl") == "ctrl"
+    assert D.split_perturbation(" B + A ", "ctrl") == ["A", "B"]
 
 
 def test_shift_baselines_by_hand():

@@ -6,7 +6,7 @@ import pytest
 
 import scfm_adapt as sfa
 
-pytestmark = pytest.mark.data
+pytestmark = [pytest.mark.data, pytest.mark.slow]
 
 
 def test_kang_ctrl_embedding_transfers_cell_types_across_donors(shared_data):

@@ -45,6 +45,7 @@ def test_the_six_tutorials_are_committed_executed_and_error_free():
         )
 
 
+@pytest.mark.slow
 def test_the_fastest_tutorial_runs_end_to_end():
     pytest.importorskip("nbclient")
     nb, _ = _executor().execute(FASTEST, write=False)

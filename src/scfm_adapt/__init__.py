@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _SUBMODULES = (
     "model",
     "tl",
     "pl",
     "metrics",
+    "baselines",
     "benchmark",
     "datasets",
     "data",
@@ -27,7 +28,20 @@ _SUBMODULES = (
 __all__ = [*_SUBMODULES, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import benchmark, data, datasets, diffusion, metrics, model, module, nn, pl, tl, train  # noqa: F401
+    from . import (  # noqa: F401
+        baselines,
+        benchmark,
+        data,
+        datasets,
+        diffusion,
+        metrics,
+        model,
+        module,
+        nn,
+        pl,
+        tl,
+        train,
+    )
 
 
 def __getattr__(name: str):

@@ -1,65 +1,71 @@
-"""Baselines and metrics for perturbation-response prediction, usable on any data.
+"""Deprecated: ``sfa.benchmark`` moved, kept for one release.
 
->>> import scfm_adapt as sfa
->>> table = sfa.benchmark.PerturbationTable(train, "condition", "control", ["cell_type"])
->>> delta = sfa.benchmark.mean_shift_delta(table, "A+B", context="k562")
->>> pred = sfa.benchmark.shifted_cells(sfa.benchmark.lognorm(ctrl), delta)
->>> sfa.benchmark.evaluate_unit(pred, sfa.benchmark.lognorm(true), sfa.benchmark.lognorm(ctrl))
-
-Every benchmark under ``benchmarks/`` reports these baselines beside the model, on the same
-split: simple baselines often match deep models on these tasks.
+Its names now live where their concept does: the baselines in :mod:`scfm_adapt.baselines`,
+the metrics (and ``lognorm``) in :mod:`scfm_adapt.metrics`, perturbation-name parsing in
+:mod:`scfm_adapt.data`. ``sfa.benchmark.energy_distance`` (PCA fitted on a reference) is
+:func:`scfm_adapt.metrics.perturbation_energy_distance`; ``sfa.metrics.energy_distance``
+is the one of generated vs real counts. Every old name still works and warns with a
+:class:`DeprecationWarning` naming its new home.
 """
 
-from ._baselines import (
-    LinearPCARidge,
-    PerturbationTable,
-    ScVILatentArithmetic,
-    additive_delta,
-    canonical_perturbation,
-    context_labels,
-    mean_shift_delta,
-    shift_by_rule,
-    shifted_cells,
-    split_perturbation,
-    unit_means,
-)
-from ._metrics import (
-    METRICS,
-    cosine_lfc,
-    de_genes,
-    energy_distance,
-    evaluate_predictions,
-    evaluate_unit,
-    lognorm,
-    pearson_delta,
-    r2_means,
-    rank_metric,
-    sign_accuracy,
-    summarize,
-)
+from __future__ import annotations
 
-__all__ = [
-    "METRICS",
-    "LinearPCARidge",
-    "PerturbationTable",
-    "ScVILatentArithmetic",
-    "additive_delta",
-    "canonical_perturbation",
-    "context_labels",
-    "cosine_lfc",
-    "de_genes",
-    "energy_distance",
-    "evaluate_predictions",
-    "evaluate_unit",
-    "lognorm",
-    "mean_shift_delta",
-    "pearson_delta",
-    "r2_means",
-    "rank_metric",
-    "shift_by_rule",
-    "shifted_cells",
-    "sign_accuracy",
-    "split_perturbation",
-    "summarize",
-    "unit_means",
-]
+import importlib
+import warnings
+
+#: Old name -> (new module, new name).
+_MOVED = {
+    **{
+        name: ("scfm_adapt.baselines", name)
+        for name in (
+            "LinearPCARidge",
+            "PerturbationTable",
+            "ScVILatentArithmetic",
+            "additive_delta",
+            "mean_shift_delta",
+            "shift_by_rule",
+            "shifted_cells",
+            "unit_means",
+        )
+    },
+    **{
+        name: ("scfm_adapt.data", name)
+        for name in ("canonical_perturbation", "context_labels", "split_perturbation")
+    },
+    **{
+        name: ("scfm_adapt.metrics", name)
+        for name in (
+            "METRICS",
+            "cosine_lfc",
+            "de_genes",
+            "evaluate_predictions",
+            "evaluate_unit",
+            "lognorm",
+            "pearson_delta",
+            "r2_means",
+            "rank_metric",
+            "sign_accuracy",
+            "summarize",
+        )
+    },
+    "energy_distance": ("scfm_adapt.metrics", "perturbation_energy_distance"),
+}
+
+__all__ = sorted(_MOVED)
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module 'scfm_adapt.benchmark' has no attribute {name!r}")
+    module, new = _MOVED[name]
+    warnings.warn(
+        f"scfm_adapt.benchmark.{name} is deprecated and will be removed in the next release: "
+        f"use {module}.{new}.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), new)
+
+
+def __dir__():
+    return sorted([*globals(), *_MOVED])

@@ -2,6 +2,13 @@
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
 from ._backed import is_backed, matrix_sums, read_backed, row_blocks
+from ._geneformer import (
+    GeneformerCheckpoint,
+    load_geneformer,
+    map_genes_to_vocab,
+    safe_load_pickle,
+    write_random_geneformer,
+)
 from ._genesets import (
     OTHER_GENES,
     as_gene_graph,
@@ -14,6 +21,13 @@ from ._genesets import (
     set_graph,
 )
 from ._mudata import pair_modalities
+from ._perturbations import (
+    canonical_perturbation,
+    context_labels,
+    parse_doses,
+    parts_and_doses,
+    split_perturbation,
+)
 from ._validation import (
     check_counts,
     check_genes,
@@ -24,13 +38,6 @@ from ._validation import (
     gene_order,
     get_matrix,
 )
-from ._vocab import (
-    GeneformerCheckpoint,
-    load_geneformer,
-    map_genes_to_vocab,
-    safe_load_pickle,
-    write_random_geneformer,
-)
 
 __all__ = [
     "OBSERVED_KEY",
@@ -39,12 +46,14 @@ __all__ = [
     "GeneformerCheckpoint",
     "align_genes",
     "as_gene_graph",
+    "canonical_perturbation",
     "check_counts",
     "check_genes",
     "check_layer_counts",
     "check_not_view",
     "check_obs_keys",
     "check_unique_names",
+    "context_labels",
     "gene_order",
     "gene_overlap",
     "get_matrix",
@@ -56,6 +65,8 @@ __all__ = [
     "matrix_sums",
     "memberships",
     "pair_modalities",
+    "parse_doses",
+    "parts_and_doses",
     "read_backed",
     "read_gmt",
     "resolve_gene_sets",
@@ -63,5 +74,6 @@ __all__ = [
     "safe_load_pickle",
     "select_gene_sets",
     "set_graph",
+    "split_perturbation",
     "write_random_geneformer",
 ]

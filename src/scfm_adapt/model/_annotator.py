@@ -13,18 +13,17 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from .. import __version__
-from ..data import check_genes, check_layer_counts, check_not_view, check_unique_names, get_matrix
-from ..errors import CheckpointError, SCFMInputError, UnknownCategoryError
-from ..module import SCFMModule
-from ..module._annotator import AnnotatorModule
-from ..train import guarded
-from ._io import read_checkpoint, write_checkpoint
+from ..data import check_genes, check_layer_counts, check_not_view
+from ..errors import SCFMInputError, UnknownCategoryError
+from ..metrics import expected_calibration_error
+from ..module import AnnotatorModule, SCFMModule
+from ..train import DEFAULT_GRADIENT_CLIP, fit_temperature
+from ._attributions import pathway_attributions
 from ._scfm import SCFM
+from .base import BaseModel
+from .base._training import mark_finished
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def _annotator_targets(encoder) -> tuple[str, ...]:
     return tuple(own) + (("gene_to_tokens",) if hasattr(encoder, "gene_to_tokens") else ())
 
 
-class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
+class CellAnnotator(BaseModel):
     """Cell-type annotation by adapting a pretrained :class:`SCFM`.
 
     A copy of the pretrained model's encoder is adapted with ``strategy`` (only the
@@ -83,6 +82,10 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _module_cls = AnnotatorModule
+    # An annotator reads the genes of its pretrained model in their order (no reordering),
+    # and ignores obs: every cell it is given is unlabelled (see _shell_obs).
+    _reorders_genes = False
+    _genes_owner = "annotator"
 
     def __init__(
         self,
@@ -113,8 +116,8 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             adapt_kwargs.setdefault("parts", ("encoder",))
             if strategy == "lora":
                 # The gene → token projection is where a new protocol or tissue differs
-                # most: on CellBench (CEL-seq2 → Drop-seq) LoRA on the transformer alone
-                # reached 0.40 accuracy, with this layer added 0.96 (benchmarks/README.md).
+                # most: across protocols LoRA on the transformer alone fails where LoRA with
+                # this layer works (benchmarks/README.md, annotation on CellBench).
                 adapt_kwargs.setdefault("target_modules", _annotator_targets(backbone.encoder))
             backbone.add_adapter(adapter_name, strategy, **adapt_kwargs)
             self.var_names_ = list(pretrained.var_names_)
@@ -147,7 +150,6 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         self.calibration_: dict = {}
         self._freeze()
         self.init_params_ = self._get_init_params(locals())
-        self._model_summary_string = self._summary()
 
     def _label_mapping(self) -> np.ndarray:
         state = self.registry_["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
@@ -220,22 +222,13 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
         ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
-    def _query_view(self, adata: AnnData) -> AnnData:
-        """A light AnnData over ``adata``'s counts (no copy) with every cell unlabelled, so
-        that unseen labels or batches never block prediction."""
-        check_genes(adata.var_names, self.var_names_, what="annotator")
-        check_unique_names(adata)
-        layer = self.registry_["setup_args"].get("layer")
-        check_layer_counts(adata, layer)
+    def _shell_obs(self, adata: AnnData) -> pd.DataFrame:
+        """Every cell of a foreign AnnData is unlabelled, so that unseen labels or batches
+        never block prediction."""
         labels_key = self.registry_["setup_args"]["labels_key"]
-        obs = pd.DataFrame({labels_key: self.unlabeled_category_}, index=adata.obs_names)
-        view = AnnData(X=get_matrix(adata, layer), obs=obs, var=pd.DataFrame(index=adata.var_names))
-        self._validate_anndata(view)
-        return view
+        return pd.DataFrame({labels_key: self.unlabeled_category_}, index=adata.obs_names.copy())
 
     # ------------------------------------------------------------------ training
     def train(
@@ -253,6 +246,8 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         devices: int | list[int] | str = "auto",
         ood_quantile: float = 0.99,
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
         **trainer_kwargs,
     ) -> None:
         """Fit the adapter and head (cross-entropy), then calibrate and fit the OOD score.
@@ -267,6 +262,11 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         ood_quantile
             Share of validation cells whose OOD score stays under the threshold (the
             in-distribution false-flag rate is about ``1 - ood_quantile``).
+        checkpoint_dir, resume
+            As in :meth:`SCFM.train`: an epoch checkpoint in ``checkpoint_dir/annotator``
+            and the cells' split in ``checkpoint_dir/split.json``; ``resume=True``
+            continues an interrupted call (same arguments) to the result of an
+            uninterrupted one.
         **trainer_kwargs
             Passed to :class:`scvi.train.Trainer` (e.g. ``enable_progress_bar=False``).
         """
@@ -274,28 +274,44 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", "eps": 1e-8}
         plan.update(plan_kwargs or {})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        trainer_kwargs = guarded(trainer_kwargs, "CellAnnotator.train")
+        root = self._checkpoint_folder(checkpoint_dir, resume)
+        folder = None if root is None else root / "annotator"
+        if root is not None:
+            split = self._fixed_split(root, resume, train_size, validation_size)
+            ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+            trainer_kwargs["datasplitter_kwargs"] = {**ds_kwargs, "external_indexing": split}
+            history = self._restore_finished_run(folder) if resume else None
+            if history is not None:  # the fit ended before the interruption
+                self.train_indices, self.validation_indices, self.test_indices = split
+                self.history_ = history
+                self.is_trained_ = True
+                self.module.eval()
+                self._calibrate(ood_quantile, batch_size)
+                return
         self.module.train()
         if self.strategy_ == "linear_probe":  # frozen features: no dropout inside
             self.module.backbone.eval()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-            super().train(
-                max_epochs=max_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                early_stopping_patience=early_stopping_patience,
-                early_stopping_monitor="elbo_validation",
-                plan_kwargs=plan,
-                **trainer_kwargs,
-            )
+        self._run_training(
+            what="CellAnnotator.train",
+            clip=DEFAULT_GRADIENT_CLIP,
+            folder=folder,
+            resume=resume,
+            trainer_kwargs=trainer_kwargs,
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            early_stopping_monitor="elbo_validation",
+            plan_kwargs=plan,
+        )
+        if folder is not None:
+            mark_finished(folder, self.history_ or {})
         self.module.eval()
         self._calibrate(ood_quantile, batch_size)
-        self._model_summary_string = self._summary()
 
     @torch.inference_mode()
     def _outputs(self, adata: AnnData | None, indices=None, batch_size: int | None = None):
@@ -383,7 +399,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         ``(table, probabilities)``: two DataFrames indexed by cell.
         """
         self._check_if_trained(warn=False)
-        target = self.adata if adata is None else self._query_view(adata)
+        target = self.adata if adata is None else adata
         logits, feats, _ = self._outputs(target, indices, batch_size)
         m = self.module
         probs = torch.softmax(logits / m.temperature.cpu(), -1).numpy()
@@ -444,8 +460,6 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             Cells × pathways; each row sums to the logit's change from the baseline, up to
             ``attrs["completeness_gap"]``; ``attrs["label"]`` holds the explained labels.
         """
-        from ._tokenizer import pathway_attributions
-
         if self.module.backbone.tokenizer != "pathway":
             raise SCFMInputError(
                 "Pathway attributions need a backbone built with tokenizer='pathway'; this "
@@ -454,8 +468,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         classes = list(self.classes_)
         if label is not None and label not in classes:
             raise UnknownCategoryError(f"label={label!r} is not one of the types {classes}.")
-        target_adata = self.adata if adata is None else self._query_view(adata)
-        target_adata = self._validate_anndata(target_adata)
+        target_adata = self._validate_anndata(adata)
         if label is not None:
             n = target_adata.n_obs if indices is None else len(indices)
             chosen = torch.full((n,), classes.index(label))
@@ -496,8 +509,7 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         self, adata: AnnData | None = None, indices=None, batch_size: int | None = None
     ) -> np.ndarray:
         """The adapted encoder's posterior-mean embedding (mean over tokens)."""
-        target = self.adata if adata is None else self._query_view(adata)
-        target = self._validate_anndata(target)
+        target = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=target, indices=indices, batch_size=batch_size)
         self.module.eval()
         bb = self.module.backbone
@@ -508,14 +520,10 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ save / load
-    def save(self, dir_path: str | Path, overwrite: bool = False) -> Path:
-        """Save (safetensors + JSON, atomically): backbone config with its adapters, head,
-        temperature, OOD statistics, classes and registry."""
-        bb = self.module.backbone
-        config = {
-            "model": type(self).__name__,
-            "scfm_adapt_version": __version__,
-            "backbone": bb.config(),
+    def _checkpoint_config(self) -> dict:
+        """The backbone's config with its adapters, classes, calibration and registry."""
+        return {
+            "backbone": self.module.backbone.config(),
             "init_kwargs": self.init_kwargs_,
             "classes": self.classes_,
             "strategy": self.strategy_,
@@ -524,18 +532,15 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             "calibration": self.calibration_,
             "history": self.history_ or {},
         }
-        state = bb.checkpoint_state(owner=self.module)
-        return write_checkpoint(dir_path, state, config, overwrite=overwrite)
+
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Backbone (with its adapters), head, temperature and OOD statistics."""
+        return self.module.backbone.checkpoint_state(owner=self.module)
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> CellAnnotator:
-        """Load an annotator saved by :meth:`save` (``adata`` optional: it can predict on
-        any AnnData with the right genes)."""
-        state, config = read_checkpoint(dir_path)
-        if config.get("model") != cls.__name__:
-            raise CheckpointError(
-                f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}."
-            )
+    def _from_checkpoint(cls, where, state: dict, config: dict, adata) -> CellAnnotator:
+        """An annotator needs no AnnData to predict: ``adata`` (optional) is set up with the
+        saved registry when given."""
         registry = config["registry"]
         backbone = SCFMModule.rebuild(config["backbone"])
         if adata is not None:
@@ -559,8 +564,6 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
         model.calibration_ = config.get("calibration", {})
         model.history_ = config.get("history") or None
         model.is_trained_ = True
-        model.module.eval()
-        model._model_summary_string = model._summary()
         return model
 
     def _summary(self) -> str:
@@ -578,41 +581,3 @@ class CellAnnotator(UnsupervisedTrainingMixin, BaseModelClass):
             f"  trainable: {rep['trainable']:,} ({rep['adapter']:,} adapter + {rep['head']:,} "
             f"head) = {rep['fraction']:.2%} of the {rep['backbone']:,}-parameter backbone" + extra
         )
-
-    def __repr__(self) -> str:
-        return self._model_summary_string
-
-
-def fit_temperature(logits: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
-    """Temperature minimising the NLL of ``softmax(logits / T)`` (Guo et al., 2017), with a
-    weak prior on ``log T`` that matters only for small validation sets."""
-    log_t = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-    logits, y = logits.detach().float(), y.long()
-
-    n = max(len(y), 1)
-
-    def closure():
-        opt.zero_grad()
-        # A weak N(0, 1) prior on log T: with few, perfectly separated validation cells
-        # the plain NLL would send T to 0 (infinitely confident).
-        nll = torch.nn.functional.cross_entropy(logits / log_t.exp(), y)
-        loss = nll + 0.5 * log_t.pow(2) / n
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
-    """ECE of the top-class confidence with ``n_bins`` equal-width bins."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == y
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(ece)

@@ -17,7 +17,8 @@ from ..data import gene_order
 from ..errors import GeneMismatchError
 from ..module import DistillationModule
 from ..train import guarded
-from ._scfm import SCFM, _transfer_errors
+from ._scfm import SCFM
+from .base import transfer_errors
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def distill(
             )
         # The student is set up on the cells it learns from, as setup_anndata would do.
         data = adata
-        SCFM.register_manager(_transfer_errors(teacher.adata_manager.transfer_fields, data))
+        SCFM.register_manager(transfer_errors(teacher.adata_manager.transfer_fields, data))
 
     sizes = {
         "encoder_hidden": encoder_hidden,
@@ -241,5 +242,4 @@ def distill(
     student.module.set_stage("vae")
     student.module.eval()
     student.is_trained_ = True
-    student._model_summary_string = student._summary()
     return student

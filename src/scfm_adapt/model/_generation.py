@@ -3,7 +3,6 @@ with classifier-free guidance, and counterfactual transfer of real cells by DDIM
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,8 +13,11 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
+from .._slots import SLOTS
 from ..errors import UnknownCategoryError
-from ..module import MODULE_KEYS
+from ..module import MODULE_KEYS, SCFMModule
+from ._results import cells_anndata
+from .base import seeded
 
 
 @dataclass(frozen=True)
@@ -40,18 +42,6 @@ class Condition:
         return np.asarray(values, dtype=np.float32)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed torch's generators inside the block and restore the caller's state after."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _batches_of(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -59,6 +49,21 @@ def _batches_of(n: int, size: int):
 
 class GenerationMixin:
     """Mixed into :class:`~scfm_adapt.model.SCFM`; see :meth:`generate`."""
+
+    # What this mixin needs from the model it is mixed into, beyond BaseModel:
+    module: SCFMModule
+    trained_stages_: list[str]
+
+    # ------------------------------------------------------------------ hooks
+    def _generate_extra(self, z: torch.Tensor, conds: dict) -> dict[str, tuple]:
+        """Counts and means of further modalities for generated tokens ``z``: none for an
+        RNA model (a MuData model overrides this, see ``MultimodalMixin``)."""
+        return {}
+
+    def _generated_mudata(self, rna: AnnData, extra: dict):
+        """Generated RNA joined with the further modalities of :meth:`_generate_extra`
+        (an RNA model has none)."""
+        return rna
 
     # ------------------------------------------------------------------ conditions
     @property
@@ -326,7 +331,7 @@ class GenerationMixin:
             from tqdm.auto import tqdm
 
             it = tqdm(slices, desc="generating", unit="batch")
-        with _seeded(seed, device):
+        with seeded(seed, device):
             for sl in it:
                 conds = {k: v[sl] for k, v in conds_all.items()}
                 m = sl.stop - sl.start
@@ -349,7 +354,7 @@ class GenerationMixin:
                 libs.append(library.view(-1).float().cpu().numpy())
                 extra.append(self._generate_extra(z, conds))
         obs = self._obs_of(frame)
-        obs["scfm_library"] = np.concatenate(libs)
+        obs[SLOTS.library] = np.concatenate(libs)
         obs.index = [f"scfm_gen_{i}" for i in range(n)]
         params = {
             "guidance_scale": _guidance_param(guidance_scale),
@@ -376,18 +381,14 @@ class GenerationMixin:
         return obs
 
     def _as_anndata(
-        self, counts: np.ndarray, expected: np.ndarray, obs: pd.DataFrame, params: dict
+        self,
+        counts: np.ndarray,
+        expected: np.ndarray,
+        obs: pd.DataFrame,
+        params: dict,
+        key: str = SLOTS.generate,
     ) -> AnnData:
-        from scipy import sparse
-
-        adata = AnnData(
-            X=sparse.csr_matrix(counts.astype(np.float32)),
-            obs=obs,
-            var=pd.DataFrame(index=pd.Index(self.var_names_)),
-            layers={"scfm_expected": expected.astype(np.float32)},
-        )
-        adata.uns["scfm_generate"] = {"params": params}
-        return adata
+        return cells_anndata(counts, expected, obs, self.var_names_, {key: {"params": params}})
 
     # ------------------------------------------------------------------ counterfactuals
     def _target_codes(self, target: Mapping[str, Any]) -> dict[str, Any]:
@@ -502,7 +503,7 @@ class GenerationMixin:
         self.module.eval()
         device = self.module.device
         counts, expected = [], []
-        with _seeded(seed, device):
+        with seeded(seed, device):
             for tensors in self._batches(adata_, indices, batch_size):
                 z, library, new = self._counterfactual_batch(
                     tensors, codes, n_steps, strength, guidance
@@ -528,9 +529,9 @@ class GenerationMixin:
             "library_size": library_size,
             "seed": seed,
         }
-        out = self._as_anndata(np.concatenate(counts), np.concatenate(expected), obs, params)
-        out.uns["scfm_counterfactual"] = out.uns.pop("scfm_generate")
-        return out
+        return self._as_anndata(
+            np.concatenate(counts), np.concatenate(expected), obs, params, SLOTS.counterfactual
+        )
 
 
 def _guidance_param(guidance_scale) -> float | dict:

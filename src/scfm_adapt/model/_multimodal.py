@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import (
     MuDataCategoricalJointObsField,
     MuDataCategoricalObsField,
@@ -20,15 +19,17 @@ from scvi.data.fields import (
 
 from ..data import check_counts, check_obs_keys, get_matrix
 from ..errors import GeneMismatchError, ModalityError
-from ..module import MODULE_KEYS, MultimodalSCFMModule
+from ..module import MODULE_KEYS, MultimodalSCFMModule, SCFMModule
 from ..module._multimodal import MODALITY_KEYS, MODALITY_LIKELIHOODS, MODALITY_TOKENS
+from ._results import modalities_mudata
 
 ROLES = ("rna", "protein", "atac")
 #: SCFM arguments that only a MuData model takes.
 MULTIMODAL_KWARGS = ("protein_likelihood", "atac_likelihood", "modality_tokens")
 
 
-def _is_mudata(data) -> bool:
+def is_mudata(data) -> bool:
+    """Whether ``data`` is a :class:`mudata.MuData`."""
     from mudata import MuData
 
     return isinstance(data, MuData)
@@ -79,6 +80,11 @@ def _check_modalities(mdata, modalities: dict[str, str]) -> None:
 class MultimodalMixin:
     """``setup_mudata`` and the modality-aware parts of :class:`SCFM`."""
 
+    # What this mixin needs from the model it is mixed into, beyond BaseModel:
+    module: SCFMModule
+    #: Feature names of each further modality (role -> names), set by the model.
+    modality_var_names_: dict[str, list[str]]
+
     @classmethod
     def setup_mudata(
         cls,
@@ -125,7 +131,7 @@ class MultimodalMixin:
         KeyError
             A named layer or ``obs`` column does not exist.
         """
-        if not _is_mudata(mdata):
+        if not is_mudata(mdata):
             raise TypeError(
                 f"setup_mudata needs a mudata.MuData, got {type(mdata).__name__}; register an "
                 "AnnData with SCFM.setup_anndata."
@@ -189,11 +195,7 @@ class MultimodalMixin:
                     mod_required=True,
                 )
             )
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        from ._scfm import _transfer_errors
-
-        _transfer_errors(manager.register_fields, mdata, **kwargs)
-        cls.register_manager(manager)
+        cls._register(mdata, fields, setup_method_args, **kwargs)
 
     # ------------------------------------------------------------------ registry
     @property
@@ -212,11 +214,27 @@ class MultimodalMixin:
         args = self.registry_["setup_args"]
         return args.get(f"{role}_layer") if self.is_multimodal else args.get("layer")
 
-    def _rna_matrix(self, data):
-        """The RNA counts matrix of an AnnData or a registered MuData."""
+    def _counts_matrix(self, data):
+        """The RNA counts matrix of an AnnData, or of a registered MuData's RNA modality."""
         if self.is_multimodal:
             return get_matrix(data.mod[self.modalities_["rna"]], self._layer_of("rna"))
-        return get_matrix(data, self._layer_of("rna"))
+        return super()._counts_matrix(data)
+
+    def _model_input(self, data):
+        """What scvi-tools registers for foreign data: a MuData model takes a MuData with
+        its modalities (an AnnData is taken as RNA alone, the others masked); an AnnData
+        model takes an input shell of an AnnData."""
+        if not self.is_multimodal:
+            if is_mudata(data):
+                raise TypeError(
+                    "This model was set up on an AnnData; pass an AnnData (e.g. "
+                    "mdata.mod['rna']), or set up a MuData model with SCFM.setup_mudata."
+                )
+            return super()._model_input(data)
+        mdata = self._as_model_mudata(data)
+        if mdata is not self.adata and not self._checked(mdata):
+            self._check_mudata_input(mdata)
+        return mdata
 
     def _modality_var_names(self, mdata) -> dict[str, list[str]]:
         return {
@@ -312,7 +330,7 @@ class MultimodalMixin:
         from mudata import MuData
         from scipy import sparse
 
-        if _is_mudata(adata):
+        if is_mudata(adata):
             missing = [n for n in self.modalities_.values() if n not in adata.mod]
             if missing:
                 raise ModalityError(
@@ -436,20 +454,4 @@ class MultimodalMixin:
 
     def _generated_mudata(self, rna, extra: dict[str, tuple[np.ndarray, np.ndarray]]):
         """Join generated RNA (an AnnData) and the extra modalities into a MuData."""
-        from anndata import AnnData
-        from mudata import MuData
-        from scipy import sparse
-
-        mods = {self.modalities_["rna"]: rna}
-        for role, (counts, mean) in extra.items():
-            mods[self.modalities_[role]] = AnnData(
-                X=sparse.csr_matrix(counts.astype(np.float32)),
-                obs=pd.DataFrame(index=rna.obs_names),
-                var=pd.DataFrame(index=pd.Index(self.modality_var_names_[role])),
-                layers={"scfm_expected": mean.astype(np.float32)},
-            )
-        mdata = MuData(mods)
-        for col in rna.obs.columns:
-            mdata.obs[col] = rna.obs[col].to_numpy()
-        mdata.uns["scfm_generate"] = rna.uns["scfm_generate"]
-        return mdata
+        return modalities_mudata(rna, extra, self.modalities_, self.modality_var_names_)

@@ -12,22 +12,43 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scipy import sparse
+from scvi import REGISTRY_KEYS
+from scvi.data.fields import CategoricalObsField, LayerField
 
-from .. import __version__
-from ..benchmark._baselines import context_labels
-from ..data import check_genes, check_layer_counts, check_not_view, check_obs_keys
+from .._slots import SLOTS
+from ..data import (
+    check_genes,
+    check_layer_counts,
+    check_not_view,
+    check_obs_keys,
+    context_labels,
+    parse_doses,
+    parts_and_doses,
+)
 from ..errors import CheckpointError, SCFMInputError, TrainingDivergedError
-from ..module._perturbation import ResponseHead, mmd2
+from ..module import ResponseHead, SCFMModule, mmd2
 from ..train import DEFAULT_GRADIENT_CLIP
-from ._generation import _seeded
-from ._io import atomic_dir, read_checkpoint, write_checkpoint
+from ._attributions import pathway_attributions
+from ._results import perturbation_anndata
 from ._scfm import SCFM
+from .base import BaseModel, read_checkpoint, seeded, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-SETUP_KEY = "_scfm_perturbation_setup"
 #: Quantile levels stored from the calibration scores (intervals at any of them).
 _LEVELS = np.round(np.arange(0.5, 0.995, 0.01), 2)
+#: The arguments of :meth:`PerturbationModel.setup_anndata` that define the design.
+SETUP_KEYS = (
+    "perturbation_key",
+    "control_group",
+    "covariate_keys",
+    "dose_key",
+    "layer",
+    "batch_key",
+    "combination_delimiter",
+)
+#: Prefix of the backbone's tensors in a PerturbationModel checkpoint.
+_BACKBONE = "backbone."
 
 
 class UnknownPerturbationError(SCFMInputError, KeyError):
@@ -41,31 +62,7 @@ def _lognorm_t(x: torch.Tensor) -> torch.Tensor:
     return torch.log1p(x / x.sum(-1, keepdim=True).clamp(min=1e-8) * 1e4)
 
 
-def _parse_doses(value, n_parts: int, delimiter: str) -> list[float]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return [1.0] * n_parts
-    if isinstance(value, list | tuple | np.ndarray):
-        vals = list(value)
-    elif isinstance(value, str) and delimiter and delimiter in value:
-        vals = value.split(delimiter)
-    else:
-        vals = [value] * n_parts
-    try:
-        out = [float(v) for v in vals]
-    except (TypeError, ValueError) as e:
-        raise SCFMInputError(
-            f"Dose {value!r} is not a number (or numbers joined by {delimiter!r})."
-        ) from e
-    if len(out) != n_parts:
-        raise SCFMInputError(
-            f"Dose {value!r} has {len(out)} values for {n_parts} perturbation parts."
-        )
-    if any(not np.isfinite(v) or v < 0 for v in out):
-        raise SCFMInputError(f"Dose {value!r} must be finite and non-negative.")
-    return out
-
-
-class PerturbationModel:
+class PerturbationModel(BaseModel):
     """Predict how cells respond to perturbations, including unseen ones and combinations.
 
     A token VAE (:class:`SCFM`; trained on the data's own cells, or a pretrained one adapted
@@ -121,7 +118,7 @@ class PerturbationModel:
 
     def __init__(
         self,
-        adata: AnnData,
+        adata: AnnData | None,
         pretrained: SCFM | str | Path | None = None,
         *,
         adapt_strategy: str = "lora",
@@ -132,10 +129,11 @@ class PerturbationModel:
         hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
+        registry: dict | None = None,
+        _backbone: SCFM | None = None,
         **backbone_kwargs,
     ):
-        setup = adata.uns.get(SETUP_KEY) if adata is not None else None
-        if setup is None:
+        if adata is not None and self._get_most_recent_anndata_manager(adata) is None:
             raise ValueError(
                 "Call PerturbationModel.setup_anndata(adata, ...) before building the model."
             )
@@ -143,7 +141,21 @@ class PerturbationModel:
             raise ValueError(
                 "n_ensemble must be at least 2 (the spread of the members is the uncertainty)."
             )
-        self.setup_ = dict(setup)
+        if _backbone is not None:  # load: the backbone comes from the checkpoint
+            backbone = _backbone
+        elif pretrained is None:
+            args = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
+            SCFM.setup_anndata(adata, layer=args["layer"], batch_key=args["batch_key"])
+            backbone = SCFM(adata, **backbone_kwargs)
+        else:
+            args = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
+            backbone = SCFM.load_query_data(
+                adata, pretrained, strategy=adapt_strategy, parts=tuple(adapt_parts), verbose=False
+            )
+            if backbone.adata is not adata:  # an aligned copy: set it up for this model too
+                type(self).setup_anndata(backbone.adata, **args)
+        self.backbone = backbone
+        super().__init__(None if adata is None else backbone.adata, registry=registry)
         self.init_kwargs_ = {
             "adapt_strategy": adapt_strategy,
             "adapt_parts": list(adapt_parts),
@@ -155,19 +167,20 @@ class PerturbationModel:
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
-        if pretrained is None:
-            SCFM.setup_anndata(adata, layer=setup["layer"], batch_key=setup["batch_key"])
-            self.backbone = SCFM(adata, **backbone_kwargs)
-        else:
-            self.backbone = SCFM.load_query_data(
-                adata, pretrained, strategy=adapt_strategy, parts=tuple(adapt_parts), verbose=False
-            )
-            if self.backbone.adata is not adata:  # aligned copy: carry the setup over
-                self.backbone.adata.uns[SETUP_KEY] = dict(setup)
-        self.adata = self.backbone.adata
+        self.var_names_ = list(backbone.var_names_)
         self.heads: list[ResponseHead] = []
-        self.is_trained_ = False
         self.history_: dict = {}
+
+    @property
+    def module(self) -> SCFMModule:
+        """The backbone's module (the response heads run beside it, on the CPU)."""
+        return self.backbone.module
+
+    @property
+    def setup_(self) -> dict:
+        """The perturbation design given to :meth:`setup_anndata`."""
+        args = self.registry_["setup_args"]
+        return {k: args[k] for k in SETUP_KEYS}
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -181,6 +194,7 @@ class PerturbationModel:
         layer: str | None = None,
         batch_key: str | None = None,
         combination_delimiter: str = "+",
+        **kwargs,
     ) -> None:
         """Register the perturbation design of ``adata`` (raw counts).
 
@@ -212,6 +226,8 @@ class PerturbationModel:
             The counts are not raw integer counts.
         """
         covariate_keys = list(covariate_keys or [])
+        control_group = str(control_group)
+        setup_method_args = cls._get_setup_method_args(**locals())
         check_obs_keys(adata.obs, [perturbation_key, *covariate_keys, dose_key, batch_key])
         check_not_view(adata)
         check_layer_counts(adata, layer)
@@ -230,33 +246,22 @@ class PerturbationModel:
             )
         if dose_key is not None:
             for v in adata.obs[dose_key].astype(str).unique():
-                _parse_doses(
+                parse_doses(
                     v,
                     1 if combination_delimiter not in v else v.count(combination_delimiter) + 1,
                     combination_delimiter,
                 )
-        adata.uns[SETUP_KEY] = {
-            "perturbation_key": perturbation_key,
-            "control_group": str(control_group),
-            "covariate_keys": covariate_keys,
-            "dose_key": dose_key,
-            "layer": layer,
-            "batch_key": batch_key,
-            "combination_delimiter": combination_delimiter,
-        }
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     # ------------------------------------------------------------------ parsing
     def _parts_doses(self, name: str, dose=None) -> tuple[tuple[str, ...], tuple[float, ...]]:
         """Canonical (sorted) parts of a perturbation with their doses."""
         s = self.setup_
-        delim, ctrl = s["combination_delimiter"], s["control_group"]
-        raw = [p.strip() for p in str(name).split(delim)] if delim else [str(name).strip()]
-        keep = [i for i, p in enumerate(raw) if p and p != ctrl]
-        if str(name) == ctrl or not keep:
-            return (), ()
-        doses = _parse_doses(dose, len(raw), delim)
-        pairs = sorted((raw[i], doses[i]) for i in keep)
-        return tuple(p for p, _ in pairs), tuple(d for _, d in pairs)
+        return parts_and_doses(name, dose, s["control_group"], s["combination_delimiter"])
 
     def _label(self, parts: Sequence[str]) -> str:
         return (
@@ -446,6 +451,8 @@ class PerturbationModel:
         correct_decoder_bias: bool = False,
         seed: int = 0,
         progress: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
         **backbone_train_kwargs,
     ) -> None:
         """Train the backbone (stage 1 only; skipped with ``train_backbone=False`` for a
@@ -471,8 +478,13 @@ class PerturbationModel:
             Control cells per unit used to compute out-of-bag deltas.
         correct_decoder_bias
             Divide the decoder's per-gene reconstruction bias on the control cells out of
-            every prediction. Off by default: on Kang (held-out B cells / CD14+ monocytes)
-            it lowered the top-20 ``pearson_delta`` from 0.884 to 0.597 and 0.936 to 0.861.
+            every prediction (off by default: it lowered the held-out accuracy on Kang, see
+            ``benchmarks/README.md``).
+        checkpoint_dir, resume
+            Keep the backbone's epoch checkpoints (as :meth:`SCFM.train` does, in
+            ``checkpoint_dir/backbone``) and each finished response head (in
+            ``checkpoint_dir/response_heads``); ``resume=True`` continues an interrupted
+            call (same arguments) to the result of an uninterrupted one.
         **backbone_train_kwargs
             Passed to :meth:`SCFM.train` (``accelerator``, ``batch_size``, ...).
         """
@@ -480,10 +492,13 @@ class PerturbationModel:
         from tqdm.auto import tqdm
 
         self.correct_bias_ = bool(correct_decoder_bias)
+        root = self._checkpoint_folder(checkpoint_dir, resume)
         bb = self.backbone
         if train_backbone or not bb.is_trained_:
             epochs = max_epochs or min(200, get_max_epochs_heuristic(bb.adata.n_obs))
             backbone_train_kwargs.setdefault("enable_progress_bar", progress)
+            if root is not None:
+                backbone_train_kwargs.update(checkpoint_dir=root / "backbone", resume=resume)
             bb.train(max_epochs=epochs, stage="vae", **backbone_train_kwargs)
         self.features_ = self._resolve_features()
         self._feature_index = (
@@ -497,37 +512,7 @@ class PerturbationModel:
         self.z_std_ = zflat.std(0).clamp(min=1e-4)
         zs = self._std(cells["z"])
 
-        is_ctrl = design["parts"].map(len).to_numpy() == 0
-        ctrl_idx = {
-            c: np.flatnonzero(is_ctrl & (design["context"].to_numpy() == c))
-            for c in design["context"].unique()
-        }
-        ctrl_idx = {c: i for c, i in ctrl_idx.items() if i.size}
-        groups = pd.Series(range(len(design)))[~is_ctrl].groupby(
-            [
-                design["context"].to_numpy()[~is_ctrl],
-                design["parts"].to_numpy()[~is_ctrl],
-                design["doses"].to_numpy()[~is_ctrl],
-            ]
-        )
-        units, unit_idx, dropped = [], [], []
-        for key, idx in groups.indices.items():
-            if key[0] not in ctrl_idx:
-                dropped.append(key)
-                continue
-            units.append(key)
-            unit_idx.append(np.asarray(groups.obj.to_numpy()[idx]))
-        if dropped:
-            logger.warning(
-                "%d units have no control cells in their context and are not used: %s",
-                len(dropped),
-                dropped[:5],
-            )
-        if not units:
-            raise ValueError(
-                "No training unit: every perturbed cell's context lacks control cells. Each "
-                "context (covariate_keys) needs its own controls."
-            )
+        units, unit_idx, ctrl_idx = _training_units(design)
         self.units_ = [(c, list(p), list(d)) for c, p, d in units]
         parts = sorted({p for _, ps, _ in units for p in ps})
         self.vocab_ = {p: i for i, p in enumerate(parts)}
@@ -536,51 +521,48 @@ class PerturbationModel:
 
         n_feat = 0 if self.features_ is None else self.features_.shape[1]
         k_members = self.init_kwargs_["n_ensemble"]
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(units))
-        n_drop = max(1, round(holdout_share * len(units))) if len(units) > 1 else 0
-        self.oob_ = []
-        for k in range(k_members):
-            start = (k * n_drop) % max(len(units), 1)
-            drop = {int(order[(start + j) % len(units)]) for j in range(n_drop)}
-            self.oob_.append(sorted(drop))
+        self.oob_ = _out_of_bag(len(units), k_members, holdout_share, seed)
         self.heads, self.history_ = [], {"response_loss": []}
+        folder = None if root is None else root / "response_heads"
+        if folder is not None and not resume and folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} holds response heads of an earlier run; pass resume=True to "
+                "continue it, or another checkpoint_dir."
+            )
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
-            torch.manual_seed(seed * 1000 + k)
-            head = self._new_head(zs.shape[1], n_feat, len(parts))
-            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-            inbag = [i for i in range(len(units)) if i not in set(self.oob_[k])] or list(
-                range(len(units))
-            )
-            g = np.random.default_rng(seed * 1000 + k)
-            losses = []
-            head.train()
-            for step in range(head_steps):
-                pick = g.choice(inbag, size=min(units_per_step, len(inbag)), replace=False)
-                xc = torch.stack(
-                    [zs[g.choice(ctrl_idx[units[i][0]], cells_per_unit)] for i in pick]
+            saved = None if folder is None else folder / f"member{k}"
+            if resume and saved is not None and saved.exists():  # trained before an interruption
+                state, info = read_checkpoint(saved)
+                # The random state after this member, so later draws continue unchanged.
+                torch.set_rng_state(state.pop("rng_state"))
+                head = self._new_head(zs.shape[1], n_feat, len(parts))
+                head.load_state_dict(state, strict=True)
+                losses = list(info["losses"])
+                bar.update(head_steps)
+            else:
+                torch.manual_seed(seed * 1000 + k)
+                head = self._new_head(zs.shape[1], n_feat, len(parts))
+                losses = self._fit_member(
+                    head,
+                    k,
+                    zs,
+                    units,
+                    unit_idx,
+                    ctrl_idx,
+                    (u_idx, u_feat, u_dose),
+                    bar,
+                    steps=head_steps,
+                    cells_per_unit=cells_per_unit,
+                    units_per_step=units_per_step,
+                    lr=lr,
+                    weight_decay=weight_decay,
+                    mmd_weight=mmd_weight,
+                    seed=seed,
                 )
-                yp = torch.stack([zs[g.choice(unit_idx[i], cells_per_unit)] for i in pick])
-                e = head.embed(u_idx[pick], u_feat[pick], u_dose[pick])  # (U, emb)
-                u, b, d = xc.shape
-                delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
-                pred = xc + delta
-                loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
-                loss = loss.mean()
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"PerturbationModel.train: the response loss became {loss.item()} in "
-                        f"ensemble member {k}, step {step}. Lower lr (now {lr}) or mmd_weight, "
-                        "and check the data for extreme counts."
-                    )
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(head.parameters(), DEFAULT_GRADIENT_CLIP)
-                opt.step()
-                if step % 50 == 0 or step == head_steps - 1:
-                    losses.append(float(loss.detach()))
-                bar.update(1)
+                if saved is not None:
+                    state = {**head.state_dict(), "rng_state": torch.get_rng_state()}
+                    write_checkpoint(saved, state, {"losses": losses}, overwrite=True)
             head.eval()
             self.heads.append(head)
             self.history_["response_loss"].append(losses)
@@ -599,6 +581,59 @@ class PerturbationModel:
             seed,
         )
         self.is_trained_ = True
+
+    def _fit_member(
+        self,
+        head,
+        k,
+        zs,
+        units,
+        unit_idx,
+        ctrl_idx,
+        requests,
+        bar,
+        *,
+        steps,
+        cells_per_unit,
+        units_per_step,
+        lr,
+        weight_decay,
+        mmd_weight,
+        seed,
+    ) -> list[float]:
+        """Train ensemble member ``k`` on its in-bag units; returns its loss curve."""
+        u_idx, u_feat, u_dose = requests
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+        inbag = [i for i in range(len(units)) if i not in set(self.oob_[k])] or list(
+            range(len(units))
+        )
+        g = np.random.default_rng(seed * 1000 + k)
+        losses = []
+        head.train()
+        for step in range(steps):
+            pick = g.choice(inbag, size=min(units_per_step, len(inbag)), replace=False)
+            xc = torch.stack([zs[g.choice(ctrl_idx[units[i][0]], cells_per_unit)] for i in pick])
+            yp = torch.stack([zs[g.choice(unit_idx[i], cells_per_unit)] for i in pick])
+            e = head.embed(u_idx[pick], u_feat[pick], u_dose[pick])  # (U, emb)
+            u, b, d = xc.shape
+            delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
+            pred = xc + delta
+            loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
+            loss = loss.mean()
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"PerturbationModel.train: the response loss became {loss.item()} in "
+                    f"ensemble member {k}, step {step}. Lower lr (now {lr}) or mmd_weight, "
+                    "and check the data for extreme counts."
+                )
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), DEFAULT_GRADIENT_CLIP)
+            opt.step()
+            if step % 50 == 0 or step == steps - 1:
+                losses.append(float(loss.detach()))
+            bar.update(1)
+        return losses
 
     def _new_head(self, latent_dim: int, n_features: int, n_parts: int) -> ResponseHead:
         sizes = {k: self.init_kwargs_[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
@@ -845,7 +880,7 @@ class PerturbationModel:
         dev = self.backbone.module.device
         ratio = self._bias_ratio(cells) if self.correct_bias_ else None
         obs_parts, xs, exps, deltas, lows, highs = [], [], [], [], [], []
-        with _seeded(seed, dev), torch.inference_mode():
+        with seeded(seed, dev), torch.inference_mode():
             for r, (label, _parts, doses) in enumerate(reqs):
                 sel = (
                     np.arange(n)
@@ -879,9 +914,9 @@ class PerturbationModel:
                 o = ctrl.obs.iloc[sel][[k for k in s["covariate_keys"]]].copy()
                 o.insert(0, s["perturbation_key"], label)
                 o["dose"] = s["combination_delimiter"].join(f"{v:g}" for v in doses)
-                o["scfm_control_cell"] = ctrl.obs_names[sel].to_numpy()
-                o["scfm_uncertainty"] = unc.astype(np.float32)
-                o["ood_score"] = float(ood[r])
+                o[SLOTS.control_cell] = ctrl.obs_names[sel].to_numpy()
+                o[SLOTS.uncertainty] = unc.astype(np.float32)
+                o[SLOTS.ood_score] = float(ood[r])
                 o.index = [f"{label}-{i}" for i in range(len(sel))]
                 obs_parts.append(o)
         obs = pd.concat(obs_parts)
@@ -890,18 +925,8 @@ class PerturbationModel:
         )
         for key in s["covariate_keys"]:
             obs[key] = obs[key].astype("category")
-        var = pd.DataFrame(index=pd.Index(self.backbone.var_names_))
-        out = AnnData(X=sparse.vstack(xs).tocsr(), obs=obs, var=var)
-        out.layers["scfm_expected"] = np.concatenate(exps)
         labels = [r[0] for r in reqs]
-        out.varm["scfm_delta"] = pd.DataFrame(np.stack(deltas, 1), index=var.index, columns=labels)
-        out.varm["scfm_delta_lower"] = pd.DataFrame(
-            np.stack(lows, 1), index=var.index, columns=labels
-        )
-        out.varm["scfm_delta_upper"] = pd.DataFrame(
-            np.stack(highs, 1), index=var.index, columns=labels
-        )
-        out.uns["scfm_perturbation"] = {
+        uns = {
             "params": {
                 "perturbations": labels,
                 "covariates": {k: str(v) for k, v in (covariates or {}).items()},
@@ -912,7 +937,9 @@ class PerturbationModel:
             },
             "ood_score": dict(zip(labels, map(float, ood))),
         }
-        return out
+        return perturbation_anndata(
+            xs, exps, obs, self.backbone.var_names_, labels, deltas, lows, highs, uns
+        )
 
     # ------------------------------------------------------------------ persistence
     def get_pathway_attributions(
@@ -944,8 +971,6 @@ class PerturbationModel:
             baseline, up to ``attrs["completeness_gap"]``; ``attrs["genes"]`` and
             ``attrs["signs"]`` hold the explained genes and their directions.
         """
-        from ._tokenizer import pathway_attributions
-
         self._check_trained()
         bb = self.backbone
         bb._require_pathways()
@@ -1008,67 +1033,87 @@ class PerturbationModel:
         df.attrs["perturbation"] = req[0]
         return df
 
-    def save(self, dir_path: str | Path, overwrite: bool = False) -> Path:
-        """Save (atomically) the backbone (``backbone/``) and the response heads,
-        calibration and design (``response/``): safetensors weights + JSON, no pickles."""
+    # ------------------------------------------------------------------ save / load
+    def _checkpoint_config(self) -> dict:
+        """The backbone's config, the design (registry), the heads' sizes, the training
+        units and the calibration."""
         self._check_trained()
-        with atomic_dir(dir_path, overwrite) as tmp:
-            self.backbone.save(tmp / "backbone")
-            state = {
-                f"head{m}.{k}": v
-                for m, h in enumerate(self.heads)
-                for k, v in h.state_dict().items()
-            }
-            state["z_mean"], state["z_std"] = self.z_mean_, self.z_std_
-            state["context_means"] = self.ood_ref_["context_means"]
-            for m, e in enumerate(self.ood_ref_["embeddings"]):
-                state[f"ood_embed{m}"] = e
-            state["gene_scale"] = torch.as_tensor(self.gene_scale_, dtype=torch.float32)
-            if self.features_ is not None:
-                state["features"] = torch.as_tensor(self.features_.to_numpy())
-            config = {
-                "model": type(self).__name__,
-                "scfm_adapt_version": __version__,
-                "setup": self.setup_,
-                "init_kwargs": self.init_kwargs_,
-                "pretrained": self.pretrained_,
-                "correct_decoder_bias": self.correct_bias_,
-                "head_shape": {
-                    "latent_dim": int(self.z_mean_.numel()),
-                    "n_features": 0 if self.features_ is None else int(self.features_.shape[1]),
-                    "n_parts": len(self.vocab_),
-                },
-                "vocab": list(self.vocab_),
-                "units": self.units_,
-                "oob": self.oob_,
-                "calibration": self.calibration_,
-                "embed_scale": self.ood_ref_["embed_scale"],
-                "context_scale": self.ood_ref_["context_scale"],
-                "feature_names": None
-                if self.features_ is None
-                else [list(map(str, self.features_.index)), list(map(str, self.features_.columns))],
-                "history": self.history_,
-            }
-            write_checkpoint(tmp / "response", state, config)
-        return Path(dir_path)
+        return {
+            "backbone": {"model": "SCFM", **self.backbone._checkpoint_config()},
+            "registry": self.registry_,
+            "init_kwargs": self.init_kwargs_,
+            "pretrained": self.pretrained_,
+            "correct_decoder_bias": self.correct_bias_,
+            "head_shape": {
+                "latent_dim": int(self.z_mean_.numel()),
+                "n_features": 0 if self.features_ is None else int(self.features_.shape[1]),
+                "n_parts": len(self.vocab_),
+            },
+            "vocab": list(self.vocab_),
+            "units": self.units_,
+            "oob": self.oob_,
+            "calibration": self.calibration_,
+            "embed_scale": self.ood_ref_["embed_scale"],
+            "context_scale": self.ood_ref_["context_scale"],
+            "feature_names": None
+            if self.features_ is None
+            else [list(map(str, self.features_.index)), list(map(str, self.features_.columns))],
+            "history": self.history_,
+        }
+
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The backbone's tensors (prefixed ``backbone.``), every head, the latent
+        standardisation, the OOD references and the features table."""
+        state = {_BACKBONE + k: v for k, v in self.backbone._checkpoint_state().items()}
+        state.update(
+            {f"head{m}.{k}": v for m, h in enumerate(self.heads) for k, v in h.state_dict().items()}
+        )
+        state["z_mean"], state["z_std"] = self.z_mean_, self.z_std_
+        state["context_means"] = self.ood_ref_["context_means"]
+        for m, e in enumerate(self.ood_ref_["embeddings"]):
+            state[f"ood_embed{m}"] = e
+        state["gene_scale"] = torch.as_tensor(self.gene_scale_, dtype=torch.float32)
+        if self.features_ is not None:
+            state["features"] = torch.as_tensor(self.features_.to_numpy())
+        return state
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> PerturbationModel:
-        """Load a model saved by :meth:`save` (``adata`` optional)."""
+    def _read_checkpoint(cls, dir_path) -> tuple[dict, dict]:
+        """Also reads the layout of earlier saves: the backbone in ``backbone/`` and the
+        heads in ``response/``, two checkpoint folders, with the design in ``"setup"``."""
         path = Path(dir_path)
+        if not (path / "response").is_dir() or (path / "config.json").exists():
+            return read_checkpoint(path)
         state, config = read_checkpoint(path / "response")
-        if config.get("model") != cls.__name__:
-            raise CheckpointError(f"{path} holds a {config.get('model')}, not a {cls.__name__}.")
-        backbone = SCFM.load(path / "backbone", adata=adata)
+        backbone_state, backbone_config = read_checkpoint(path / "backbone")
+        state.update({_BACKBONE + k: v for k, v in backbone_state.items()})
+        return state, {**config, "backbone": backbone_config, "registry": None}
+
+    @classmethod
+    def _from_checkpoint(cls, where, state: dict, config: dict, adata) -> PerturbationModel:
+        backbone_state = {
+            k[len(_BACKBONE) :]: state.pop(k) for k in list(state) if k.startswith(_BACKBONE)
+        }
+        backbone = SCFM._from_checkpoint(where, backbone_state, config["backbone"], adata)
+        registry = config["registry"]
         if adata is not None:
-            adata.uns[SETUP_KEY] = dict(config["setup"])
-        model = cls.__new__(cls)
-        model.setup_ = dict(config["setup"])
-        model.init_kwargs_ = dict(config["init_kwargs"])
+            args = config["setup"] if registry is None else registry["setup_args"]
+            source = {} if registry is None else {"source_registry": registry}
+            cls.setup_anndata(backbone.adata, **{k: args[k] for k in SETUP_KEYS}, **source)
+        elif registry is None:
+            raise CheckpointError(
+                f"{where} holds a PerturbationModel saved in the earlier two-folder layout "
+                "(backbone/, response/), which records no data registry: load it onto its "
+                "training AnnData, PerturbationModel.load(path, adata=...), and save it again."
+            )
+        model = cls(
+            None if adata is None else backbone.adata,
+            registry=registry,
+            _backbone=backbone,
+            **config["init_kwargs"],
+        )
         model.pretrained_ = bool(config["pretrained"])
         model.correct_bias_ = bool(config.get("correct_decoder_bias", False))
-        model.backbone = backbone
-        model.adata = adata
         model._features_arg = None
         names = config["feature_names"]
         model.features_ = (
@@ -1092,7 +1137,6 @@ class PerturbationModel:
             "context_scale": config["context_scale"],
         }
         shape = config["head_shape"]
-        model.heads = []
         for m in range(k):
             h = model._new_head(shape["latent_dim"], shape["n_features"], shape["n_parts"])
             prefix = f"head{m}."
@@ -1105,7 +1149,7 @@ class PerturbationModel:
         model.is_trained_ = True
         return model
 
-    def __repr__(self) -> str:
+    def _summary(self) -> str:
         s = self.setup_
         state = "trained" if self.is_trained_ else "not trained"
         n_units = len(getattr(self, "units_", []))
@@ -1120,6 +1164,55 @@ class PerturbationModel:
             f"{n_units} training units, {self.init_kwargs_['n_ensemble']} ensemble members, "
             f"backbone {type(self.backbone).__name__} ({origin})."
         )
+
+
+def _training_units(design: pd.DataFrame) -> tuple[list, list[np.ndarray], dict]:
+    """The training units of a cell design (one per context, parts and doses with control
+    cells in its context): ``(units, cells of each unit, control cells of each context)``."""
+    is_ctrl = design["parts"].map(len).to_numpy() == 0
+    ctrl_idx = {
+        c: np.flatnonzero(is_ctrl & (design["context"].to_numpy() == c))
+        for c in design["context"].unique()
+    }
+    ctrl_idx = {c: i for c, i in ctrl_idx.items() if i.size}
+    groups = pd.Series(range(len(design)))[~is_ctrl].groupby(
+        [
+            design["context"].to_numpy()[~is_ctrl],
+            design["parts"].to_numpy()[~is_ctrl],
+            design["doses"].to_numpy()[~is_ctrl],
+        ]
+    )
+    units, unit_idx, dropped = [], [], []
+    for key, idx in groups.indices.items():
+        if key[0] not in ctrl_idx:
+            dropped.append(key)
+            continue
+        units.append(key)
+        unit_idx.append(np.asarray(groups.obj.to_numpy()[idx]))
+    if dropped:
+        logger.warning(
+            "%d units have no control cells in their context and are not used: %s",
+            len(dropped),
+            dropped[:5],
+        )
+    if not units:
+        raise ValueError(
+            "No training unit: every perturbed cell's context lacks control cells. Each "
+            "context (covariate_keys) needs its own controls."
+        )
+    return units, unit_idx, ctrl_idx
+
+
+def _out_of_bag(n_units: int, n_members: int, holdout_share: float, seed: int) -> list[list[int]]:
+    """The units each ensemble member leaves out: consecutive blocks of a permutation, so
+    that every unit is out of bag for some member when there are enough members."""
+    order = np.random.default_rng(seed).permutation(n_units)
+    n_drop = max(1, round(holdout_share * n_units)) if n_units > 1 else 0
+    out = []
+    for k in range(n_members):
+        start = (k * n_drop) % max(n_units, 1)
+        out.append(sorted({int(order[(start + j) % n_units]) for j in range(n_drop)}))
+    return out
 
 
 def _rescaled(dist, ratio: torch.Tensor):

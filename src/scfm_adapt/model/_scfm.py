@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import warnings
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -15,73 +12,36 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
     LayerField,
     NumericalJointObsField,
 )
-from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from .. import __version__
 from ..data import (
-    check_counts,
     check_genes,
     check_layer_counts,
     check_not_view,
     check_obs_keys,
     check_unique_names,
-    gene_order,
-    get_matrix,
-    is_backed,
     matrix_sums,
 )
-from ..errors import (
-    CheckpointError,
-    GeneMismatchError,
-    MissingKeyError,
-    ModalityError,
-    SCFMInputError,
-    UnknownCategoryError,
-)
+from ..errors import CheckpointError, ModalityError, SCFMInputError
 from ..module import MODULE_KEYS, SCFMModule
-from ..train import (
-    DEFAULT_GRADIENT_CLIP,
-    PRIOR_GRADIENT_CLIP,
-    EpochCheckpoint,
-    RNGState,
-    SCFMTrainingPlan,
-    guarded,
-)
-from ._adaptation import AdaptationMixin
-from ._deploy import DeploymentMixin
+from ..train import DEFAULT_GRADIENT_CLIP, PRIOR_GRADIENT_CLIP, SCFMTrainingPlan
+from ._adapters import AdaptationMixin
 from ._generation import GenerationMixin
-from ._io import read_checkpoint, write_checkpoint
-from ._io import read_json as _read_json
-from ._io import write_json as _write_json
-from ._multimodal import MultimodalMixin, _is_mudata
-from ._tokenizer import TokenizerMixin
+from ._multimodal import MultimodalMixin, is_mudata
+from ._quantization import QuantizationMixin, inference_only
+from ._query_mapping import QueryMappingMixin
+from ._tokenizers import TokenizerMixin
+from .base import BaseModel, transfer_errors
+from .base._training import mark_finished
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("vae", "prior")
-
-
-def _transfer_errors(fn, *args, **kwargs):
-    """Run a registry transfer and turn scvi-tools' unknown-category error into ours."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        if "not found in source registry" in str(e) or "Cannot transfer" in str(e):
-            raise UnknownCategoryError(
-                "adata holds a category the model never saw (scvi-tools: "
-                f"{str(e).split(' Cannot transfer')[0]}). The model only knows the categories "
-                "it was trained with: drop those cells, relabel them to a known category, or "
-                "map the data as a query onto the model (SCFM.load_query_data extends the "
-                "categories)."
-            ) from e
-        raise
 
 
 def _uses_cuda(accelerator: str) -> bool:
@@ -111,13 +71,13 @@ def _expression_frame(values, adata, indices, columns, return_numpy: bool):
 
 
 class SCFM(
+    QuantizationMixin,
     TokenizerMixin,
-    DeploymentMixin,
     MultimodalMixin,
     GenerationMixin,
+    QueryMappingMixin,
     AdaptationMixin,
-    UnsupervisedTrainingMixin,
-    BaseModelClass,
+    BaseModel,
 ):
     """Single-cell foundation model: latent-token VAE over counts plus a DiT prior.
 
@@ -213,7 +173,7 @@ class SCFM(
             "token_dim": token_dim,
             **module_kwargs,
         }
-        if adata is not None and _is_mudata(adata):
+        if adata is not None and is_mudata(adata):
             var_names = adata.mod[self.modalities_["rna"]].var_names
             modality_var_names = self._modality_var_names(adata)
         elif adata is not None:
@@ -250,13 +210,6 @@ class SCFM(
         self.trained_stages_: list[str] = []
         self.histories_: dict[str, dict] = {}
         self.init_params_ = self._get_init_params(locals())
-        self._model_summary_string = self._summary()
-
-    def _registry_sizes(self) -> dict:
-        stats = self.summary_stats
-        cat_state = self.registry_["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
-        n_cats = list(cat_state.get("state_registry", {}).get("n_cats_per_key", []))
-        return {"batch": stats.n_batch, "labels": stats.n_labels, "cat_covs": n_cats}
 
     def _make_module(self, extension: dict | None = None) -> SCFMModule:
         """A fresh module for the registry; ``extension`` categories are added as new rows
@@ -332,114 +285,10 @@ class SCFM(
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
-        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        _transfer_errors(manager.register_fields, adata, **kwargs)
-        cls.register_manager(manager)
-
-    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
-        if adata is not None and self.is_multimodal:
-            adata = self._as_model_mudata(adata)
-            if adata is not self.adata and not self._checked(adata):
-                self._check_mudata_input(adata)
-        elif adata is not None and adata is not self.adata and not self._is_shell(adata):
-            if _is_mudata(adata):
-                raise TypeError(
-                    "This model was set up on an AnnData; pass an AnnData (e.g. "
-                    "mdata.mod['rna']), or set up a MuData model with SCFM.setup_mudata."
-                )
-            adata = self._trusted[1] if self._checked(adata) else self._input_shell(adata)
-        return _transfer_errors(super()._validate_anndata, adata, copy_if_view)
-
-    #: How many input shells keep their scvi-tools registration (older ones are dropped).
-    _N_SHELLS = 4
-
-    def _input_shell(self, adata: AnnData) -> AnnData:
-        """A new AnnData over ``adata``'s counts, for scvi-tools to register and read.
-
-        The user's object is never changed: scvi-tools' registration writes ``_scvi_*``
-        columns into ``obs`` and keys into ``uns``, and turns views into copies in place;
-        it does all that to this shell instead. The counts matrix is shared, not copied
-        (sparse, dense or backed), except when the genes come in another order than the
-        model's, where the shell holds them reordered (so results are identical). Only the
-        ``obs`` columns the model was set up with are copied.
-        """
-        args = self.registry_["setup_args"]
-        layer = args.get("layer")
-        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-        matrix = get_matrix(adata, layer)
-        order = gene_order(adata.var_names, self.var_names_)
-        check_unique_names(adata)
-        check_counts(matrix, where)
-        if order is not None:
-            if is_backed(matrix):
-                raise GeneMismatchError(
-                    "This backed AnnData has the model's genes in another order, which cannot "
-                    "be reordered on disk. Write a reordered copy first: "
-                    "`adata[:, model.var_names_].to_memory().write_h5ad(...)`."
-                )
-            matrix = matrix[:, order]
-        keys = [
-            args.get("batch_key"),
-            args.get("labels_key"),
-            *(args.get("categorical_covariate_keys") or []),
-            *(args.get("continuous_covariate_keys") or []),
-        ]
-        missing = [k for k in keys if k is not None and k not in adata.obs]
-        if missing:
-            raise MissingKeyError(
-                f"adata.obs lacks {missing}, which this model was set up with (see "
-                "model.registry_['setup_args']). Add the column(s) with the values of these "
-                "cells; where a call does not use them (embeddings do not use labels), any "
-                "category the model knows will do."
-            )
-        obs = pd.DataFrame(
-            {k: adata.obs[k].to_numpy() for k in dict.fromkeys(k for k in keys if k)},
-            index=adata.obs_names.copy(),
-        )
-        for k in obs:
-            if isinstance(adata.obs[k].dtype, pd.CategoricalDtype):
-                obs[k] = pd.Categorical(obs[k], categories=adata.obs[k].cat.categories)
-        shell = AnnData(
-            X=matrix if layer is None else None,
-            obs=obs,
-            var=pd.DataFrame(index=pd.Index(self.var_names_)),
-            layers=None if layer is None else {layer: matrix},
-        )
-        shell.uns["_scfm_shell_of"] = self.id
-        return shell
-
-    def _is_shell(self, adata) -> bool:
-        return isinstance(adata, AnnData) and adata.uns.get("_scfm_shell_of") == self.id
-
-    def _register_manager_for_instance(self, adata_manager) -> None:
-        super()._register_manager_for_instance(adata_manager)
-        if not self._is_shell(adata_manager.adata):
-            return
-        # Each call on a foreign AnnData registers a new shell: keep the store bounded.
-        shells = self.__dict__.setdefault("_shell_ids", [])
-        shells.append(adata_manager.adata_uuid)
-        store = self._per_instance_manager_store.get(self.id, {})
-        while len(shells) > self._N_SHELLS:
-            store.pop(shells.pop(0), None)
-
-    def _checked(self, adata) -> bool:
-        """Whether ``adata`` is the object :meth:`_trusting` vouches for right now."""
-        trusted = getattr(self, "_trusted", None)
-        return trusted is not None and trusted[0]() is adata
-
-    @contextmanager
-    def _trusting(self, adata):
-        """Check ``adata`` once (and build its input shell once), then reuse that for this
-        very object until the block ends: chunked inference calls the model once per
-        chunk, and each check is a pass over a backed atlas's counts."""
-        validated = self._validate_anndata(adata)
-        self._trusted = (weakref.ref(adata), validated)
-        try:
-            yield
-        finally:
-            self._trusted = None
+        cls._register(adata, fields, setup_method_args, **kwargs)
 
     # ------------------------------------------------------------------ training
+    @inference_only
     def train(
         self,
         max_epochs: int | None = None,
@@ -538,12 +387,9 @@ class SCFM(
         if pin_memory:
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
-        callbacks = trainer_kwargs.pop("callbacks", None) or []
-        if resume and checkpoint_dir is None:
-            raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
-        ckpt_root = None if checkpoint_dir is None else Path(checkpoint_dir)
+        ckpt_root = self._checkpoint_folder(checkpoint_dir, resume)
         if ckpt_root is not None:
-            split = self._checkpoint_split(ckpt_root, resume, train_size, validation_size)
+            split = self._fixed_split(ckpt_root, resume, train_size, validation_size)
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {**ds_kwargs, "external_indexing": split}
         if compile:
@@ -551,8 +397,13 @@ class SCFM(
             for part in self.module.compile_targets():
                 part.compile()
         for st in stages:
-            if resume and self._restore_finished_stage(ckpt_root / st, st):
-                continue
+            if resume:
+                history = self._restore_finished_run(ckpt_root / st)
+                if history is not None:
+                    self.histories_[st] = history
+                    if st not in self.trained_stages_:
+                        self.trained_stages_.append(st)
+                    continue
             epochs = max_epochs if st == "vae" else (max_epochs_prior or max_epochs)
             kwargs = {"lr": lr if st == "vae" else lr_prior, **(plan_kwargs or {})}
             if st == "vae":
@@ -561,8 +412,7 @@ class SCFM(
                 kwargs.setdefault("optimizer", "AdamW")
                 kwargs.setdefault("weight_decay", 0.0)
                 # scvi-tools' default Adam eps (0.01) suits the VAE but all but stalls the
-                # DiT, whose gradients are small: measured on a fixture, generated type
-                # means were about 2x further from the real ones after the same epochs.
+                # DiT, whose gradients are small.
                 kwargs.setdefault("eps", 1e-8)
             fresh = self.module.active_adapter is None and not self.module.masks_genes
             if st == "vae" and fresh:
@@ -579,35 +429,25 @@ class SCFM(
                     "trains only task heads, e.g. in CellAnnotator). Choose another strategy "
                     "or stage, or call set_adapter(None) to train the base model."
                 )
-            # scvi-tools' Trainer appends its own callbacks to the list it is given: each
-            # stage gets a fresh copy, or stage 2 would inherit stage 1's early stopping.
-            stage_kwargs = guarded(
-                {**trainer_kwargs, "callbacks": [*callbacks, RNGState()]},
-                f"SCFM.train, stage {st!r}",
-                DEFAULT_GRADIENT_CLIP if st == "vae" else PRIOR_GRADIENT_CLIP,
-            )
-            if ckpt_root is not None:
-                extra = self._checkpointing(ckpt_root / st, resume)
-                stage_kwargs["callbacks"] += extra.pop("callbacks")
-                stage_kwargs.update(extra)
             self.history_, self.is_trained_ = None, False
             try:
-                with warnings.catch_warnings():
-                    # The frozen half is in eval mode on purpose (no dropout while it encodes).
-                    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-                    super().train(
-                        max_epochs=epochs,
-                        accelerator=accelerator,
-                        devices=devices,
-                        train_size=train_size,
-                        validation_size=validation_size,
-                        batch_size=batch_size,
-                        early_stopping=early_stopping,
-                        early_stopping_patience=early_stopping_patience,
-                        early_stopping_monitor="elbo_validation",
-                        plan_kwargs=kwargs,
-                        **stage_kwargs,
-                    )
+                self._run_training(
+                    what=f"SCFM.train, stage {st!r}",
+                    clip=DEFAULT_GRADIENT_CLIP if st == "vae" else PRIOR_GRADIENT_CLIP,
+                    folder=None if ckpt_root is None else ckpt_root / st,
+                    resume=resume,
+                    trainer_kwargs=trainer_kwargs,
+                    max_epochs=epochs,
+                    accelerator=accelerator,
+                    devices=devices,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    early_stopping=early_stopping,
+                    early_stopping_patience=early_stopping_patience,
+                    early_stopping_monitor="elbo_validation",
+                    plan_kwargs=kwargs,
+                )
             except BaseException:
                 self.is_trained_ = bool(self.trained_stages_)
                 raise
@@ -616,63 +456,10 @@ class SCFM(
             if st not in self.trained_stages_:
                 self.trained_stages_.append(st)
             if ckpt_root is not None:
-                _write_json(ckpt_root / st / "done.json", {"history": self.histories_[st]})
+                mark_finished(ckpt_root / st, self.histories_[st])
         self.module.set_stage("vae")
         self.module.eval()
         self.is_trained_ = True
-        self._model_summary_string = self._summary()
-
-    @staticmethod
-    def _checkpointing(folder: Path, resume: bool) -> dict:
-        """Trainer arguments that write ``folder/last.ckpt`` each epoch (and resume it)."""
-        last = folder / "last.ckpt"
-        if not resume and folder.exists() and any(folder.iterdir()):
-            raise FileExistsError(
-                f"{folder} holds checkpoints of an earlier run; pass resume=True to continue "
-                "it, or another checkpoint_dir."
-            )
-        out = {"callbacks": [EpochCheckpoint(last)]}
-        if resume and last.exists():
-            out["ckpt_path"] = str(last)
-        return out
-
-    def _checkpoint_split(
-        self, root: Path, resume: bool, train_size: float, validation_size: float | None
-    ) -> list[np.ndarray]:
-        """The cells' train/validation/test split of a checkpointed run, kept in
-        ``root/split.json`` so that a resumed run (in a new process, under another seed)
-        trains on the same cells. It is the split scvi-tools' DataSplitter draws itself."""
-        f = root / "split.json"
-        if resume and f.exists():
-            saved = _read_json(f)
-            if saved["n_obs"] != self.adata.n_obs:
-                raise ValueError(
-                    f"{f} was written for {saved['n_obs']} cells, this model has "
-                    f"{self.adata.n_obs}: resume with the data of the interrupted run."
-                )
-            return [np.asarray(saved[k], dtype=np.int64) for k in ("train", "validation", "test")]
-        splitter = self._data_splitter_cls(
-            self.adata_manager, train_size=train_size, validation_size=validation_size
-        )
-        splitter.setup()
-        split = [np.asarray(i) for i in (splitter.train_idx, splitter.val_idx, splitter.test_idx)]
-        names = ("train", "validation", "test")
-        _write_json(f, {"n_obs": self.adata.n_obs, **dict(zip(names, split))})
-        return split
-
-    def _restore_finished_stage(self, folder: Path, stage: str) -> bool:
-        """On resume: load a stage that finished before the interruption, if it did."""
-        done, last = folder / "done.json", folder / "last.ckpt"
-        if not (done.exists() and last.exists()):
-            return False
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        state = {k[len("module.") :]: v for k, v in ckpt["state_dict"].items()}
-        self.module.load_state_dict(state, strict=True)
-        self.histories_[stage] = _read_json(done)["history"]
-        if stage not in self.trained_stages_:
-            self.trained_stages_.append(stage)
-        logger.info("Stage %r finished before the interruption: restored from %s.", stage, last)
-        return True
 
     @property
     def history(self) -> dict[str, dict[str, pd.DataFrame]]:
@@ -682,7 +469,7 @@ class SCFM(
     @torch.no_grad()
     def _fit_gene_frac(self) -> None:
         """Record each gene's share of all counts (used to rescale cells missing genes)."""
-        lib, col = matrix_sums(self._rna_matrix(self.adata))  # a block at a time when backed
+        lib, col = matrix_sums(self._counts_matrix(self.adata))  # a block at a time when backed
         frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
         self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
         # Start the library model at the data's log-normal fit (its output bias).
@@ -708,15 +495,6 @@ class SCFM(
         self.module.latent_clip.fill_(1.5 * peak * scale)
 
     # ------------------------------------------------------------------ inference
-    def _batches(
-        self, adata: AnnData | None, indices: Sequence[int] | None, batch_size: int | None
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        adata = self._validate_anndata(adata)
-        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        device = self.module.device
-        for tensors in loader:
-            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in tensors.items()}
-
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -751,18 +529,6 @@ class SCFM(
             z = qz.loc if give_mean else qz.sample()  # (B, T, d)
             out.append((z if return_tokens else z.mean(1)).float().cpu().numpy())
         return np.concatenate(out)
-
-    def _batch_code(self, transform_batch) -> int | None:
-        if transform_batch is None:
-            return None
-        mapping = list(
-            self.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
-        )
-        if transform_batch not in mapping:
-            raise UnknownCategoryError(
-                f"transform_batch={transform_batch!r} is not a batch of the model ({mapping})."
-            )
-        return mapping.index(transform_batch)
 
     @torch.inference_mode()
     def get_normalized_expression(
@@ -928,6 +694,7 @@ class SCFM(
         return {"reconstruction_loss": total / n}
 
     # ------------------------------------------------------------------ save / load
+    @inference_only
     def save(
         self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False
     ) -> Path:
@@ -936,9 +703,10 @@ class SCFM(
         The config holds the genes, the setup registry (category mappings), the model's
         init arguments and training history; ``save_anndata`` also writes ``adata.h5ad``.
         """
-        config = {
-            "model": type(self).__name__,
-            "scfm_adapt_version": __version__,
+        return super().save(dir_path, overwrite=overwrite, save_anndata=save_anndata)
+
+    def _checkpoint_config(self) -> dict:
+        return {
             "init_kwargs": self.init_kwargs_,
             "var_names": self.var_names_,
             "modality_var_names": self.modality_var_names_,
@@ -948,27 +716,27 @@ class SCFM(
             "extension": self.module.extension,
             "adaptation": self.module.adaptation_meta(),
         }
-        state = self.module.checkpoint_state()
-        extra = {"adata.h5ad": self.adata.write_h5ad} if save_anndata else None
-        return write_checkpoint(dir_path, state, config, overwrite=overwrite, extra_files=extra)
+
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return self.module.checkpoint_state()
 
     @classmethod
-    def _from_checkpoint(cls, dir_path, state: dict, config: dict, adata) -> SCFM:
+    def _from_checkpoint(cls, where, state: dict, config: dict, adata) -> SCFM:
         """Build the model a checkpoint's config describes and load its weights."""
         registry = config["registry"]
         method = registry.get("setup_method_name", "setup_anndata")
         if adata is not None:
             if method == "setup_mudata":
-                if not _is_mudata(adata):
+                if not is_mudata(adata):
                     raise ModalityError(
-                        f"{dir_path} holds a MuData model; load it onto a MuData with the "
+                        f"{where} holds a MuData model; load it onto a MuData with the "
                         f"modalities {registry['setup_args']['modalities']}, or without data."
                     )
                 rna = adata.mod.get(registry["setup_args"]["modalities"]["rna"])
                 check_genes(rna.var_names if rna is not None else [], config["var_names"])
             else:
                 check_genes(adata.var_names, config["var_names"])
-            _transfer_errors(
+            transfer_errors(
                 getattr(cls, method), adata, source_registry=registry, **registry["setup_args"]
             )
             model = cls(adata, **config["init_kwargs"])
@@ -987,57 +755,12 @@ class SCFM(
         model.module.build_adapters(meta)
         adapt_tensors = model.module.pop_adaptation_tensors(state)
         if "px_r_extra" in state and model.module.px_r_extra is None:
-            raise CheckpointError(f"{dir_path}: px_r_extra without a batch extension.")
+            raise CheckpointError(f"{where}: px_r_extra without a batch extension.")
         model.module.load_state_dict(state, strict=True)
         model.module.restore_adaptation(meta, adapt_tensors)
-        return model
-
-    @classmethod
-    def load(
-        cls,
-        dir_path: str | Path,
-        adata: AnnData | None = None,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-    ) -> SCFM:
-        """Load a model saved by :meth:`save`, onto ``adata`` when given.
-
-        Raises
-        ------
-        CheckpointError
-            Missing, truncated or modified files, or an unknown format.
-        GeneMismatchError
-            ``adata``'s genes differ from the model's.
-        UnknownCategoryError
-            ``adata`` holds a batch or covariate category the model never saw.
-        """
-        state, config = read_checkpoint(dir_path)
-        if config.get("model") != cls.__name__:
-            raise CheckpointError(
-                f"{dir_path} holds a {config.get('model')}, not a {cls.__name__}; "
-                f"load it with scfm_adapt.model.{config.get('model')}.load."
-            )
-        try:
-            model = cls._from_checkpoint(dir_path, state, config, adata)
-        except SCFMInputError:
-            raise
-        except (RuntimeError, KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
-            raise CheckpointError(
-                f"{dir_path}: the weights do not fit the config ({type(e).__name__}: "
-                f"{str(e)[:300]}). The checkpoint is damaged, was edited, or its files come "
-                "from different saves; re-save or re-download it."
-            ) from e
         model.trained_stages_ = list(config.get("trained_stages", []))
         model.histories_ = config.get("history", {})
         model.is_trained_ = bool(model.trained_stages_)
-        model._model_summary_string = model._summary()
-        from scvi.model._utils import parse_device_args
-
-        _, _, dev = parse_device_args(
-            accelerator=accelerator, devices=device, return_device="torch"
-        )
-        model.to_device(dev)
-        model.module.eval()
         return model
 
     # ------------------------------------------------------------------ printing
@@ -1060,7 +783,5 @@ class SCFM(
             f"{m.tokenizer} tokens\n"
             f"  prior: DiT, {len(m.dit.blocks)} adaLN-Zero blocks, conditions: {conds}\n"
             f"  parameters: {n_params:,}; trained stages: {stages}{extra}"
+            + ("\n  int8 dynamic quantization (CPU, inference only)" if self.is_quantized_ else "")
         )
-
-    def __repr__(self) -> str:
-        return self._model_summary_string

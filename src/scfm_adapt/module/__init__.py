@@ -1,10 +1,12 @@
 """scvi-tools modules: tensors in, :class:`~scvi.module.base.LossOutput` out."""
 
-from ._adapt import STRATEGIES, AdaptableMixin, AdapterSpec
+from ._adapters import STRATEGIES, AdaptableMixin, AdapterSpec
 from ._annotator import AnnotatorModule
 from ._distill import DistillationModule
 from ._keys import MODULE_KEYS
+from ._lora import inject_lora, tuner_layers, unwrap_lora
 from ._multimodal import MultimodalSCFMModule
+from ._perturbation_response import ResponseHead, dose_scale, mmd2
 from ._scfm import SCFMModule
 
 __all__ = [
@@ -15,5 +17,11 @@ __all__ = [
     "AnnotatorModule",
     "DistillationModule",
     "MultimodalSCFMModule",
+    "ResponseHead",
     "SCFMModule",
+    "dose_scale",
+    "inject_lora",
+    "mmd2",
+    "tuner_layers",
+    "unwrap_lora",
 ]

@@ -24,7 +24,7 @@ from torch.distributions import kl_divergence as kl
 
 from ..diffusion import NoiseSchedule, ddim_invert, ddim_sample
 from ..nn import DiT, PathwayTokenEncoder, RankTokenEncoder, TokenDecoder, TokenEncoder
-from ._adapt import AdaptableMixin
+from ._adapters import AdaptableMixin
 from ._keys import MODULE_KEYS as K
 
 Stage = Literal["vae", "prior"]
@@ -83,7 +83,7 @@ def make_encoder(
             n_edges=int(o.get("n_edges", 0)),
         )
     if tokenizer == "geneformer":
-        from ..nn._external import GeneformerEncoder
+        from ..nn._geneformer import GeneformerEncoder
 
         return GeneformerEncoder(
             o["bert_config"],

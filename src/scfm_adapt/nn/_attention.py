@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._adapters import AdapterHost
+from ._bottleneck_adapter import AdapterHost
 
 
 class Attention(nn.Module):

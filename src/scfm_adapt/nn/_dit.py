@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._adapters import AdapterHost
 from ._attention import MLP, Attention
+from ._bottleneck_adapter import AdapterHost
 from ._embedding import CategoricalEmbedder, ContinuousEmbedder, TimestepEmbedder
 
 

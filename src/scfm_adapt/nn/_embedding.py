@@ -1,14 +1,14 @@
-"""Condition embedders: diffusion time, categorical covariates (with a null row for
-classifier-free guidance) and continuous covariates."""
+"""Embedders: diffusion time, categorical covariates (with a null row for classifier-free
+guidance), continuous covariates, and embedding tables that grow rows for new categories
+(query mapping) while the pretrained rows stay frozen."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-
-from ._adapters import ExtendableEmbedding
 
 
 def input_dtype(layer: nn.Module) -> torch.dtype:
@@ -83,3 +83,49 @@ class ContinuousEmbedder(nn.Module):
         if drop is not None:
             emb = torch.where(drop[:, None], self.null.expand_as(emb), emb)
         return emb
+
+
+class ExtendableEmbedding(nn.Module):
+    """An embedding table whose pretrained rows stay frozen while new rows are learned.
+
+    ``weight`` holds the pretrained rows; :meth:`extend` appends ``extra`` rows, a separate
+    parameter, so that training the new rows can never move the old ones (no masked
+    gradients, no weight decay leaking into frozen rows). ``insert_at`` places the new
+    rows before trailing special rows (such as a null row for classifier-free guidance).
+    """
+
+    def __init__(self, n: int, dim: int, insert_at: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, dim))
+        nn.init.normal_(self.weight)
+        self.insert_at = n if insert_at is None else insert_at
+        self.extra: nn.Parameter | None = None
+
+    @property
+    def n_extra(self) -> int:
+        return 0 if self.extra is None else self.extra.shape[0]
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0] + self.n_extra
+
+    def extend(self, k: int, init: torch.Tensor | None = None) -> None:
+        """Append ``k`` trainable rows (initialised to ``init``, default the mean old row)."""
+        if k <= 0:
+            return
+        with torch.no_grad():
+            base = self.weight[: self.insert_at].mean(0, keepdim=True).expand(k, -1)
+            rows = (base if init is None else init).detach().clone().to(self.weight)
+        if self.extra is None:
+            self.extra = nn.Parameter(rows)
+        else:
+            self.extra = nn.Parameter(torch.cat([self.extra.data, rows]))
+
+    def table(self) -> torch.Tensor:
+        if self.extra is None:
+            return self.weight
+        w = self.weight
+        return torch.cat([w[: self.insert_at], self.extra, w[self.insert_at :]])
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx.long(), self.table())

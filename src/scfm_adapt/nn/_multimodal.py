@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._attention import TransformerBlock
-from ._tokens import TokenDecoder
+from ._count_decoder import TokenDecoder
 
 #: Outputs per feature of each extra modality's decoder head, by likelihood.
 HEAD_WIDTH = {"mixture": 3, "nb": 1, "poisson": 1}

@@ -1,3 +1,6 @@
+"""Every ``sfa.pl`` plot: training curves, embeddings, calibration, adaptation trade-offs,
+generated vs real cells and predicted perturbation responses."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -5,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .._slots import SLOTS
 
 
 def _finish(fig, save: str | Path | None, show: bool | None):
@@ -26,16 +31,18 @@ def _finish(fig, save: str | Path | None, show: bool | None):
 def _predicted_deltas(pred) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
     """``varm["scfm_delta"]`` and its interval bounds (``None`` when absent) as genes x
     requests DataFrames, from the output of ``predict_perturbation``."""
-    if "scfm_delta" not in pred.varm:
-        raise KeyError("pred.varm has no 'scfm_delta': pass the output of predict_perturbation.")
+    if SLOTS.delta not in pred.varm:
+        raise KeyError(
+            f"pred.varm has no {SLOTS.delta!r}: pass the output of predict_perturbation."
+        )
 
     def frame(key):
         return pd.DataFrame(pred.varm[key], index=pred.var_names) if key in pred.varm else None
 
-    lo, hi = frame("scfm_delta_lower"), frame("scfm_delta_upper")
+    lo, hi = frame(SLOTS.delta_lower), frame(SLOTS.delta_upper)
     if lo is None or hi is None:
         lo = hi = None
-    return frame("scfm_delta"), lo, hi
+    return frame(SLOTS.delta), lo, hi
 
 
 def history(
@@ -443,7 +450,7 @@ def generated_vs_real(
     import anndata as ad
     import scanpy as sc
 
-    from ..metrics._generation import embed_pair
+    from ..metrics import embed_pair
 
     if color is not None and (color not in real.obs or color not in generated.obs):
         raise KeyError(f"{color!r} must be an obs column of both real and generated.")

@@ -2,10 +2,10 @@
 
 from ._annotate import annotate
 from ._augment import augment
-from ._disk import infer_to_disk
 from ._embed import embed
-from ._normalize import normalize_expression
-from ._perturb import predict_perturbation
+from ._infer_to_disk import infer_to_disk
+from ._normalize_expression import normalize_expression
+from ._predict_perturbation import predict_perturbation
 
 __all__ = [
     "annotate",

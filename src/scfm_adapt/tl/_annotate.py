@@ -1,8 +1,13 @@
+"""``sfa.tl.annotate``: a trained annotator's labels, confidences, OOD flags and class
+probabilities into ``obs`` / ``obsm``."""
+
 from __future__ import annotations
 
 import logging
 
 from anndata import AnnData
+
+from .._slots import SLOTS
 
 logger = logging.getLogger(__name__)
 
@@ -11,7 +16,7 @@ def annotate(
     adata: AnnData,
     annotator,
     *,
-    key_added: str = "scfm_label",
+    key_added: str = SLOTS.label,
     min_confidence: float | None = None,
     batch_size: int | None = None,
     copy: bool = False,

@@ -1,3 +1,5 @@
+"""``sfa.tl.augment``: rare groups topped up with generated cells, in a new AnnData."""
+
 from __future__ import annotations
 
 import logging
@@ -5,6 +7,8 @@ import logging
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+
+from .._slots import SLOTS
 
 logger = logging.getLogger(__name__)
 
@@ -15,7 +19,7 @@ def augment(
     *,
     groupby: str,
     min_cells: int,
-    key_added: str = "scfm_generated",
+    key_added: str = SLOTS.generated,
     guidance_scale: float | dict = 1.0,
     n_steps: int = 50,
     seed: int | None = 0,
@@ -54,7 +58,7 @@ def augment(
     from scipy import sparse
 
     from ..data import check_genes
-    from ..metrics import lognormalize
+    from ..metrics import lognorm
 
     known = model.conditions_
     if groupby not in known or not known[groupby].categorical:
@@ -84,7 +88,7 @@ def augment(
     out.obs[key_added] = False
     if not need:
         logger.info("every group of %r has at least %d cells: nothing added", groupby, min_cells)
-        out.uns["scfm_augment"] = {"params": params}
+        out.uns[SLOTS.augment] = {"params": params}
         return out
     rng = np.random.default_rng(seed)
     keys = [k for k in known if k in adata.obs]
@@ -97,15 +101,15 @@ def augment(
         conditions, guidance_scale=guidance_scale, n_steps=n_steps, seed=seed, **generate_kwargs
     )
     counts = gen.X
-    lognorm = sparse.csr_matrix(lognormalize(counts).astype(np.float32))
+    normalized = sparse.csr_matrix(lognorm(counts).astype(np.float32))
     new = ad.AnnData(
-        X=counts if layer is None else _like(adata.X, lognorm),
+        X=counts if layer is None else _like(adata.X, normalized),
         obs=gen.obs.drop(columns=[c for c in gen.obs if c not in adata.obs]),
         var=adata.var.copy(),
     )
     new.obs_names = [f"{key_added}_{i}" for i in range(new.n_obs)]
     for name, value in adata.layers.items():
-        new.layers[name] = _like(value, counts if name == layer else lognorm)
+        new.layers[name] = _like(value, counts if name == layer else normalized)
     for name, value in adata.obsm.items():
         width = value.shape[1] if value.ndim > 1 else None
         shape = (new.n_obs, width) if width else (new.n_obs,)
@@ -124,7 +128,7 @@ def augment(
                     merged.obs[key].astype(str), categories=cats + extra
                 )
     merged.obs[key_added] = merged.obs[key_added].astype(bool)
-    merged.uns = {**adata.uns, "scfm_augment": {"params": params}}
+    merged.uns = {**adata.uns, SLOTS.augment: {"params": params}}
     logger.info("added %d generated cells to %d groups of %r", new.n_obs, len(need), groupby)
     return merged
 

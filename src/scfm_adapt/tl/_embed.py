@@ -1,8 +1,12 @@
+"""``sfa.tl.embed``: the model's cell embedding into ``obsm["X_scfm"]``."""
+
 from __future__ import annotations
 
 import logging
 
 from anndata import AnnData
+
+from .._slots import SLOTS
 
 logger = logging.getLogger(__name__)
 
@@ -11,7 +15,7 @@ def embed(
     adata: AnnData,
     model,
     *,
-    key_added: str = "X_scfm",
+    key_added: str = SLOTS.embedding,
     tokens: bool = False,
     batch_size: int | None = None,
     copy: bool = False,

@@ -1,5 +1,6 @@
 """Training plans (Lightning modules) and callbacks for the SCFM stages."""
 
+from ._calibration import fit_temperature
 from ._callbacks import (
     DEFAULT_GRADIENT_CLIP,
     PRIOR_GRADIENT_CLIP,
@@ -17,5 +18,6 @@ __all__ = [
     "EpochCheckpoint",
     "RNGState",
     "SCFMTrainingPlan",
+    "fit_temperature",
     "guarded",
 ]

@@ -14,13 +14,11 @@ from lightning.pytorch.callbacks import Callback
 from ..errors import TrainingDivergedError
 
 #: Default gradient-norm clipping (``gradient_clip_val``) of stages whose loss is a count
-#: likelihood summed over genes (SCFM's VAE, distillation) and of task heads. Measured with
-#: ``benchmarks/grad_norms.py`` (20 epochs, defaults): VAE steps have median norms of 31,
-#: p99 of 99-189 and maxima of 282 (pbmc68k) and 756 (Kang control), so normal steps are
-#: not clipped; spikes beyond are.
+#: likelihood summed over genes (SCFM's VAE, distillation) and of task heads: above the
+#: largest norm of a normal step, so that only spikes are clipped (the norms measured by
+#: ``benchmarks/grad_norms.py`` are in ``benchmarks/README.md``).
 DEFAULT_GRADIENT_CLIP = 1000.0
-#: Default clipping of the DiT prior, whose gradient norms are far smaller (median 0.18-0.28,
-#: maxima 0.87-0.89 on the same runs).
+#: Default clipping of the DiT prior, whose gradient norms are far smaller.
 PRIOR_GRADIENT_CLIP = 10.0
 
 FIX = (

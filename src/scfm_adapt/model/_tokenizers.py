@@ -1,0 +1,292 @@
+"""How an :class:`~scfm_adapt.model.SCFM` reads cells: the tokenizer, its data, attributions.
+
+The model resolves a tokenizer's data once, when it is built on an AnnData: gene sets and
+graphs fitted to the genes, gene medians of the training cells, an external backbone's
+vocabulary and weights. What shapes the module (set names, counts, the backbone's config)
+goes into the JSON init arguments; the arrays themselves are module buffers and weights, so a
+saved model reloads without the GO tables, the GMT file or the backbone folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import SCFMInputError
+from ..module import SCFMModule
+from ._attributions import pathway_attributions
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_KWARGS = {
+    "pathway": (
+        "min_size",
+        "max_size",
+        "max_sets",
+        "max_overlap",
+        "n_channels",
+        "min_jaccard",
+        "sparse_threshold",
+    ),
+    "rank": ("top_k",),
+    "geneformer": ("gene_id_key", "min_vocab_fraction", "token_dictionary", "gene_medians"),
+    "latent": (),
+}
+GRAPH_KWARGS = ("go_max_term_size",)
+
+
+def gene_medians(matrix, max_cells: int = 20000, seed: int = 0) -> np.ndarray:
+    """Median of each gene's normalised expression (counts per 10k) over the cells that
+    express it, from up to ``max_cells`` cells; 1 for genes never expressed."""
+    from scipy import sparse
+
+    n = matrix.shape[0]
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
+    x = matrix[rows] if n > max_cells else matrix[:]
+    x = sparse.csr_matrix(x, dtype=np.float64)
+    lib = np.asarray(x.sum(1)).ravel()
+    x = sparse.diags(1e4 / np.maximum(lib, 1.0)) @ x
+    x = sparse.csc_matrix(x)
+    med = np.ones(x.shape[1])
+    for j in range(x.shape[1]):
+        vals = x.data[x.indptr[j] : x.indptr[j + 1]]
+        vals = vals[vals > 0]
+        if vals.size:
+            med[j] = float(np.median(vals))
+    return med
+
+
+class TokenizerMixin:
+    """Mixed into :class:`~scfm_adapt.model.SCFM`: tokenizer set-up and pathway attributions."""
+
+    # What this mixin needs from the model it is mixed into, beyond BaseModel:
+    module: SCFMModule
+
+    def _resolve_tokenizer(
+        self,
+        adata,
+        tokenizer: str,
+        gene_sets,
+        gene_graph,
+        backbone,
+        tokenizer_kwargs: dict | None,
+    ) -> tuple[dict, dict]:
+        """JSON options of the module and the arrays to fill it with, for ``adata``."""
+        from ..data import (
+            as_gene_graph,
+            go_gene_graph,
+            memberships,
+            resolve_gene_sets,
+            set_graph,
+        )
+        from ..module._scfm import TOKENIZERS
+
+        if tokenizer not in TOKENIZERS:
+            raise SCFMInputError(f"tokenizer={tokenizer!r}; choose one of {TOKENIZERS}.")
+        kw = dict(tokenizer_kwargs or {})
+        allowed = set(TOKENIZER_KWARGS[tokenizer]) | set(GRAPH_KWARGS)
+        unknown = sorted(set(kw) - allowed)
+        if unknown:
+            raise SCFMInputError(
+                f"tokenizer_kwargs {unknown} do not apply to tokenizer={tokenizer!r}; it takes "
+                f"{sorted(allowed)}."
+            )
+        if gene_sets is not None and tokenizer != "pathway":
+            raise SCFMInputError("gene_sets= applies to tokenizer='pathway' only.")
+        if backbone is not None and tokenizer != "geneformer":
+            raise SCFMInputError("backbone= applies to tokenizer='geneformer' only.")
+        if gene_graph is not None and tokenizer not in ("pathway", "rank"):
+            raise SCFMInputError(
+                "gene_graph= restricts attention between gene or pathway tokens: use it with "
+                "tokenizer='pathway' or 'rank'."
+            )
+        genes = list(self.var_names_)
+        edges = None
+        if gene_graph is not None:
+            if isinstance(gene_graph, str) and gene_graph.lower() == "go":
+                edges = go_gene_graph(genes, max_term_size=kw.get("go_max_term_size", 50))
+            else:
+                edges = as_gene_graph(gene_graph, genes)
+        options: dict = {}
+        data: dict = {}
+        if tokenizer == "pathway":
+            select = {
+                k: kw[k] for k in ("min_size", "max_size", "max_sets", "max_overlap") if k in kw
+            }
+            sets = resolve_gene_sets("go" if gene_sets is None else gene_sets, genes, **select)
+            names, set_idx, gene_idx = memberships(sets, len(genes))
+            options = {
+                "set_names": names,
+                "n_sets": len(names),
+                "n_members": int(set_idx.size),
+                "n_channels": int(kw.get("n_channels", 4)),
+                "n_edges": 0,
+                "sparse_threshold": float(kw.get("sparse_threshold", 0.0)),
+            }
+            data = {"memberships": (set_idx, gene_idx)}
+            if edges is not None:
+                set_edges = set_graph(
+                    set_idx, gene_idx, len(names), edges, kw.get("min_jaccard", 0.05)
+                )
+                options["n_edges"] = len(set_edges)
+                data["edges"] = set_edges
+        elif tokenizer == "rank":
+            options = {"top_k": int(kw.get("top_k", 64)), "n_edges": 0}
+            data = {"medians": gene_medians(self._counts_matrix(adata))}
+            if edges is not None:
+                options["n_edges"] = int(2 * len(edges))
+                data["edges"] = edges
+        elif tokenizer == "geneformer":
+            options, data = self._resolve_geneformer(adata, backbone, kw)
+        return options, data
+
+    def _resolve_geneformer(self, adata, backbone, kw: dict) -> tuple[dict, dict]:
+        from ..data._geneformer import load_geneformer, map_genes_to_vocab
+
+        if backbone is None:
+            raise SCFMInputError(
+                "tokenizer='geneformer' needs backbone='path/to/checkpoint-folder' (a "
+                "Geneformer directory: config.json, model.safetensors, token_dictionary.pkl)."
+            )
+        ckpt = load_geneformer(backbone, kw.get("token_dictionary"), kw.get("gene_medians"))
+        key = kw.get("gene_id_key")
+        if key is not None:
+            if key not in adata.var:
+                raise SCFMInputError(
+                    f"gene_id_key={key!r} is not a column of adata.var "
+                    f"({list(adata.var.columns)[:8]})."
+                )
+            id_map = dict(zip(map(str, adata.var_names), adata.var[key].astype(str)))
+        else:
+            id_map = _symbol_to_ensembl(self.var_names_, ckpt.vocab)
+        token_ids, fraction = map_genes_to_vocab(
+            self.var_names_,
+            ckpt.vocab,
+            id_map=id_map,
+            min_fraction=kw.get("min_vocab_fraction", 0.5),
+        )
+        logger.info(
+            "%.1f%% of the %d genes are in the backbone's vocabulary.",
+            100 * fraction,
+            len(self.var_names_),
+        )
+        if ckpt.medians:
+            inv = {v: k for k, v in ckpt.vocab.items()}
+            med = np.array(
+                [ckpt.medians.get(inv.get(int(t), ""), 1.0) if t >= 0 else 1.0 for t in token_ids]
+            )
+            med = np.where(np.isfinite(med) & (med > 0), med, 1.0)
+        else:
+            med = gene_medians(self._counts_matrix(adata))
+        special = ckpt.special or {}
+        options = {
+            "bert_config": ckpt.config,
+            "gene_token_ids": [int(t) for t in token_ids],
+            "pad_id": special.get("pad", 0),
+            "cls_id": special.get("cls"),
+            "eos_id": special.get("eos"),
+            "max_len": None,
+            "source": str(ckpt.source),
+            "sha256": ckpt.sha256,
+            "vocab_fraction": float(fraction),
+            "medians_from": "checkpoint" if ckpt.medians else "data",
+        }
+        return options, {"medians": med, "backbone_state": ckpt.state_dict}
+
+    @torch.no_grad()
+    def _fill_tokenizer(self, data: dict) -> None:
+        enc = self.module.encoder
+        tokenizer = self.module.tokenizer
+        if tokenizer == "pathway":
+            enc.set_gene_sets(*map(torch.as_tensor, data["memberships"]))
+            if "edges" in data:
+                enc.set_graph(torch.as_tensor(data["edges"]))
+        if "medians" in data:
+            enc.set_gene_medians(torch.as_tensor(data["medians"], dtype=torch.float32))
+        if tokenizer == "rank" and "edges" in data:
+            enc.set_graph(torch.as_tensor(data["edges"]))
+        if "backbone_state" in data:
+            enc.load_backbone_state(data["backbone_state"])
+        # The EMA DiT is unaffected; nothing else holds encoder weights.
+
+    # ------------------------------------------------------------------ attributions
+    @property
+    def pathway_names_(self) -> list[str]:
+        """Names of the pathway tokens (``tokenizer="pathway"``), in token order."""
+        self._require_pathways()
+        return list(self.module.hparams_["tokenizer_options"]["set_names"])
+
+    def _require_pathways(self) -> None:
+        if self.module.tokenizer != "pathway":
+            raise SCFMInputError(
+                f"Pathway attributions need a model built with tokenizer='pathway'; this one "
+                f"uses tokenizer={self.module.tokenizer!r}."
+            )
+
+    def _pathway_attributions(self, adata, indices, target, n_steps=32, batch_size=128):
+        self._require_pathways()
+        batches = self._batches(adata, indices, batch_size)
+        adata_v = self.adata if adata is None else adata
+        obs = adata_v.obs_names if indices is None else adata_v.obs_names[np.asarray(indices)]
+        return pathway_attributions(self.module, batches, target, self.pathway_names_, obs, n_steps)
+
+    def get_pathway_attributions(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        n_steps: int = 32,
+        batch_size: int = 128,
+    ) -> pd.DataFrame:
+        """Which pathway tokens drive each cell's embedding.
+
+        Integrated gradients, per cell, of the squared distance between its embedding and
+        the embedding of the average training cell (the pseudo-bulk of the pretraining
+        data, :meth:`~scfm_adapt.module.SCFMModule.reference_input`), with respect to the
+        pathway tokens (``tokenizer="pathway"`` models). Annotation and perturbation have their own
+        targets: :meth:`CellAnnotator.get_pathway_attributions`,
+        :meth:`PerturbationModel.get_pathway_attributions`.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Cells × pathways (:attr:`pathway_names_`); each row sums to the target's change
+            from the baseline, up to ``attrs["completeness_gap"]``.
+        """
+        self._require_pathways()
+        enc = self.module.encoder
+        was_training = self.module.training
+        self.module.eval()
+        with torch.no_grad():  # the baseline's embedding: once, not at every step
+            z0 = enc(self.module.reference_input())[0]  # (1, T, d) posterior mean
+        self.module.train(was_training)
+
+        def target(features, tensors, x_norm):
+            z = enc.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
+            return (z - z0).pow(2).flatten(1).sum(1)
+
+        return self._pathway_attributions(adata, indices, target, n_steps, batch_size)
+
+
+def _symbol_to_ensembl(var_names: Sequence[str], vocab: dict) -> dict[str, str] | None:
+    """Symbol → Ensembl id map from the GO gene-id table, when the names look like symbols
+    and the vocabulary like Ensembl ids (``None`` when not needed or not available)."""
+    names = list(map(str, var_names))
+    in_vocab = sum(g in vocab for g in names)
+    if in_vocab >= 0.5 * max(len(names), 1):
+        return None
+    if not any(str(k).startswith("ENS") for k in list(vocab)[:50]):
+        return None
+    try:
+        from ..datasets import go_gene_ids
+
+        ids = go_gene_ids()
+    except Exception as e:
+        logger.info("No symbol → Ensembl table (%s); genes matched by name only.", e)
+        return None
+    ids = ids.dropna(subset=["ensembl"])
+    ids = ids[ids["ensembl"].isin(vocab)].drop_duplicates("symbol")
+    return dict(zip(ids["symbol"].astype(str), ids["ensembl"].astype(str)))

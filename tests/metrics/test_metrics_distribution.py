@@ -1,0 +1,86 @@
+"""sfa.metrics of two sets of cells as distributions (generated vs real)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import scfm_adapt as sfa
+from scfm_adapt.metrics import _distribution as D
+
+M = sfa.metrics
+
+
+def _cells(n: int, scale: float = 1.0, seed: int = 0, genes: int = 30) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    mu = np.exp(np.random.default_rng(99).normal(size=genes)) * scale
+    a = ad.AnnData(sparse.csr_matrix(rng.poisson(mu, (n, genes)).astype(np.float32)))
+    a.var_names = [f"g{i}" for i in range(genes)]
+    a.obs_names = [f"c{seed}_{i}" for i in range(n)]
+    a.obs["cell_type"] = pd.Categorical(np.where(np.arange(n) % 2 == 0, "x", "y"))
+    return a
+
+
+def test_energy_of_two_one_dimensional_point_sets():
+    a, b = np.array([[0.0], [2.0]]), np.array([[1.0], [3.0]])
+    # 2 E|a-b| - E|a-a'| - E|b-b'| = 2 * (1 + 3 + 1 + 1) / 4 - 1 - 1
+    assert D.energy_embedded(a, b) == pytest.approx(1.0)
+    assert D.energy_embedded(a, a) == 0.0
+    # the reference-PCA energy of the perturbation metrics shares this core
+    assert M.perturbation_energy_distance(a, b, reference=a) == pytest.approx(1.0)
+
+
+def test_mmd_of_two_one_dimensional_point_sets():
+    a = np.array([[0.0], [1.0]])
+    # bandwidth 1: k(0, 1) = exp(-1/2); unbiased terms exp(-1/2) each, cross mean
+    # (1 + 1 + 2 exp(-1/2)) / 4, so MMD^2 = 2 exp(-1/2) - (1 + exp(-1/2)) = exp(-1/2) - 1
+    assert D.mmd_embedded(a, a.copy(), bandwidth=1.0) == pytest.approx(np.exp(-0.5) - 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        D.mmd_embedded(a[:1], a, bandwidth=1.0)
+
+
+def test_public_distances_are_the_point_set_ones_in_the_real_cells_pca():
+    real, gen = _cells(80), _cells(60, scale=2.0, seed=1)
+    a, b = M.embed_pair(real, gen, n_pcs=5)
+    assert M.energy_distance(real, gen, n_pcs=5) == pytest.approx(D.energy_embedded(a, b))
+    assert M.mmd(real, gen, n_pcs=5) == pytest.approx(D.mmd_embedded(a, b))
+    assert M.energy_distance(real, real, n_pcs=5) == 0.0
+    with pytest.raises(ValueError, match="different genes"):
+        M.energy_distance(real, gen[:, ::-1].copy())
+    with pytest.raises(ValueError, match="fit_on"):
+        M.embed_pair(real, gen, fit_on="generated")
+
+
+def test_gene_statistics_by_hand():
+    real = np.array([[1.0, 0.0, 3.0], [1.0, 2.0, 1.0]])
+    gen = real * 2  # the same proportions: identical log-normalised cells
+    out = M.gene_statistics(real, gen)
+    assert out["mean_pearson"] == pytest.approx(1.0)
+    assert out["variance_pearson"] == pytest.approx(1.0)
+    # zero fractions per gene (0, 0.5, 0) for both
+    assert out["zero_fraction_pearson"] == pytest.approx(1.0)
+    assert np.isnan(M.gene_statistics(real[:1], gen[:1])["variance_pearson"])  # all 0
+
+
+def test_classifier_two_sample_test_separates_far_sets_and_checks_inputs():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 3)), rng.normal(size=(40, 3)) + 100.0
+    out = D.classifier_two_sample_test_embedded(a, b, n_neighbors=5)
+    assert out == {"accuracy": 1.0, "auc": 1.0, "n_per_set": 40}
+    with pytest.raises(ValueError, match="at least 10"):
+        D.classifier_two_sample_test_embedded(a[:4], b)
+    with pytest.raises(ValueError, match="classifier"):
+        M.classifier_two_sample_test(_cells(40), _cells(40, seed=1), classifier="svm")
+
+
+def test_evaluate_generation_rows_and_macro():
+    real, gen = _cells(80), _cells(80, scale=1.5, seed=1)
+    table = M.evaluate_generation(real, gen, groupby="cell_type", min_cells=20, n_pcs=5)
+    assert list(table.index) == ["pooled", "x", "y", "macro"]
+    assert table.loc["macro", "energy"] == pytest.approx(table.loc[["x", "y"], "energy"].mean())
+    assert table.loc["pooled", "n_real"] == 80
+    with pytest.raises(KeyError, match="tissue"):
+        M.evaluate_generation(real, gen, groupby="tissue")
