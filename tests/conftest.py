@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).parents[1]
@@ -156,7 +157,7 @@ def trained(adata, _trained_checkpoint):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the fuzzing tally of tests/test_fuzz.py: examples and outcomes per entry point."""
+    """Print the fuzzing tally of tests/workflows/test_fuzz.py: examples and outcomes per entry point."""
     import sys
 
     fuzz = sys.modules.get("test_fuzz")
@@ -169,3 +170,48 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{entry}: {sum(tally.values())} examples ({outcomes})")
     total = sum(sum(t.values()) for t in counts.values())
     terminalreporter.write_line(f"total: {total} examples, no undocumented exception escaped")
+
+
+# ------------------------------------------------------------------ perturbations
+#: Effects of the synthetic perturbations: gene blocks multiplied by 4 (A, B, D-like A).
+EFFECTS = {"A": slice(0, 5), "B": slice(5, 10), "C": slice(10, 15)}
+
+
+def make_perturbation_adata(n_per_group: int = 50, n_genes: int = 30, seed: int = 0):
+    """Synthetic counts: two contexts; control, A, B, C, A+B (unit tests only)."""
+    import anndata as ad
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    base = {"ctx0": rng.gamma(3.0, 1.0, n_genes), "ctx1": rng.gamma(3.0, 1.0, n_genes)}
+    rows, obs = [], []
+    for ctx, mu0 in base.items():
+        for pert in ["control", "A", "B", "C", "A+B"]:
+            mu = mu0.copy()
+            for part in pert.split("+"):
+                if part in EFFECTS:
+                    mu[EFFECTS[part]] *= 4.0
+            lib = rng.uniform(0.7, 1.4, (n_per_group, 1))
+            rows.append(rng.poisson(mu[None, :] * lib * 10).astype(np.float32))
+            obs += [(pert, ctx)] * n_per_group
+    x = np.concatenate(rows)
+    x[:, -1] += 1
+    frame = pd.DataFrame(obs, columns=["condition", "context"])
+    frame.index = [f"c{i}" for i in range(len(frame))]
+    a = ad.AnnData(sparse.csr_matrix(x), obs=frame)
+    a.var_names = [f"g{i}" for i in range(n_genes)]
+    return a
+
+
+def toy_features() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    f = pd.DataFrame(rng.normal(size=(5, 8)), index=["A", "B", "C", "D", "FAR"])
+    f.loc["D"] = f.loc["A"] + 0.05 * rng.normal(size=8)  # D looks like A
+    f.loc["FAR"] = 25.0 * rng.normal(size=8)
+    return f.astype(np.float32)
+
+
+def control_cells(a, ctx: str = "ctx0"):
+    """The control cells of context ``ctx`` of :func:`make_perturbation_adata`, a copy."""
+    keep = (a.obs["condition"] == "control") & (a.obs["context"] == ctx)
+    return a[keep.to_numpy()].copy()

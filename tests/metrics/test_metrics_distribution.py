@@ -9,6 +9,7 @@ import pytest
 from scipy import sparse
 
 import scfm_adapt as sfa
+from conftest import make_adata
 from scfm_adapt.metrics import _distribution as D
 
 M = sfa.metrics
@@ -84,3 +85,55 @@ def test_evaluate_generation_rows_and_macro():
     assert table.loc["pooled", "n_real"] == 80
     with pytest.raises(KeyError, match="tissue"):
         M.evaluate_generation(real, gen, groupby="tissue")
+
+
+# --------------------------------------------------------------------------- metrics
+def _pair(shift: float = 0.0, n: int = 300, seed: int = 0):
+    """Two disjoint halves of one synthetic data set; ``shift`` distorts the second."""
+    full = make_adata(2 * n, 30, seed=seed)
+    a, b = full[:n].copy(), full[n:].copy()
+    if shift:
+        x = b.X.toarray()
+        x[:, :10] = np.round(x[:, :10] * (1 + shift) + 3 * shift)
+        b.X = sparse.csr_matrix(x)
+    return a, b
+
+
+def test_metrics_are_zero_for_identical_sets_and_grow_with_a_shift():
+    a, _ = _pair()
+    _, b_same = _pair(0.0)
+    _, b_far = _pair(5.0)
+    m = sfa.metrics
+    assert abs(m.mmd(a, a)) < 1e-2 and abs(m.energy_distance(a, a)) < 1e-6
+    assert m.mmd(a, b_far) > m.mmd(a, b_same) + 0.05
+    assert m.energy_distance(a, b_far) > 2 * m.energy_distance(a, b_same)
+    same = m.classifier_two_sample_test(a, b_same)
+    far = m.classifier_two_sample_test(a, b_far)
+    assert 0.4 < same["accuracy"] < 0.6 and 0.4 < same["auc"] < 0.6
+    assert far["accuracy"] > 0.9 and far["auc"] > 0.95
+    assert m.classifier_two_sample_test(a, b_far, classifier="logistic")["auc"] > 0.95
+    stats = m.gene_statistics(a, a)
+    assert all(v == pytest.approx(1.0) for v in stats.values())
+    assert m.gene_statistics(a, b_far)["mean_pearson"] < stats["mean_pearson"]
+
+
+def test_evaluate_generation_pooled_and_per_group():
+    a, b = _pair(0.0)
+    table = sfa.metrics.evaluate_generation(a, b, groupby="cell_type", min_cells=20)
+    assert {"pooled", "macro", "type0", "type1", "type2"} <= set(table.index)
+    assert {"mmd", "c2st_knn_accuracy", "zero_fraction_pearson"} <= set(table.columns)
+    assert table.loc["macro", "mmd"] == pytest.approx(
+        table.loc[["type0", "type1", "type2"], "mmd"].mean()
+    )
+
+
+def test_metric_inputs_are_checked():
+    a, b = _pair()
+    with pytest.raises(ValueError, match="different genes"):
+        sfa.metrics.mmd(a, b[:, ::-1].copy())
+    with pytest.raises(ValueError, match="classifier"):
+        sfa.metrics.classifier_two_sample_test(a, b, classifier="svm")
+    with pytest.raises(KeyError, match="obs"):
+        sfa.metrics.evaluate_generation(a, b, groupby="tissue")
+    arrays = sfa.metrics.mmd(a.X.toarray(), b.X.toarray())
+    assert arrays == pytest.approx(sfa.metrics.mmd(a, b))

@@ -88,3 +88,53 @@ def test_evaluate_unit_has_energy_only_with_a_reference():
     frame = pd.DataFrame([{"method": "m", "unit": "u", **out}, {"method": "m", "unit": "v", **out}])
     assert list(M.summarize(frame, ["energy"]).columns) == ["energy"]
     assert M.summarize(frame).loc["m", "energy"] == pytest.approx(out["energy"])
+
+
+# ------------------------------------------------------------------ metrics
+def test_metrics_on_hand_computed_cases():
+    ctrl = np.zeros((2, 4))
+    true = np.array([[1.0, 2.0, -1.0, 0.0], [1.0, 2.0, -1.0, 0.0]])
+    pred = np.array([[2.0, 4.0, -2.0, 0.0]])  # delta twice the truth: r = 1, cosine = 1
+    assert M.pearson_delta(pred, true, ctrl) == pytest.approx(1.0)
+    assert M.cosine_lfc(pred, true, ctrl) == pytest.approx(1.0)
+    assert list(M.de_genes(true, ctrl, 2)) == [1, 0]
+    # R² over the top-3 DE genes (ordered 1, 0, 2): true means (2, 1, -1), predicted (4, 2, -2)
+    mt = np.array([2.0, 1.0, -1.0])
+    mp = np.array([4.0, 2.0, -2.0])
+    expected = 1 - ((mt - mp) ** 2).sum() / ((mt - mt.mean()) ** 2).sum()
+    assert M.r2_means(pred, true, ctrl, top_k=3) == pytest.approx(expected)
+    flipped = np.array([[1.0, -2.0, 1.0, 0.0]])
+    assert M.sign_accuracy(flipped, true, ctrl, top_k=3) == pytest.approx(1 / 3)
+    assert M.pearson_delta(flipped, true, ctrl, top_k=2) == pytest.approx(-1.0)
+    assert np.isnan(M.cosine_lfc(ctrl, true, ctrl))  # no change: undefined
+
+
+def test_rank_metric_exposes_identical_predictions():
+    true = np.eye(4)
+    assert np.allclose(M.rank_metric(true, true), 0.0)
+    same = np.tile(np.full(4, 0.25), (4, 1))
+    assert np.allclose(M.rank_metric(same, true), 0.5)
+    swapped = true[[1, 0, 2, 3]]
+    r = M.rank_metric(swapped, true)
+    # e1 is strictly closer than its own e0, e2 and e3 tie with it: (1 + 2/2) / 3
+    assert r[0] == pytest.approx(2 / 3) and r[2] == 0.0
+    with pytest.raises(ValueError):
+        M.rank_metric(true[:1], true[:1])
+
+
+def test_energy_distance_and_lognorm():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 10))
+    x = rng.normal(size=(100, 10))
+    assert M.perturbation_energy_distance(x, x, ref) == pytest.approx(0.0, abs=1e-9)
+    assert (
+        M.perturbation_energy_distance(x + 2.0, x, ref)
+        > M.perturbation_energy_distance(x + 0.5, x, ref)
+        > 0
+    )
+    counts = np.array([[1.0, 3.0], [0.0, 2.0]])
+    assert np.allclose(M.lognorm(counts), np.log1p(counts / counts.sum(1, keepdims=True) * 1e4))
+    with pytest.raises(ValueError, match="non-negative"):
+        M.lognorm(-counts)
+    out = M.evaluate_unit(x + 0.1, x, x, reference=ref)
+    assert set(out) == set(M.METRICS)

@@ -51,3 +51,10 @@ def test_parts_and_doses():
     assert D.parts_and_doses("ctrl+", None, "ctrl") == ((), ())
     with pytest.raises(SCFMInputError, match="values"):
         D.parts_and_doses("A+B", "1+2+3", "ctrl")
+
+
+def test_canonical_names():
+    assert D.canonical_perturbation("B+A", "ctrl") == "A+B"
+    assert D.canonical_perturbation("A+ctrl", "ctrl") == "A"
+    assert D.canonical_perturbation("ctrl", "ctrl") == "ctrl"
+    assert D.split_perturbation(" B + A ", "ctrl") == ["A", "B"]

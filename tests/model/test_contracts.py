@@ -176,7 +176,7 @@ def test_interrupted_annotator_training_resumes_to_the_uninterrupted_result(back
 
 
 def _perturbation_model(seed=0):
-    from test_perturbation import make_perturbation_adata
+    from conftest import make_perturbation_adata
 
     scvi.settings.seed = seed
     torch.manual_seed(seed)
@@ -233,10 +233,10 @@ def test_interrupted_perturbation_training_resumes_to_the_uninterrupted_result(
 # ------------------------------------------------------------------ earlier layouts
 def test_a_perturbation_model_saved_in_the_two_folder_layout_still_loads(tmp_path):
     """Saved by scfm_adapt before the one save/load (commit 833184c): backbone/ and
-    response/ folders; tests/data/make_perturbation_two_folders.py wrote it."""
-    from test_perturbation import make_perturbation_adata
+    response/ folders; tests/fixtures/make_perturbation_two_folders.py wrote it."""
+    from conftest import make_perturbation_adata
 
-    src = REPO / "tests" / "data" / "perturbation_two_folders"
+    src = REPO / "tests" / "fixtures" / "perturbation_two_folders"
     expected = json.loads((src.parent / "perturbation_two_folders_expected.json").read_text())
     with pytest.raises(CheckpointError, match=r"two-folder layout.*adata="):
         sfa.model.PerturbationModel.load(src)

@@ -11,14 +11,16 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import scfm_adapt as sfa
 import scfm_adapt.datasets as ds
 from scfm_adapt.datasets import _cellbench, _go, _kang, _norman, _paths
 from scfm_adapt.datasets._counts import _counts_from_lognorm
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def _shared_dir() -> Path | None:
@@ -278,7 +280,6 @@ def test_fetch_downloads_file_url_into_cache(isolated):
 
 def test_kang_download_builds_from_source(isolated, monkeypatch):
     import anndata as ad
-    import pandas as pd
 
     rng = np.random.default_rng(0)
     n = 600
@@ -308,7 +309,6 @@ def test_kang_download_builds_from_source(isolated, monkeypatch):
 
 def test_norman_download_recovers_counts(isolated, monkeypatch):
     import anndata as ad
-    import pandas as pd
 
     counts = sp.random(40, 12, density=0.5, random_state=2, format="csr", dtype=np.float32)
     counts.data = np.ceil(counts.data * 20)
@@ -330,7 +330,6 @@ def test_norman_download_recovers_counts(isolated, monkeypatch):
 
 
 def test_cellbench_download_builds_from_csv(isolated, monkeypatch):
-    import pandas as pd
 
     base = isolated / "csv"
     base.mkdir()
@@ -417,7 +416,6 @@ def test_go_download_builds_from_sqlite(isolated, monkeypatch):
 
 def test_loader_rejects_non_count_data(isolated):
     import anndata as ad
-    import pandas as pd
 
     obs = pd.DataFrame({"cluster_id": ["a", "b"], "sample_id": [1, 2]}, index=["c0", "c1"])
     f = isolated / "lognorm.h5ad"
@@ -439,3 +437,12 @@ def test_import_is_light():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout.strip()}"
+
+
+# ------------------------------------------------------------------ real data
+def test_go_gene_features_real(shared_data):
+    f = sfa.datasets.go_gene_features(["MAP4K3", "MAP4K5", "HK2", "NOT_A_GENE"])
+    assert list(f.index) == ["MAP4K3", "MAP4K5", "HK2"]
+    assert np.allclose(np.linalg.norm(f.to_numpy(), axis=1), 1.0, atol=1e-5)
+    v = f.to_numpy()
+    assert v[0] @ v[1] > v[0] @ v[2]  # two MAP4 kinases are closer than a hexokinase

@@ -1,54 +1,22 @@
-"""PerturbationModel, sfa.baselines, sfa.metrics of perturbations, GO gene features."""
+"""PerturbationModel: predictions, uncertainty, OOD scores, doses, save / load,
+unseen genes and combinations, a pretrained backbone."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import scfm_adapt as sfa
+from conftest import control_cells, make_perturbation_adata, toy_features
 from scfm_adapt import errors
 
 B = sfa.baselines
+
+
 M = sfa.metrics
+
+
 D = sfa.data
-
-# effects of the synthetic perturbations: gene blocks multiplied by 4 (A, B, D-like A)
-EFFECTS = {"A": slice(0, 5), "B": slice(5, 10), "C": slice(10, 15)}
-
-
-def make_perturbation_adata(n_per_group: int = 50, n_genes: int = 30, seed: int = 0):
-    """Synthetic counts: two contexts; control, A, B, C, A+B (unit tests only)."""
-    import anndata as ad
-    from scipy import sparse
-
-    rng = np.random.default_rng(seed)
-    base = {"ctx0": rng.gamma(3.0, 1.0, n_genes), "ctx1": rng.gamma(3.0, 1.0, n_genes)}
-    rows, obs = [], []
-    for ctx, mu0 in base.items():
-        for pert in ["control", "A", "B", "C", "A+B"]:
-            mu = mu0.copy()
-            for part in pert.split("+"):
-                if part in EFFECTS:
-                    mu[EFFECTS[part]] *= 4.0
-            lib = rng.uniform(0.7, 1.4, (n_per_group, 1))
-            rows.append(rng.poisson(mu[None, :] * lib * 10).astype(np.float32))
-            obs += [(pert, ctx)] * n_per_group
-    x = np.concatenate(rows)
-    x[:, -1] += 1
-    frame = pd.DataFrame(obs, columns=["condition", "context"])
-    frame.index = [f"c{i}" for i in range(len(frame))]
-    a = ad.AnnData(sparse.csr_matrix(x), obs=frame)
-    a.var_names = [f"g{i}" for i in range(n_genes)]
-    return a
-
-
-def toy_features() -> pd.DataFrame:
-    rng = np.random.default_rng(1)
-    f = pd.DataFrame(rng.normal(size=(5, 8)), index=["A", "B", "C", "D", "FAR"])
-    f.loc["D"] = f.loc["A"] + 0.05 * rng.normal(size=8)  # D looks like A
-    f.loc["FAR"] = 25.0 * rng.normal(size=8)
-    return f.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +45,10 @@ def pert_model():
     return m, a
 
 
-def _ctrl(a, ctx="ctx0"):
-    keep = (a.obs["condition"] == "control") & (a.obs["context"] == ctx)
-    return a[keep.to_numpy()].copy()
-
-
 # ------------------------------------------------------------------ model
 def test_prediction_slots_and_shapes(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     out = m.predict_perturbation(ctrl, ["A", "A+B"], seed=0)
     assert out.shape == (2 * ctrl.n_obs, a.n_vars)
     assert list(out.var_names) == list(a.var_names)
@@ -115,7 +78,7 @@ def test_prediction_slots_and_shapes(pert_model):
 
 def test_learned_response_points_the_right_way(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     out = m.predict_perturbation(ctrl, ["A", "B"], seed=0)
     d = out.varm["scfm_delta"]
     # A multiplies genes 0-4 by 4: log-normalised they rise, and more than the rest
@@ -129,7 +92,7 @@ def test_learned_response_points_the_right_way(pert_model):
 
 def test_combination_order_invariance(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     ab = m.predict_perturbation(ctrl, "A+B", seed=3)
     ba = m.predict_perturbation(ctrl, "B+A", seed=3)
     assert np.array_equal(ab.X.toarray(), ba.X.toarray())
@@ -141,7 +104,7 @@ def test_combination_order_invariance(pert_model):
 
 def test_reproducible_and_n_samples(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     one = m.predict_perturbation(ctrl, "B", seed=1, n_samples=7)
     two = m.predict_perturbation(ctrl, "B", seed=1, n_samples=7)
     other = m.predict_perturbation(ctrl, "B", seed=2, n_samples=7)
@@ -152,7 +115,7 @@ def test_reproducible_and_n_samples(pert_model):
 
 def test_unseen_gene_with_features_and_without(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     out = m.predict_perturbation(ctrl, ["D", "C+D"], seed=0)
     assert out.n_obs == 2 * ctrl.n_obs
     # D's features are A's: its predicted response resembles A's
@@ -173,7 +136,7 @@ def test_ood_rises_with_distance(pert_model):
 
 def test_bad_requests_get_clear_errors(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     with pytest.raises(errors.SCFMInputError, match="control"):
         m.predict_perturbation(ctrl, "control")
     with pytest.raises(errors.SCFMInputError, match="No control cell matches"):
@@ -191,7 +154,7 @@ def test_bad_requests_get_clear_errors(pert_model):
 
 def test_dose_changes_the_prediction(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     d0 = m.predict_perturbation(ctrl, "A", dose=0.0, seed=0).varm["scfm_delta"]["A"]
     d1 = m.predict_perturbation(ctrl, "A", dose=1.0, seed=0).varm["scfm_delta"]["A"]
     assert d1.iloc[0:5].mean() > d0.iloc[0:5].mean() + 0.2
@@ -200,7 +163,7 @@ def test_dose_changes_the_prediction(pert_model):
 
 def test_save_load_round_trip(pert_model, tmp_path):
     m, a = pert_model
-    ctrl = _ctrl(a)
+    ctrl = control_cells(a)
     m.save(tmp_path / "pm")
     with pytest.raises(FileExistsError):
         m.save(tmp_path / "pm")
@@ -215,7 +178,7 @@ def test_save_load_round_trip(pert_model, tmp_path):
 
 def test_tl_predict_perturbation(pert_model):
     m, a = pert_model
-    ctrl = _ctrl(a, "ctx1")
+    ctrl = control_cells(a, "ctx1")
     out = sfa.tl.predict_perturbation(ctrl, m, ["C"], seed=0, key_added="pp")
     assert out.n_obs == ctrl.n_obs
     assert set(ctrl.uns["pp"]) >= {"params", "ood_score", "delta", "delta_lower", "delta_upper"}
@@ -234,144 +197,6 @@ def test_setup_errors():
         sfa.model.PerturbationModel.setup_anndata(b, "condition", "control")
     with pytest.raises(ValueError, match="setup_anndata"):
         sfa.model.PerturbationModel(make_perturbation_adata(n_per_group=5))
-
-
-# ------------------------------------------------------------------ metrics
-def test_metrics_on_hand_computed_cases():
-    ctrl = np.zeros((2, 4))
-    true = np.array([[1.0, 2.0, -1.0, 0.0], [1.0, 2.0, -1.0, 0.0]])
-    pred = np.array([[2.0, 4.0, -2.0, 0.0]])  # delta twice the truth: r = 1, cosine = 1
-    assert M.pearson_delta(pred, true, ctrl) == pytest.approx(1.0)
-    assert M.cosine_lfc(pred, true, ctrl) == pytest.approx(1.0)
-    assert list(M.de_genes(true, ctrl, 2)) == [1, 0]
-    # R² over the top-3 DE genes (ordered 1, 0, 2): true means (2, 1, -1), predicted (4, 2, -2)
-    mt = np.array([2.0, 1.0, -1.0])
-    mp = np.array([4.0, 2.0, -2.0])
-    expected = 1 - ((mt - mp) ** 2).sum() / ((mt - mt.mean()) ** 2).sum()
-    assert M.r2_means(pred, true, ctrl, top_k=3) == pytest.approx(expected)
-    flipped = np.array([[1.0, -2.0, 1.0, 0.0]])
-    assert M.sign_accuracy(flipped, true, ctrl, top_k=3) == pytest.approx(1 / 3)
-    assert M.pearson_delta(flipped, true, ctrl, top_k=2) == pytest.approx(-1.0)
-    assert np.isnan(M.cosine_lfc(ctrl, true, ctrl))  # no change: undefined
-
-
-def test_rank_metric_exposes_identical_predictions():
-    true = np.eye(4)
-    assert np.allclose(M.rank_metric(true, true), 0.0)
-    same = np.tile(np.full(4, 0.25), (4, 1))
-    assert np.allclose(M.rank_metric(same, true), 0.5)
-    swapped = true[[1, 0, 2, 3]]
-    r = M.rank_metric(swapped, true)
-    # e1 is strictly closer than its own e0, e2 and e3 tie with it: (1 + 2/2) / 3
-    assert r[0] == pytest.approx(2 / 3) and r[2] == 0.0
-    with pytest.raises(ValueError):
-        M.rank_metric(true[:1], true[:1])
-
-
-def test_energy_distance_and_lognorm():
-    rng = np.random.default_rng(0)
-    ref = rng.normal(size=(200, 10))
-    x = rng.normal(size=(100, 10))
-    assert M.perturbation_energy_distance(x, x, ref) == pytest.approx(0.0, abs=1e-9)
-    assert (
-        M.perturbation_energy_distance(x + 2.0, x, ref)
-        > M.perturbation_energy_distance(x + 0.5, x, ref)
-        > 0
-    )
-    counts = np.array([[1.0, 3.0], [0.0, 2.0]])
-    assert np.allclose(M.lognorm(counts), np.log1p(counts / counts.sum(1, keepdims=True) * 1e4))
-    with pytest.raises(ValueError, match="non-negative"):
-        M.lognorm(-counts)
-    out = M.evaluate_unit(x + 0.1, x, x, reference=ref)
-    assert set(out) == set(M.METRICS)
-
-
-# ------------------------------------------------------------------ baselines
-def _toy_table():
-    import anndata as ad
-
-    # genes: 4; library 10,000 per cell so log-normalised = log1p(counts)
-    def cells(v, n=3):
-        return np.tile(np.asarray(v, float), (n, 1))
-
-    blocks = {
-        ("control", "x"): [2500, 2500, 2500, 2500],
-        ("A", "x"): [4000, 1000, 2500, 2500],
-        ("control", "y"): [1000, 4000, 2500, 2500],
-        ("A", "y"): [2500, 2500, 2500, 2500],
-        ("B", "y"): [1000, 4000, 4000, 1000],
-    }
-    x = np.concatenate([cells(v) for v in blocks.values()])
-    obs = pd.DataFrame(
-        [k for k in blocks for _ in range(3)], columns=["perturbation", "ctx"], dtype=str
-    )
-    obs.index = obs.index.astype(str)
-    a = ad.AnnData(x, obs=obs)
-    a.var_names = [f"g{i}" for i in range(4)]
-    return (
-        a,
-        B.PerturbationTable(a, "perturbation", "control", ["ctx"]),
-        {k: np.log1p(np.asarray(v, float)) for k, v in blocks.items()},
-    )
-
-
-def test_canonical_names():
-    assert D.canonical_perturbation("B+A", "ctrl") == "A+B"
-    assert D.canonical_perturbation("A+ctrl", "ctrl") == "A"
-    assert D.canonical_perturbation("ctrl", "ctrl") == "ctrl"
-    assert D.split_perturbation(" B + A ", "ctrl") == ["A", "B"]
-
-
-def test_shift_baselines_by_hand():
-    _, table, m = _toy_table()
-    d_ax = m[("A", "x")] - m[("control", "x")]
-    d_ay = m[("A", "y")] - m[("control", "y")]
-    d_by = m[("B", "y")] - m[("control", "y")]
-    assert np.allclose(table.deltas[("x", "A")], d_ax)
-    # mean shift: A in the *other* context
-    assert np.allclose(B.mean_shift_delta(table, "A", "x"), d_ay)
-    assert np.allclose(B.mean_shift_delta(table, "A", "z"), (d_ax + d_ay) / 2)
-    # unseen elsewhere: the average of all units
-    assert np.allclose(B.mean_shift_delta(table, "B", "y"), (d_ax + d_ay + d_by) / 3)
-    # additive: own-context singles summed; a part unseen in the context is averaged
-    assert np.allclose(B.additive_delta(table, "B+A", "y"), d_ay + d_by)
-    assert np.allclose(B.additive_delta(table, "A+B", "x"), d_ax + d_by)
-    ctrl = np.zeros((2, 4))
-    assert np.allclose(B.shifted_cells(ctrl, d_ax), np.tile(d_ax, (2, 1)))
-
-
-def test_linear_baseline_fits_training_units():
-    _, table, _ = _toy_table()
-    feats = pd.DataFrame(np.eye(2), index=["A", "B"])
-    lin = B.LinearPCARidge(n_components=4, ridge=1e-6, pert_features=feats).fit(table)
-    for (c, p), d in table.deltas.items():
-        pred = lin.predict_delta(p, table.ctrl[c])
-        assert np.corrcoef(pred, d)[0, 1] > 0.99, (c, p)
-    # an unknown part contributes nothing beyond the context and the bias
-    out = lin.predict_delta("Q", table.ctrl["x"])
-    assert out.shape == (4,) and np.all(np.isfinite(out))
-
-
-def test_scvi_latent_arithmetic_smoke():
-    a = make_perturbation_adata(n_per_group=20)
-    train = a[~((a.obs["condition"] == "A") & (a.obs["context"] == "ctx1")).to_numpy()].copy()
-    arith = B.ScVILatentArithmetic("condition", "control", ["context"], max_epochs=3).fit(train)
-    ctrl = _ctrl(a, "ctx1")
-    out = arith.predict(ctrl, "A", "ctx1", output="sample", seed=0)
-    assert out.shape == (ctrl.n_obs, a.n_vars) and np.isfinite(out).all()
-    again = arith.predict(ctrl, "A", "ctx1", output="sample", seed=0)
-    assert np.array_equal(out, again)
-    mean = arith.predict(ctrl, "A", "ctx1", output="mean")
-    assert not np.array_equal(out, mean)
-
-
-# ------------------------------------------------------------------ real data
-def test_go_gene_features_real(shared_data):
-    f = sfa.datasets.go_gene_features(["MAP4K3", "MAP4K5", "HK2", "NOT_A_GENE"])
-    assert list(f.index) == ["MAP4K3", "MAP4K5", "HK2"]
-    assert np.allclose(np.linalg.norm(f.to_numpy(), axis=1), 1.0, atol=1e-5)
-    v = f.to_numpy()
-    assert v[0] @ v[1] > v[0] @ v[2]  # two MAP4 kinases are closer than a hexokinase
 
 
 def test_real_norman_smoke(shared_data):
@@ -410,5 +235,5 @@ def test_pretrained_backbone_adapted_with_lora():
     assert m.backbone.active_adapter is not None
     m.train(max_epochs=2, head_steps=20, progress=False, calibration_cells=32)
     assert all(torch.equal(before[k], v) for k, v in pre.module.state_dict().items())
-    out = m.predict_perturbation(_ctrl(a), "A+B", seed=0)
+    out = m.predict_perturbation(control_cells(a), "A+B", seed=0)
     assert out.shape == (20, 40) and "pretrained + lora" in repr(m)

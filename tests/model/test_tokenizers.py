@@ -1,30 +1,19 @@
-"""Pathway and rank tokenizers, graph-masked attention, pathway attributions."""
+"""SCFM with pathway, rank and graph-masked tokenizers: training, round trips, errors and
+pathway attributions of the three models."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 import scfm_adapt as sfa
 from scfm_adapt.data import (
     OTHER_GENES,
-    as_gene_graph,
-    memberships,
-    read_gmt,
-    select_gene_sets,
-    set_graph,
 )
 from scfm_adapt.errors import GeneMismatchError, SCFMInputError
 from scfm_adapt.nn import (
-    Attention,
-    PathwayTokenEncoder,
-    RankTokenEncoder,
-    TransformerBlock,
     graph_mask,
-    graph_neighbors,
-    integrated_gradients,
 )
 
 FAST = {"enable_progress_bar": False, "early_stopping": False, "batch_size": 32}
@@ -37,173 +26,6 @@ def toy_sets(n_genes: int = 40) -> dict[str, list[str]]:
 
 def chain(n: int) -> list[tuple[str, str]]:
     return [(f"gene{i}", f"gene{i + 1}") for i in range(n - 1)]
-
-
-# ---------------------------------------------------------------------- gene sets, graphs
-def test_select_gene_sets_filters_and_is_deterministic():
-    genes = [f"g{i}" for i in range(100)]
-    sets = {
-        "big": genes[:60],
-        "dup": genes[:58],  # overlaps 'big' almost entirely: skipped once 'big' is chosen
-        "mid": genes[50:80],
-        "small": genes[:3],  # under min_size
-        "alien": ["X1", "X2", "X3"] * 5,
-    }
-    out = select_gene_sets(sets, genes, min_size=5, max_size=100, max_sets=2)
-    assert list(out) == ["big", "mid"]
-    np.testing.assert_array_equal(out["mid"], np.arange(50, 80))
-    again = select_gene_sets(dict(reversed(list(sets.items()))), genes, 5, 100, 2)
-    assert list(again) == list(out)
-    with pytest.raises(GeneMismatchError, match="identifiers"):
-        select_gene_sets({"a": ["X"] * 20}, genes)
-
-
-def test_memberships_add_a_catch_all_set():
-    sel = {"a": np.array([0, 1]), "b": np.array([1, 2])}
-    names, si, gi = memberships(sel, 5)
-    assert names == ["a", "b", OTHER_GENES]
-    np.testing.assert_array_equal(gi[si == 2], [3, 4])
-    names, si, _ = memberships(sel, 3)
-    assert names == ["a", "b"] and si.max() == 1
-
-
-def test_read_gmt(tmp_path):
-    f = tmp_path / "sets.gmt"
-    f.write_text("A\tdesc\tg1\tg2\nB\t\tg3\n")
-    assert read_gmt(f) == {"A": ["g1", "g2"], "B": ["g3"]}
-    f.write_text("A\tdesc\n")
-    with pytest.raises(SCFMInputError, match="no genes"):
-        read_gmt(f)
-
-
-def test_gene_graph_inputs_agree():
-    genes = ["a", "b", "c", "d"]
-    m = np.zeros((4, 4))
-    m[0, 1] = m[2, 3] = 1
-    e1 = as_gene_graph(m, genes)
-    e2 = as_gene_graph(pd.DataFrame({"s": ["b", "c", "x"], "t": ["a", "d", "a"]}), genes)
-    np.testing.assert_array_equal(e1, [[0, 1], [2, 3]])
-    np.testing.assert_array_equal(e1, e2)
-    with pytest.raises(SCFMInputError, match="4 x 4"):
-        as_gene_graph(np.zeros((3, 3)), genes)
-    with pytest.raises(SCFMInputError, match="no edge"):
-        as_gene_graph([("x", "y")], genes)
-
-
-def test_set_graph_links_overlapping_and_connected_sets():
-    si = np.array([0, 0, 1, 1, 2])
-    gi = np.array([0, 1, 1, 2, 3])  # sets 0 and 1 share gene 1; set 2 shares nothing
-    np.testing.assert_array_equal(set_graph(si, gi, 3), [[0, 1]])
-    with_edge = set_graph(si, gi, 3, gene_edges=np.array([[2, 3]]))
-    np.testing.assert_array_equal(with_edge, [[0, 1], [1, 2]])
-
-
-# ---------------------------------------------------------------------- masked attention
-@pytest.mark.parametrize("sparse_path", [False, True])
-def test_attention_weights_are_zero_off_the_graph(sparse_path):
-    torch.manual_seed(0)
-    n = 7
-    edges = torch.tensor([[0, 1], [1, 2], [4, 6]])
-    attn = Attention(16, 2)
-    x = torch.randn(3, n, 16)
-    mask = graph_mask(edges, n)
-    kwargs = {"neighbors": graph_neighbors(edges, n)} if sparse_path else {"attn_mask": mask}
-    w = attn.attention_weights(x, **kwargs)  # (B, H, T, T)
-    assert w.shape == (3, 2, n, n)
-    assert torch.all(w[:, :, ~mask] == 0)  # exactly zero off the graph
-    assert torch.all(w[:, :, mask] > 0)
-    torch.testing.assert_close(w.sum(-1), torch.ones(3, 2, n))
-    # the forward pass uses those weights: tokens 3 and 5 see only themselves
-    out = attn(x, **kwargs)
-    v = attn.qkv(x)[..., 32:]
-    np.testing.assert_allclose(
-        out[:, 3].detach(), attn.proj(v[:, 3]).detach(), rtol=1e-5, atol=1e-6
-    )
-
-
-def test_sparse_and_dense_graph_attention_agree():
-    torch.manual_seed(1)
-    n = 12
-    edges = torch.randint(0, n, (15, 2))
-    block = TransformerBlock(16, 4).eval()
-    x = torch.randn(2, n, 16)
-    dense = block(x, attn_mask=graph_mask(edges, n))
-    sparse = block(x, neighbors=graph_neighbors(edges, n))
-    torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-5)
-    nb = graph_neighbors(edges, n)
-    assert nb.shape[1] < n  # neighbour lists are shorter than the full sequence
-
-
-# ---------------------------------------------------------------------- tokenizers (nn)
-def test_rank_tokenization_is_deterministic_and_breaks_ties_by_gene_index():
-    enc = RankTokenEncoder(6, n_tokens=2, token_dim=2, hidden=8, depth=1, n_heads=2, top_k=4)
-    x = torch.log1p(torch.tensor([[0.0, 3.0, 1.0, 3.0, 0.0, 1.0], [0, 0, 0, 0, 0, 2.0]]))
-    idx = enc.tokenize(x)
-    # ties (genes 1 and 3; genes 2 and 5) keep gene order; unexpressed genes never enter
-    np.testing.assert_array_equal(idx, [[1, 3, 2, 5], [5, -1, -1, -1]])
-    np.testing.assert_array_equal(enc.tokenize(x), idx)
-    # dividing by the gene medians reorders: gene 5 is high for itself
-    enc.set_gene_medians(torch.tensor([1.0, 6.0, 1.0, 3.0, 1.0, 0.1]))
-    np.testing.assert_array_equal(enc.tokenize(x)[0], [5, 2, 3, 1])
-    # a cell expressing nothing gets a finite latent (the cell token carries it)
-    mean, var = enc(torch.zeros(2, 6))
-    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
-
-
-def test_rank_graph_mask_restricts_gene_tokens():
-    enc = RankTokenEncoder(5, n_tokens=2, token_dim=2, hidden=8, depth=1, n_heads=2, top_k=5)
-    enc2 = RankTokenEncoder(5, 2, 2, 8, 1, 2, top_k=5, n_edges=2)
-    enc2.set_graph(torch.tensor([[0, 1]]))
-    x = torch.log1p(torch.tensor([[5.0, 4.0, 3.0, 0.0, 0.0]]))
-    idx = enc2.tokenize(x)  # genes 0, 1, 2
-    m = enc2.gene_attention_mask(idx)[0, 0]  # (1 + L, 1 + L), cell token first
-    expected = torch.tensor(
-        [[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool
-    )
-    np.testing.assert_array_equal(m, expected)
-    assert enc.gene_attention_mask(idx)[0, 0].all()  # no graph: full attention
-    with pytest.raises(ValueError, match="directed edges"):
-        enc2.set_graph(torch.tensor([[0, 1], [1, 2]]))
-
-
-def test_pathway_tokens_pool_member_genes():
-    enc = PathwayTokenEncoder(
-        5,
-        n_sets=2,
-        n_members=4,
-        n_tokens=2,
-        token_dim=2,
-        hidden=8,
-        depth=1,
-        n_heads=2,
-        n_channels=2,
-    )
-    enc.set_gene_sets(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3]))
-    x = torch.zeros(1, 5)
-    x[0, 4] = 7.0  # a gene in no set moves no token
-    with torch.no_grad():
-        assert torch.equal(enc.pooled_expression(x), torch.zeros(1, 2, 2))
-        x[0, 2] = 2.0
-        pooled = enc.pooled_expression(x)
-    assert pooled[0, 0].abs().sum() == 0 and pooled[0, 1, 0] == pytest.approx(2.0 / 2**0.5)
-    with pytest.raises(ValueError, match="past the last"):
-        enc.set_gene_sets(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2, 3]))
-
-
-def test_integrated_gradients_completeness():
-    torch.manual_seed(0)
-    w = torch.randn(5, 3)
-
-    def fn(h):  # a smooth non-linear function, (B, 5, 3) -> (B,)
-        return torch.tanh(h * w).sum((1, 2)) + (h.sum((1, 2)) ** 2) * 0.1
-
-    x, b = torch.randn(4, 5, 3), torch.zeros(4, 5, 3)
-    attr, gap = integrated_gradients(fn, x, b, n_steps=64)
-    total = fn(x) - fn(b)
-    torch.testing.assert_close(attr.sum((1, 2)) + gap, total)
-    assert gap.abs().max() < 0.01 * total.abs().max()
-    linear = integrated_gradients(lambda h: (h * w).sum((1, 2)), x, b, n_steps=1)[0]
-    torch.testing.assert_close(linear, x * w)  # exact for a linear function
 
 
 # ---------------------------------------------------------------------- models
@@ -326,7 +148,7 @@ def test_annotator_pathway_attributions(pathway_model):
 
 
 def test_perturbation_pathway_attributions():
-    from test_perturbation import make_perturbation_adata, toy_features
+    from conftest import make_perturbation_adata, toy_features
 
     a = make_perturbation_adata(n_per_group=30, n_genes=30)
     sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", covariate_keys=["context"])

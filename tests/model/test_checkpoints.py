@@ -20,7 +20,7 @@ from conftest import REPO, make_adata
 from scfm_adapt.errors import CheckpointError
 from scfm_adapt.model.base import _checkpoint as _io
 
-FIXTURE = REPO / "tests" / "data" / "checkpoint_v1"
+FIXTURE = REPO / "tests" / "fixtures" / "checkpoint_v1"
 
 
 def _latent(model, adata):
@@ -30,7 +30,7 @@ def _latent(model, adata):
 def test_format_1_checkpoint_is_migrated_and_gives_its_recorded_embedding():
     """A checkpoint written by format 1 (commit 8035fbf) loads through the migration path
     and embeds cells exactly as it did when it was written."""
-    expected = json.loads((REPO / "tests" / "data" / "checkpoint_v1_expected.json").read_text())
+    expected = json.loads((REPO / "tests" / "fixtures" / "checkpoint_v1_expected.json").read_text())
     assert json.loads((FIXTURE / "config.json").read_text())["format_version"] == 1
     model = sfa.model.SCFM.load(FIXTURE)
     adata = make_adata(**expected["make_adata"])

@@ -186,7 +186,7 @@ def test_annotation_on_the_external_backbone(gf_model):
 
 
 def test_perturbation_on_the_external_backbone(gf_model):
-    from test_perturbation import make_perturbation_adata, toy_features
+    from conftest import make_perturbation_adata, toy_features
 
     a = make_perturbation_adata(n_per_group=24, n_genes=40)
     a.var_names = [f"gene{i}" for i in range(40)]

@@ -290,8 +290,8 @@ def test_fuzzing_at_depth(tmp_path):
     here = Path(__file__)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here),
-         "-k", "not test_fuzzing_at_depth", "--rootdir", str(here.parent.parent)],
-        env=env, capture_output=True, text=True, cwd=here.parent.parent,
+         "-k", "not test_fuzzing_at_depth", "--rootdir", str(here.parents[2])],
+        env=env, capture_output=True, text=True, cwd=here.parents[2],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "no undocumented exception escaped" in proc.stdout

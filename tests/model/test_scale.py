@@ -112,7 +112,7 @@ def test_infer_to_disk_equals_in_memory_inference(trained, adata, backed, tmp_pa
 
 
 def test_infer_to_disk_checks_genes_before_writing(trained, adata, tmp_path):
-    bad = adata[:, 3:].copy()  # genes missing (another order is handled: tests/test_inputs.py)
+    bad = adata[:, 3:].copy()  # genes missing (another order is handled: tests/model/test_inputs.py)
     with pytest.raises(sfa.errors.GeneMismatchError, match="3 of its 40 genes are missing"):
         sfa.tl.infer_to_disk(bad, trained, tmp_path / "bad.h5ad", progress=False)
     assert not list(tmp_path.iterdir())
@@ -177,7 +177,7 @@ def test_ddp_on_two_cpu_processes_matches_single_process(tmp_path):
     script = tmp_path / "ddp_train.py"
     out = tmp_path / "ddp_model"
     script.write_text(
-        _DDP_SCRIPT.format(tests=str(Path(__file__).parent), epochs=epochs, out=str(out))
+        _DDP_SCRIPT.format(tests=str(Path(__file__).parents[1]), epochs=epochs, out=str(out))
     )
     proc = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=600

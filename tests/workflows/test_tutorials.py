@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("[0-9]*.ipynb"))
 FASTEST = TUTORIALS / "01_pretrain_annotate_pbmc.ipynb"  # built-in data, about 75 s
 
