@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).parents[1]
 
@@ -106,6 +107,21 @@ TINY = {
 }
 
 
+class Crash(Exception):
+    """An interruption raised by :class:`CrashAfter` (like a killed process)."""
+
+
+class CrashAfter(Callback):
+    """Raise :class:`Crash` after ``epoch`` has ended and been checkpointed (like a kill)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise Crash(f"interrupted after epoch {self.epoch}")
+
+
 @pytest.fixture
 def tiny_kwargs() -> dict:
     return dict(TINY)
@@ -157,7 +173,8 @@ def trained(adata, _trained_checkpoint):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Print the fuzzing tally of tests/workflows/test_fuzz.py: examples and outcomes per entry point."""
+    """Print the fuzzing tally of tests/workflows/test_fuzz.py: examples and outcomes per
+    entry point."""
     import sys
 
     fuzz = sys.modules.get("test_fuzz")

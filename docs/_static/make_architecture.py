@@ -82,7 +82,7 @@ BOXES = {
         2.6,
         "#fbe5d6",
         [
-            "model  (the only layer, with tl, that sees AnnData)",
+            "model  (the model classes: AnnData and the registry in, results out)",
             "base/: BaseModel = registry (AnnDataManager), input shells, training runs",
             "       with resume, one save/load (safetensors + JSON, atomic, checksummed)",
             "SCFM = BaseModel + generation, multimodal, tokenizers, adapters,",
@@ -151,6 +151,7 @@ ARROWS = [  # importer -> imported
     ("tl", "model"),
     ("pl", "model"),
     ("metrics", "data"),
+    ("model", "metrics"),
 ]
 
 

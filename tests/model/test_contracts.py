@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import scvi
 import torch
-from lightning.pytorch.callbacks import Callback
 
 import scfm_adapt as sfa
-from conftest import REPO, TINY, make_adata
+from conftest import REPO, Crash, CrashAfter, make_adata
 from scfm_adapt.errors import CheckpointError
 from scfm_adapt.model.base import BaseModel
 
@@ -118,30 +117,12 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 # ------------------------------------------------------------------ resuming
-class _Crash(Exception):
-    pass
-
-
-class _CrashAfter(Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise _Crash(f"interrupted after epoch {self.epoch}")
-
-
 FAST = {"enable_progress_bar": False, "batch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def backbone():
-    scvi.settings.seed = 0
-    a = make_adata()
-    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
-    m = sfa.model.SCFM(a, **TINY)
-    m.train(max_epochs=2, stage="vae", early_stopping=False, **FAST)
-    return m
+def backbone(tiny_saved):
+    return tiny_saved[0]
 
 
 def _annotator(backbone, seed=0):
@@ -158,8 +139,8 @@ def test_interrupted_annotator_training_resumes_to_the_uninterrupted_result(back
     p_full = full.predict(a, soft=True).to_numpy()
 
     part, _ = _annotator(backbone)
-    with pytest.raises(_Crash):
-        part.train(**fit, checkpoint_dir=tmp_path, callbacks=[_CrashAfter(2)])
+    with pytest.raises(Crash):
+        part.train(**fit, checkpoint_dir=tmp_path, callbacks=[CrashAfter(2)])
     assert (tmp_path / "annotator" / "last.ckpt").exists()
     assert not (tmp_path / "annotator" / "done.json").exists()
     with pytest.raises(FileExistsError, match="resume=True"):

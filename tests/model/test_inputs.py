@@ -301,6 +301,46 @@ def test_annotator_predict_handles_or_rejects_each_input(annotator, case, tmp_pa
         np.testing.assert_array_equal(out, ref[_reference_rows(case, len(ref))])
 
 
+# ------------------------------------------------------------------ perturbation model
+@pytest.fixture(scope="module")
+def perturbation_model():
+    scvi.settings.seed = 0
+    a = make_adata()
+    a.obs["condition"] = np.where(a.obs["cell_type"] == "type0", "A", "control")
+    sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", batch_key="batch")
+    pm = sfa.model.PerturbationModel(a, gene_features=None, n_ensemble=2, hidden=16, **TINY)
+    pm.train(max_epochs=2, head_steps=10, progress=False, calibration_cells=16, batch_size=32)
+    return pm
+
+
+PERTURBATION_EXPECTED = {  # the model reads the counts and the batch, not the labels
+    "unknown label": SAME,
+    "genes permuted": (GeneMismatchError, "another order"),
+    "empty cells": (SCFMInputError, "no cells"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_perturbation_predict_handles_or_rejects_each_input(perturbation_model, case, tmp_path):
+    q = _query(case, tmp_path)
+    expected = PERTURBATION_EXPECTED.get(case, CASES[case][1])
+
+    def predict(data):
+        return perturbation_model.predict_perturbation(data, "A", seed=0, n_samples=32)
+
+    if isinstance(expected, tuple):
+        with pytest.raises(expected[0], match=expected[1]):
+            predict(q)
+        return
+    out = predict(q)
+    assert np.isfinite(out.X.toarray()).all()
+    assert np.isfinite(out.varm["scfm_delta"].to_numpy()).all()
+    if expected == SAME and not case.startswith("view"):  # a view has other control cells
+        ref = predict(make_adata())
+        np.testing.assert_array_equal(out.X.toarray(), ref.X.toarray())
+        np.testing.assert_array_equal(out.varm["scfm_delta"], ref.varm["scfm_delta"])
+
+
 # ------------------------------------------------------------------ no mutation
 def _snapshot(a):
     x = a.X[:] if a.isbacked else a.X

@@ -112,7 +112,7 @@ def test_infer_to_disk_equals_in_memory_inference(trained, adata, backed, tmp_pa
 
 
 def test_infer_to_disk_checks_genes_before_writing(trained, adata, tmp_path):
-    bad = adata[:, 3:].copy()  # genes missing (another order is handled: tests/model/test_inputs.py)
+    bad = adata[:, 3:].copy()  # genes missing (another order is handled: model/test_inputs.py)
     with pytest.raises(sfa.errors.GeneMismatchError, match="3 of its 40 genes are missing"):
         sfa.tl.infer_to_disk(bad, trained, tmp_path / "bad.h5ad", progress=False)
     assert not list(tmp_path.iterdir())

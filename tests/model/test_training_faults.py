@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import scfm_adapt as sfa
-from conftest import TINY, make_adata
+from conftest import TINY, Crash, CrashAfter, make_adata
 from scfm_adapt.errors import TrainingDivergedError
 
 FIT = {"enable_progress_bar": False, "batch_size": 32, "early_stopping": True}
@@ -23,21 +23,6 @@ def _model(seed: int = 0):
     return sfa.model.SCFM(a, **TINY), a
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashAfter(Callback):
-    """Raise after ``epoch`` of ``stage`` has ended and been checkpointed (like a kill)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise _Crash(f"interrupted after epoch {self.epoch}")
-
-
 @pytest.mark.parametrize("stage, k", [("vae", 2), ("prior", 1)])
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, stage, k):
     epochs = {"max_epochs": 5, "max_epochs_prior": 4}
@@ -47,14 +32,14 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, stag
     gen_full = full.generate({"cell_type": "type1"}, n_samples=16, n_steps=5).X.toarray()
 
     part, _ = _model()
-    crash = _CrashAfter(k)
+    crash = CrashAfter(k)
     # the crash callback joins the stage it interrupts only
     if stage == "vae":
-        with pytest.raises(_Crash):
+        with pytest.raises(Crash):
             part.train(**epochs, **FIT, checkpoint_dir=tmp_path, callbacks=[crash])
     else:
         part.train(**epochs, **FIT, stage="vae", checkpoint_dir=tmp_path)
-        with pytest.raises(_Crash):
+        with pytest.raises(Crash):
             part.train(**epochs, **FIT, stage="prior", checkpoint_dir=tmp_path, callbacks=[crash])
     assert (tmp_path / stage / "last.ckpt").exists() and not (
         tmp_path / stage / "done.json"

@@ -23,7 +23,6 @@ from ..train import DEFAULT_GRADIENT_CLIP, fit_temperature
 from ._attributions import pathway_attributions
 from ._scfm import SCFM
 from .base import BaseModel
-from .base._training import mark_finished
 
 logger = logging.getLogger(__name__)
 
@@ -274,12 +273,11 @@ class CellAnnotator(BaseModel):
         plan = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", "eps": 1e-8}
         plan.update(plan_kwargs or {})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        root = self._checkpoint_folder(checkpoint_dir, resume)
+        root, split = self._checkpointed(
+            checkpoint_dir, resume, train_size, validation_size, trainer_kwargs
+        )
         folder = None if root is None else root / "annotator"
         if root is not None:
-            split = self._fixed_split(root, resume, train_size, validation_size)
-            ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
-            trainer_kwargs["datasplitter_kwargs"] = {**ds_kwargs, "external_indexing": split}
             history = self._restore_finished_run(folder) if resume else None
             if history is not None:  # the fit ended before the interruption
                 self.train_indices, self.validation_indices, self.test_indices = split
@@ -308,8 +306,6 @@ class CellAnnotator(BaseModel):
             early_stopping_monitor="elbo_validation",
             plan_kwargs=plan,
         )
-        if folder is not None:
-            mark_finished(folder, self.history_ or {})
         self.module.eval()
         self._calibrate(ood_quantile, batch_size)
 

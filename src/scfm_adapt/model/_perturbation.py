@@ -29,14 +29,14 @@ from ..errors import CheckpointError, SCFMInputError, TrainingDivergedError
 from ..module import ResponseHead, SCFMModule, mmd2
 from ..train import DEFAULT_GRADIENT_CLIP
 from ._attributions import pathway_attributions
+from ._perturbation_features import gene_feature_table
+from ._perturbation_uncertainty import conformal_quantiles, nn_scale, out_of_bag
 from ._results import perturbation_anndata
 from ._scfm import SCFM
 from .base import BaseModel, read_checkpoint, seeded, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
-#: Quantile levels stored from the calibration scores (intervals at any of them).
-_LEVELS = np.round(np.arange(0.5, 0.995, 0.01), 2)
 #: The arguments of :meth:`PerturbationModel.setup_anndata` that define the design.
 SETUP_KEYS = (
     "perturbation_key",
@@ -288,54 +288,7 @@ class PerturbationModel(BaseModel):
 
     # ------------------------------------------------------------------ features
     def _resolve_features(self) -> pd.DataFrame | None:
-        arg = self._features_arg
-        tables = []
-        if isinstance(arg, pd.DataFrame):
-            tables.append(arg.astype(np.float32))
-        elif arg is not None:
-            kinds = {
-                "auto": ["go?"],
-                "go": ["go"],
-                "backbone": ["backbone"],
-                "go+backbone": ["go", "backbone"],
-            }
-            if arg not in kinds:
-                raise ValueError(
-                    f"gene_features={arg!r}; choose 'auto', 'go', 'backbone', 'go+backbone', "
-                    "None or a DataFrame."
-                )
-            for kind in kinds[arg]:
-                if kind.startswith("go"):
-                    from ..datasets import go_gene_features
-
-                    try:
-                        tables.append(go_gene_features())
-                    except FileNotFoundError:
-                        if kind == "go":
-                            raise
-                        logger.info(
-                            "GO tables not found: perturbation parts get learned embeddings only."
-                        )
-                else:
-                    w = self.backbone.module.decoder.scale_head.weight.detach().cpu().numpy()
-                    w = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
-                    tables.append(
-                        pd.DataFrame(
-                            w,
-                            index=self.backbone.var_names_,
-                            columns=[f"bb_{i}" for i in range(w.shape[1])],
-                        )
-                    )
-        if not tables:
-            return None
-        if len(tables) == 1:
-            out = tables[0]
-        else:
-            out = pd.concat(tables, axis=1, join="outer").fillna(0.0)
-        out.index = out.index.astype(str)
-        if not out.index.is_unique:
-            raise ValueError("gene_features has duplicate part names in its index.")
-        return out.astype(np.float32)
+        return gene_feature_table(self._features_arg, self.backbone)
 
     def _feature_of(self, part: str) -> np.ndarray | None:
         f = self.features_
@@ -521,7 +474,7 @@ class PerturbationModel(BaseModel):
 
         n_feat = 0 if self.features_ is None else self.features_.shape[1]
         k_members = self.init_kwargs_["n_ensemble"]
-        self.oob_ = _out_of_bag(len(units), k_members, holdout_share, seed)
+        self.oob_ = out_of_bag(len(units), k_members, holdout_share, seed)
         self.heads, self.history_ = [], {"response_loss": []}
         folder = None if root is None else root / "response_heads"
         if folder is not None and not resume and folder.exists() and any(folder.iterdir()):
@@ -670,27 +623,17 @@ class PerturbationModel(BaseModel):
             centres.append(per_member[oob].mean(0) if oob else per_member.mean(0))
             spreads.append(per_member.std(0))
         true, centres, spreads = np.stack(true), np.stack(centres), np.stack(spreads)
-        self.gene_scale_ = np.sqrt((true**2).mean(0))
-        tau = spreads + self.gene_scale_[None, :] + 1e-3
-        scores = (np.abs(centres - true) / tau).ravel()
-        n = scores.size
-        q = [float(np.quantile(scores, min(1.0, np.ceil((n + 1) * lv) / n))) for lv in _LEVELS]
-        self.calibration_ = {
-            "levels": _LEVELS.tolist(),
-            "quantiles": q,
-            "n_units": len(units),
-            "oob_pearson": float(np.corrcoef(centres.ravel(), true.ravel())[0, 1]),
-        }
+        self.gene_scale_, self.calibration_ = conformal_quantiles(true, centres, spreads)
         # OOD references: training perturbation embeddings per member, context means
         treat = sorted({(tuple(p), tuple(d)) for _, p, d in units})
         t_idx, t_feat, t_dose = self._encode_requests(treat)
         self.ood_ref_ = {"embeddings": [h.embed(t_idx, t_feat, t_dose) for h in self.heads]}
-        self.ood_ref_["embed_scale"] = [float(_nn_scale(e)) for e in self.ood_ref_["embeddings"]]
+        self.ood_ref_["embed_scale"] = [float(nn_scale(e)) for e in self.ood_ref_["embeddings"]]
         ctx_with_units = sorted({c for c, _, _ in units})
         means = torch.stack([zs[ctrl_idx[c]].mean(0) for c in ctx_with_units])
         self.ood_ref_["context_means"] = means
         if len(ctx_with_units) > 1:
-            self.ood_ref_["context_scale"] = float(_nn_scale(means))
+            self.ood_ref_["context_scale"] = float(nn_scale(means))
         else:
             ci = ctrl_idx[ctx_with_units[0]]
             self.ood_ref_["context_scale"] = float((zs[ci] - means[0]).norm(dim=1).mean())
@@ -728,7 +671,8 @@ class PerturbationModel(BaseModel):
                 keep &= adata_ctrl.obs[key].astype(str).to_numpy() == str(val)
         if not keep.any():
             raise SCFMInputError(f"No control cell matches covariates={dict(covariates or {})}.")
-        out = adata_ctrl[keep].copy()
+        chosen = adata_ctrl[keep]
+        out = chosen.to_memory() if chosen.isbacked else chosen.copy()  # the control cells only
         for key, val in (covariates or {}).items():
             if key not in out.obs:
                 out.obs[key] = str(val)
@@ -1203,18 +1147,6 @@ def _training_units(design: pd.DataFrame) -> tuple[list, list[np.ndarray], dict]
     return units, unit_idx, ctrl_idx
 
 
-def _out_of_bag(n_units: int, n_members: int, holdout_share: float, seed: int) -> list[list[int]]:
-    """The units each ensemble member leaves out: consecutive blocks of a permutation, so
-    that every unit is out of bag for some member when there are enough members."""
-    order = np.random.default_rng(seed).permutation(n_units)
-    n_drop = max(1, round(holdout_share * n_units)) if n_units > 1 else 0
-    out = []
-    for k in range(n_members):
-        start = (k * n_drop) % max(n_units, 1)
-        out.append(sorted({int(order[(start + j) % n_units]) for j in range(n_drop)}))
-    return out
-
-
 def _rescaled(dist, ratio: torch.Tensor):
     """The same count distribution with its mean multiplied by ``ratio`` per gene, each cell
     rescaled back to its original total mean (library)."""
@@ -1229,12 +1161,3 @@ def _rescaled(dist, ratio: torch.Tensor):
     if isinstance(dist, ZeroInflatedNegativeBinomial):
         return ZeroInflatedNegativeBinomial(mu=mu, theta=dist.theta, zi_logits=dist.zi_logits)
     return NegativeBinomial(mu=mu, theta=dist.theta)
-
-
-def _nn_scale(e: torch.Tensor) -> float:
-    """Median distance of each row to its nearest other row (the norm of the row with one)."""
-    if e.shape[0] < 2:
-        return float(e.norm(dim=-1).mean().clamp(min=1e-6))
-    d = torch.cdist(e, e)
-    d.fill_diagonal_(float("inf"))
-    return float(d.min(1).values.median().clamp(min=1e-6))

@@ -37,7 +37,6 @@ from ._quantization import QuantizationMixin, inference_only
 from ._query_mapping import QueryMappingMixin
 from ._tokenizers import TokenizerMixin
 from .base import BaseModel, transfer_errors
-from .base._training import mark_finished
 
 logger = logging.getLogger(__name__)
 
@@ -387,11 +386,9 @@ class SCFM(
         if pin_memory:
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
-        ckpt_root = self._checkpoint_folder(checkpoint_dir, resume)
-        if ckpt_root is not None:
-            split = self._fixed_split(ckpt_root, resume, train_size, validation_size)
-            ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
-            trainer_kwargs["datasplitter_kwargs"] = {**ds_kwargs, "external_indexing": split}
+        ckpt_root, _ = self._checkpointed(
+            checkpoint_dir, resume, train_size, validation_size, trainer_kwargs
+        )
         if compile:
             # In place (nn.Module.compile): parameter names, and so checkpoints, are unchanged.
             for part in self.module.compile_targets():
@@ -455,8 +452,6 @@ class SCFM(
                 self.histories_[st] = self.history_ or {}
             if st not in self.trained_stages_:
                 self.trained_stages_.append(st)
-            if ckpt_root is not None:
-                mark_finished(ckpt_root / st, self.histories_[st])
         self.module.set_stage("vae")
         self.module.eval()
         self.is_trained_ = True

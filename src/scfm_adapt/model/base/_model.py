@@ -45,7 +45,7 @@ from ...errors import CheckpointError, SCFMInputError, UnknownCategoryError
 from ...train import RNGState, guarded
 from ._checkpoint import read_checkpoint, write_checkpoint
 from ._inputs import SHELL_OF, copied_obs, input_shell, setup_obs_keys, transfer_errors
-from ._training import checkpointing, finished_run, read_split, write_split
+from ._training import checkpointing, finished_run, mark_finished, read_split, write_split
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,8 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
         The run gets the divergence guard and default gradient clipping
         (:func:`~scfm_adapt.train.guarded`, named ``what`` in its errors), the random-number
         state callback (so a resumed run continues like an uninterrupted one) and, with
-        ``folder``, an epoch checkpoint there (resumed from with ``resume``).
+        ``folder``, an epoch checkpoint there (resumed from with ``resume``) and, when the
+        run ends, ``done.json`` (see :meth:`_restore_finished_run`).
         ``train_kwargs`` are scvi-tools' ``train`` arguments (``max_epochs``,
         ``plan_kwargs``, ``batch_size``, ...); ``trainer_kwargs`` go to the trainer.
         """
@@ -258,6 +259,8 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
             # Frozen parts are in eval mode on purpose (no dropout while they encode).
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
             UnsupervisedTrainingMixin.train(self, **train_kwargs, **kwargs)
+        if folder is not None:  # a resumed call restores this run instead of repeating it
+            mark_finished(folder, self.history_ or {})
 
     def _fixed_split(
         self, root: Path, resume: bool, train_size: float, validation_size: float | None
@@ -293,6 +296,25 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
         return None if checkpoint_dir is None else Path(checkpoint_dir)
+
+    def _checkpointed(
+        self,
+        checkpoint_dir,
+        resume: bool,
+        train_size: float,
+        validation_size: float | None,
+        trainer_kwargs: dict,
+    ) -> tuple[Path | None, list[np.ndarray] | None]:
+        """``(root, split)`` of a checkpointed call (``(None, None)`` without
+        ``checkpoint_dir``); the fixed split goes into ``trainer_kwargs``' data splitter
+        arguments, so that every run of the call trains on the same cells."""
+        root = self._checkpoint_folder(checkpoint_dir, resume)
+        if root is None:
+            return None, None
+        split = self._fixed_split(root, resume, train_size, validation_size)
+        ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
+        trainer_kwargs["datasplitter_kwargs"] = {**ds_kwargs, "external_indexing": split}
+        return root, split
 
     # ------------------------------------------------------------------ save / load
     def _checkpoint_config(self) -> dict:
