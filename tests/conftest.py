@@ -167,9 +167,25 @@ def _trained_checkpoint(tmp_path_factory):
 def trained(adata, _trained_checkpoint):
     """A trained tiny SCFM on this test's ``adata``, a model of its own (tests may adapt,
     train or quantize it): loaded from the session's checkpoint, not retrained."""
+    import scvi
+
     import scfm_adapt as sfa
 
-    return sfa.model.SCFM.load(_trained_checkpoint, adata=adata)
+    model = sfa.model.SCFM.load(_trained_checkpoint, adata=adata)
+    scvi.settings.seed = 0  # the same random state whichever test built the checkpoint
+    return model
+
+
+@pytest.fixture
+def trained_in_memory(adata, tiny_kwargs):
+    """The ``trained`` recipe trained in this test, not loaded: for the tests of what
+    training and saving themselves produce."""
+    import scfm_adapt as sfa
+
+    sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = sfa.model.SCFM(adata, **tiny_kwargs)
+    model.train(max_epochs=3, enable_progress_bar=False, early_stopping=False, batch_size=32)
+    return model
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -18,6 +18,7 @@ class _Slots(NamedTuple):
     library: str = "scfm_library"  # obs: library size of generated cells
     generate: str = "scfm_generate"  # uns: parameters of generate()
     counterfactual: str = "scfm_counterfactual"  # uns: parameters of counterfactual()
+    source: str = "scfm_source"  # obs prefix: a counterfactual cell's original covariate
     perturbation: str = "scfm_perturbation"  # uns: predict_perturbation's parameters
     delta: str = "scfm_delta"  # varm: predicted mean change per gene and request
     delta_lower: str = "scfm_delta_lower"  # varm: its interval's bounds

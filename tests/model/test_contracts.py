@@ -18,7 +18,6 @@ import torch
 
 import scfm_adapt as sfa
 from conftest import REPO, Crash, CrashAfter, make_adata
-from scfm_adapt.errors import CheckpointError
 from scfm_adapt.model.base import BaseModel
 
 MODEL_DIR = Path(sfa.__file__).parent / "model"
@@ -141,8 +140,8 @@ def test_interrupted_annotator_training_resumes_to_the_uninterrupted_result(back
     part, _ = _annotator(backbone)
     with pytest.raises(Crash):
         part.train(**fit, checkpoint_dir=tmp_path, callbacks=[CrashAfter(2)])
-    assert (tmp_path / "annotator" / "last.ckpt").exists()
-    assert not (tmp_path / "annotator" / "done.json").exists()
+    assert (tmp_path / "annotator" / "fit" / "last.ckpt").exists()
+    assert not (tmp_path / "annotator" / "fit" / "done.json").exists()
     with pytest.raises(FileExistsError, match="resume=True"):
         _annotator(backbone)[0].train(**fit, checkpoint_dir=tmp_path)
 
@@ -201,14 +200,43 @@ def test_interrupted_perturbation_training_resumes_to_the_uninterrupted_result(
     with pytest.raises(FileExistsError, match="resume=True"):
         _perturbation_model()[0].train(**fit, checkpoint_dir=tmp_path)
 
+    trained_on_resume = []
+
+    def count(self, head, k, *args, **kwargs):
+        trained_on_resume.append(k)
+        return fit_member(self, head, k, *args, **kwargs)
+
+    monkeypatch.setattr(sfa.model.PerturbationModel, "_fit_member", count)
     resumed, _ = _perturbation_model(seed=123)
     resumed.train(**fit, checkpoint_dir=tmp_path, resume=True)
+    assert trained_on_resume == [2]  # the finished heads are restored, not retrained
     two = resumed.predict_perturbation(ctrl, ["A+B", "C"], seed=0)
     np.testing.assert_allclose(two.varm["scfm_delta"], one.varm["scfm_delta"], atol=1e-6)
     np.testing.assert_allclose(
         two.varm["scfm_delta_upper"], one.varm["scfm_delta_upper"], atol=1e-6
     )
     np.testing.assert_array_equal(two.X.toarray(), one.X.toarray())
+
+    # interrupted after the last head, while calibrating: every head is restored, and the
+    # calibration draws what it draws after training (the random state saved with a head)
+    trained_on_resume.clear()
+    calibrate = sfa.model.PerturbationModel._calibrate
+
+    def crash_in_calibration(self, *args, **kwargs):
+        raise _CrashInHead("interrupted while calibrating")
+
+    late = tmp_path / "late"
+    monkeypatch.setattr(sfa.model.PerturbationModel, "_calibrate", crash_in_calibration)
+    with pytest.raises(_CrashInHead):
+        _perturbation_model()[0].train(**fit, checkpoint_dir=late)
+    monkeypatch.setattr(sfa.model.PerturbationModel, "_calibrate", calibrate)
+    trained_on_resume.clear()
+    third, _ = _perturbation_model(seed=7)
+    third.train(**fit, checkpoint_dir=late, resume=True)
+    assert trained_on_resume == []
+    assert third.calibration_ == full.calibration_
+    three = third.predict_perturbation(ctrl, ["A+B", "C"], seed=0)
+    np.testing.assert_array_equal(three.varm["scfm_delta_upper"], one.varm["scfm_delta_upper"])
 
 
 # ------------------------------------------------------------------ earlier layouts
@@ -219,15 +247,14 @@ def test_a_perturbation_model_saved_in_the_two_folder_layout_still_loads(tmp_pat
 
     src = REPO / "tests" / "fixtures" / "perturbation_two_folders"
     expected = json.loads((src.parent / "perturbation_two_folders_expected.json").read_text())
-    with pytest.raises(CheckpointError, match=r"two-folder layout.*adata="):
-        sfa.model.PerturbationModel.load(src)
     a = make_perturbation_adata(n_per_group=20, n_genes=20)
-    m = sfa.model.PerturbationModel.load(src, adata=a)
     keep = ((a.obs["condition"] == "control") & (a.obs["context"] == "ctx0")).to_numpy()
-    pred = m.predict_perturbation(a[keep].copy(), ["A", "A+B"], seed=0)
-    np.testing.assert_allclose(pred.varm["scfm_delta"], expected["delta"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pred.varm["scfm_delta_upper"], expected["upper"], rtol=1e-5)
-    assert float(pred.X.sum()) == expected["X_sum"]
+    for data in (None, a):  # without data, as before, and onto its training AnnData
+        m = sfa.model.PerturbationModel.load(src, adata=data)
+        pred = m.predict_perturbation(a[keep].copy(), ["A", "A+B"], seed=0)
+        np.testing.assert_allclose(pred.varm["scfm_delta"], expected["delta"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pred.varm["scfm_delta_upper"], expected["upper"], rtol=1e-5)
+        assert float(pred.X.sum()) == expected["X_sum"]
     m.save(tmp_path / "now")  # saved again, it is one folder and loads without data
     assert (tmp_path / "now" / "config.json").exists()
     again = sfa.model.PerturbationModel.load(tmp_path / "now")

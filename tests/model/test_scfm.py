@@ -19,7 +19,8 @@ from scfm_adapt.errors import (
 )
 
 
-def test_train_both_stages_and_history(trained):
+def test_train_both_stages_and_history(trained_in_memory):
+    trained = trained_in_memory
     assert trained.trained_stages_ == ["vae", "prior"]
     assert set(trained.history) == {"vae", "prior"}
     for stage in ("vae", "prior"):
@@ -59,7 +60,8 @@ def test_posterior_predictive_and_reconstruction(trained, adata):
     assert np.isfinite(nll) and nll > 0
 
 
-def test_save_load_round_trip_gives_identical_latent(trained, adata, tmp_path):
+def test_save_load_round_trip_gives_identical_latent(trained_in_memory, adata, tmp_path):
+    trained = trained_in_memory
     path = trained.save(tmp_path / "m")
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
     loaded = sfa.model.SCFM.load(path, adata=adata)

@@ -38,5 +38,13 @@ def lognorm(x, target_sum: float = 1e4) -> np.ndarray:
     return np.log1p(x / np.maximum(lib, 1e-12) * target_sum)
 
 
-#: The name :mod:`scfm_adapt.metrics` first gave :func:`lognorm` (the same function).
-lognormalize = lognorm
+def lognormalize(x, target_sum: float = 1e4) -> np.ndarray:
+    """Deprecated name of :func:`lognorm` (kept for one release)."""
+    import warnings
+
+    warnings.warn(
+        "sfa.metrics.lognormalize is deprecated; use sfa.metrics.lognorm (the same maths).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return lognorm(x, target_sum)

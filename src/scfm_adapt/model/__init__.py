@@ -1,4 +1,4 @@
-"""Model classes: the only code, with ``tl``, that sees AnnData and the registry."""
+"""Model classes: AnnData (or MuData) and scvi-tools' registry in, results out."""
 
 from ._annotator import CellAnnotator
 from ._distill import distill

@@ -15,8 +15,7 @@ from pathlib import Path
 from .._version import __version__
 from ..errors import AdapterMismatchError, CheckpointError
 from ..module import AdapterSpec, SCFMModule
-from ._quantization import inference_only
-from .base import read_checkpoint, write_checkpoint
+from .base import inference_only, read_checkpoint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from scvi import REGISTRY_KEYS
 from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField
 
 from ..data import check_genes, check_layer_counts, check_not_view
-from ..errors import SCFMInputError, UnknownCategoryError
+from ..errors import MissingKeyError, SCFMInputError, UnknownCategoryError
 from ..metrics import expected_calibration_error
 from ..module import AnnotatorModule, SCFMModule
 from ..train import DEFAULT_GRADIENT_CLIP, fit_temperature
@@ -85,6 +85,10 @@ class CellAnnotator(BaseModel):
     # and ignores obs: every cell it is given is unlabelled (see _shell_obs).
     _reorders_genes = False
     _genes_owner = "annotator"
+    _unknown_category_fix = (
+        "relabel those cells to one of the annotator's types or to its unlabeled category "
+        "(annotator.classes_, annotator.unlabeled_category_)"
+    )
 
     def __init__(
         self,
@@ -168,8 +172,8 @@ class CellAnnotator(BaseModel):
         self.module.head.requires_grad_(True)
 
     def parameter_report(self) -> dict[str, int | float]:
-        """Trainable parameters (adapter + head) against the backbone's."""
-        self._freeze()
+        """Trainable parameters (adapter + head) against the backbone's (no side effects:
+        the flags are those :meth:`_freeze` set when the annotator was built)."""
         rep = self.module.backbone.parameter_report("vae")
         train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         head = sum(p.numel() for p in self.module.head.parameters())
@@ -210,11 +214,11 @@ class CellAnnotator(BaseModel):
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if labels_key not in adata.obs:
-            raise KeyError(
+            raise MissingKeyError(
                 f"{labels_key!r} is not a column of adata.obs (columns: {list(adata.obs)})."
             )
         if batch_key is not None and batch_key not in adata.obs:
-            raise KeyError(f"{batch_key!r} is not a column of adata.obs.")
+            raise MissingKeyError(f"{batch_key!r} is not a column of adata.obs.")
         check_not_view(adata)
         check_layer_counts(adata, layer)
         fields = [
@@ -262,8 +266,8 @@ class CellAnnotator(BaseModel):
             Share of validation cells whose OOD score stays under the threshold (the
             in-distribution false-flag rate is about ``1 - ood_quantile``).
         checkpoint_dir, resume
-            As in :meth:`SCFM.train`: an epoch checkpoint in ``checkpoint_dir/annotator``
-            and the cells' split in ``checkpoint_dir/split.json``; ``resume=True``
+            As in :meth:`SCFM.train`: an epoch checkpoint in ``checkpoint_dir/annotator/fit``
+            and the cells' split in ``checkpoint_dir/annotator/split.json``; ``resume=True``
             continues an interrupted call (same arguments) to the result of an
             uninterrupted one.
         **trainer_kwargs
@@ -274,9 +278,13 @@ class CellAnnotator(BaseModel):
         plan.update(plan_kwargs or {})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         root, split = self._checkpointed(
-            checkpoint_dir, resume, train_size, validation_size, trainer_kwargs
+            None if checkpoint_dir is None else Path(checkpoint_dir) / "annotator",
+            resume,
+            train_size,
+            validation_size,
+            trainer_kwargs,
         )
-        folder = None if root is None else root / "annotator"
+        folder = None if root is None else root / "fit"
         if root is not None:
             history = self._restore_finished_run(folder) if resume else None
             if history is not None:  # the fit ended before the interruption
@@ -543,6 +551,8 @@ class CellAnnotator(BaseModel):
             check_genes(adata.var_names, config["var_names"], what="annotator")
             try:
                 cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            except SCFMInputError:  # our own errors already name the problem and the fix
+                raise
             except ValueError as e:
                 raise UnknownCategoryError(f"{e} (labels unknown to the annotator)") from e
         model = cls(

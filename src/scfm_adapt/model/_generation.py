@@ -61,8 +61,8 @@ class GenerationMixin:
         return {}
 
     def _generated_mudata(self, rna: AnnData, extra: dict):
-        """Generated RNA joined with the further modalities of :meth:`_generate_extra`
-        (an RNA model has none)."""
+        """Generated RNA joined with the further modalities of :meth:`_generate_extra`:
+        an RNA model has none, and returns the RNA itself."""
         return rna
 
     # ------------------------------------------------------------------ conditions
@@ -366,8 +366,6 @@ class GenerationMixin:
             "library_size": "model" if lib is None else "given",
         }
         adata = self._as_anndata(np.concatenate(counts), np.concatenate(expected), obs, params)
-        if not extra or not extra[0]:
-            return adata
         joined = {
             m: tuple(np.concatenate([e[m][i] for e in extra]) for i in range(2)) for m in extra[0]
         }
@@ -517,7 +515,7 @@ class GenerationMixin:
         obs = adata_.obs.iloc[sel].copy()
         known = self.conditions_
         for key, value in (target or {}).items():
-            obs[f"scfm_source_{key}"] = obs[key].to_numpy()
+            obs[f"{SLOTS.source}_{key}"] = obs[key].to_numpy()
             obs[key] = known[key].column_of(np.repeat(np.asarray([value], dtype=object), len(obs)))
         params = {
             "target": {

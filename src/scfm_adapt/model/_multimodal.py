@@ -22,6 +22,7 @@ from ..errors import GeneMismatchError, ModalityError
 from ..module import MODULE_KEYS, MultimodalSCFMModule, SCFMModule
 from ..module._multimodal import MODALITY_KEYS, MODALITY_LIKELIHOODS, MODALITY_TOKENS
 from ._results import modalities_mudata
+from .base._inputs import setup_obs_keys
 
 ROLES = ("rna", "protein", "atac")
 #: SCFM arguments that only a MuData model takes.
@@ -354,17 +355,10 @@ class MultimodalMixin:
         if layer is not None:
             rna.layers[layer] = rna.X
         mdata = MuData(mods)
-        args = self.registry_["setup_args"]
-        keys = [
-            args.get("batch_key"),
-            args.get("labels_key"),
-            *(args.get("categorical_covariate_keys") or []),
-            *(args.get("continuous_covariate_keys") or []),
-        ]
+        keys = setup_obs_keys(self.registry_["setup_args"])
         check_obs_keys(adata.obs, keys, hint="The model was set up with it.")
         for key in keys:
-            if key is not None:
-                mdata.obs[key] = adata.obs[key].to_numpy()
+            mdata.obs[key] = adata.obs[key].to_numpy()
         return mdata
 
     def _check_mudata_input(self, mdata) -> None:
@@ -453,5 +447,8 @@ class MultimodalMixin:
         }
 
     def _generated_mudata(self, rna, extra: dict[str, tuple[np.ndarray, np.ndarray]]):
-        """Join generated RNA (an AnnData) and the extra modalities into a MuData."""
+        """Join generated RNA (an AnnData) and the extra modalities into a MuData (an
+        AnnData model's generated cells stay an AnnData)."""
+        if not self.is_multimodal:
+            return rna
         return modalities_mudata(rna, extra, self.modalities_, self.modality_var_names_)

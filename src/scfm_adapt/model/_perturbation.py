@@ -25,7 +25,7 @@ from ..data import (
     parse_doses,
     parts_and_doses,
 )
-from ..errors import CheckpointError, SCFMInputError, TrainingDivergedError
+from ..errors import SCFMInputError, TrainingDivergedError
 from ..module import ResponseHead, SCFMModule, mmd2
 from ..train import DEFAULT_GRADIENT_CLIP
 from ._attributions import pathway_attributions
@@ -133,10 +133,23 @@ class PerturbationModel(BaseModel):
         _backbone: SCFM | None = None,
         **backbone_kwargs,
     ):
-        if adata is not None and self._get_most_recent_anndata_manager(adata) is None:
+        if adata is None and registry is None:
             raise ValueError(
-                "Call PerturbationModel.setup_anndata(adata, ...) before building the model."
+                "Give the training AnnData, set up with PerturbationModel.setup_anndata(adata, "
+                "...)."
             )
+        if adata is not None:
+            try:
+                manager = self._get_most_recent_anndata_manager(adata)
+            except ValueError as e:  # scvi-tools: set up, but on another object (a copy)
+                raise ValueError(
+                    "Call PerturbationModel.setup_anndata(adata, ...) on this very AnnData "
+                    "before building the model (a copy, or a file read back, is set up anew)."
+                ) from e
+            if manager is None:
+                raise ValueError(
+                    "Call PerturbationModel.setup_anndata(adata, ...) before building the model."
+                )
         if n_ensemble < 2:
             raise ValueError(
                 "n_ensemble must be at least 2 (the spread of the members is the uncertainty)."
@@ -144,11 +157,11 @@ class PerturbationModel(BaseModel):
         if _backbone is not None:  # load: the backbone comes from the checkpoint
             backbone = _backbone
         elif pretrained is None:
-            args = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
+            args = manager.registry["setup_args"]
             SCFM.setup_anndata(adata, layer=args["layer"], batch_key=args["batch_key"])
             backbone = SCFM(adata, **backbone_kwargs)
         else:
-            args = self._get_most_recent_anndata_manager(adata).registry["setup_args"]
+            args = manager.registry["setup_args"]
             backbone = SCFM.load_query_data(
                 adata, pretrained, strategy=adapt_strategy, parts=tuple(adapt_parts), verbose=False
             )
@@ -233,14 +246,14 @@ class PerturbationModel(BaseModel):
         check_layer_counts(adata, layer)
         col = adata.obs[perturbation_key]
         if col.isna().any():
-            raise ValueError(
+            raise SCFMInputError(
                 f"adata.obs[{perturbation_key!r}] has {int(col.isna().sum())} missing values; "
                 f"label every cell (controls as {control_group!r})."
             )
         values = col.astype(str)
         if not (values == str(control_group)).any():
             shown = sorted(values.unique())[:10]
-            raise ValueError(
+            raise SCFMInputError(
                 f"No cell has {perturbation_key}={control_group!r}; values include {shown}. "
                 "Pass the label of the control cells as control_group."
             )
@@ -274,9 +287,9 @@ class PerturbationModel(BaseModel):
         s = self.setup_
         obs = adata.obs
         dose = obs[s["dose_key"]].astype(str) if s["dose_key"] else [None] * len(obs)
-        rows = [
-            self._parts_doses(p, d) for p, d in zip(obs[s["perturbation_key"]].astype(str), dose)
-        ]
+        ctrl, delim = s["control_group"], s["combination_delimiter"]
+        names = obs[s["perturbation_key"]].astype(str)
+        rows = [parts_and_doses(p, d, ctrl, delim) for p, d in zip(names, dose)]
         return pd.DataFrame(
             {
                 "context": context_labels(obs, s["covariate_keys"]),
@@ -444,8 +457,14 @@ class PerturbationModel(BaseModel):
         from scvi.model._utils import get_max_epochs_heuristic
         from tqdm.auto import tqdm
 
-        self.correct_bias_ = bool(correct_decoder_bias)
         root = self._checkpoint_folder(checkpoint_dir, resume)
+        folder = None if root is None else root / "response_heads"
+        if folder is not None and not resume and folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} holds response heads of an earlier run; pass resume=True to "
+                "continue it, or another checkpoint_dir."
+            )
+        self.correct_bias_ = bool(correct_decoder_bias)
         bb = self.backbone
         if train_backbone or not bb.is_trained_:
             epochs = max_epochs or min(200, get_max_epochs_heuristic(bb.adata.n_obs))
@@ -476,21 +495,18 @@ class PerturbationModel(BaseModel):
         k_members = self.init_kwargs_["n_ensemble"]
         self.oob_ = out_of_bag(len(units), k_members, holdout_share, seed)
         self.heads, self.history_ = [], {"response_loss": []}
-        folder = None if root is None else root / "response_heads"
-        if folder is not None and not resume and folder.exists() and any(folder.iterdir()):
-            raise FileExistsError(
-                f"{folder} holds response heads of an earlier run; pass resume=True to "
-                "continue it, or another checkpoint_dir."
-            )
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
             saved = None if folder is None else folder / f"member{k}"
             if resume and saved is not None and saved.exists():  # trained before an interruption
                 state, info = read_checkpoint(saved)
-                # The random state after this member, so later draws continue unchanged.
-                torch.set_rng_state(state.pop("rng_state"))
+                rng_state = state.pop("rng_state")
                 head = self._new_head(zs.shape[1], n_feat, len(parts))
                 head.load_state_dict(state, strict=True)
+                # The random state after this member, so later draws continue unchanged (the
+                # seed first: it also seeds the GPU's generators, which heads do not use).
+                torch.manual_seed(seed * 1000 + k)
+                torch.set_rng_state(rng_state)
                 losses = list(info["losses"])
                 bar.update(head_steps)
             else:
@@ -885,7 +901,7 @@ class PerturbationModel(BaseModel):
             xs, exps, obs, self.backbone.var_names_, labels, deltas, lows, highs, uns
         )
 
-    # ------------------------------------------------------------------ persistence
+    # ------------------------------------------------------------------ attributions
     def get_pathway_attributions(
         self,
         adata_ctrl: AnnData,
@@ -1031,7 +1047,8 @@ class PerturbationModel(BaseModel):
         state, config = read_checkpoint(path / "response")
         backbone_state, backbone_config = read_checkpoint(path / "backbone")
         state.update({_BACKBONE + k: v for k, v in backbone_state.items()})
-        return state, {**config, "backbone": backbone_config, "registry": None}
+        registry = _registry_of_two_folders(backbone_config["registry"], config["setup"])
+        return state, {**config, "backbone": backbone_config, "registry": registry}
 
     @classmethod
     def _from_checkpoint(cls, where, state: dict, config: dict, adata) -> PerturbationModel:
@@ -1041,14 +1058,9 @@ class PerturbationModel(BaseModel):
         backbone = SCFM._from_checkpoint(where, backbone_state, config["backbone"], adata)
         registry = config["registry"]
         if adata is not None:
-            args = config["setup"] if registry is None else registry["setup_args"]
-            source = {} if registry is None else {"source_registry": registry}
-            cls.setup_anndata(backbone.adata, **{k: args[k] for k in SETUP_KEYS}, **source)
-        elif registry is None:
-            raise CheckpointError(
-                f"{where} holds a PerturbationModel saved in the earlier two-folder layout "
-                "(backbone/, response/), which records no data registry: load it onto its "
-                "training AnnData, PerturbationModel.load(path, adata=...), and save it again."
+            args = registry["setup_args"]
+            cls.setup_anndata(
+                backbone.adata, **{k: args[k] for k in SETUP_KEYS}, source_registry=registry
             )
         model = cls(
             None if adata is None else backbone.adata,
@@ -1108,6 +1120,21 @@ class PerturbationModel(BaseModel):
             f"{n_units} training units, {self.init_kwargs_['n_ensemble']} ensemble members, "
             f"backbone {type(self.backbone).__name__} ({origin})."
         )
+
+
+def _registry_of_two_folders(backbone_registry: dict, setup: dict) -> dict:
+    """The registry a PerturbationModel saved in the two-folder layout did not record: its
+    fields (the counts and the batch) are its backbone's, its setup is the ``setup`` it
+    kept in ``response/config.json``."""
+    keep = (REGISTRY_KEYS.X_KEY, REGISTRY_KEYS.BATCH_KEY)
+    registry = copy.deepcopy(backbone_registry)
+    registry["model_name"] = "PerturbationModel"
+    registry["setup_method_name"] = "setup_anndata"
+    registry["setup_args"] = {k: setup[k] for k in SETUP_KEYS}
+    registry["field_registries"] = {
+        k: v for k, v in registry["field_registries"].items() if k in keep
+    }
+    return registry
 
 
 def _training_units(design: pd.DataFrame) -> tuple[list, list[np.ndarray], dict]:

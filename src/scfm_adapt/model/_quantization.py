@@ -9,7 +9,6 @@ clear error instead of failing deep inside PyTorch or writing a checkpoint nobod
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 
 import torch
@@ -17,26 +16,7 @@ from torch import nn
 
 from ..module import SCFMModule, unwrap_lora
 
-QUANTIZED_ERROR = (
-    "A quantized model is for inference only; {what}() is not available. Train/save the "
-    "float model and call quantize() again."
-)
 _DTYPES = {"int8": torch.qint8, "qint8": torch.qint8}
-
-
-def inference_only(fn):
-    """Mark a method a quantized model refuses (it trains, writes a checkpoint, or adds,
-    switches or folds adapters, whose LoRA wrappers the quantized copy no longer has): on a
-    quantized model it raises :class:`RuntimeError`; signature and docstring are kept."""
-
-    @functools.wraps(fn)
-    def guarded(self, *args, **kwargs):
-        if getattr(self, "is_quantized_", False):
-            raise RuntimeError(QUANTIZED_ERROR.format(what=fn.__name__))
-        return fn(self, *args, **kwargs)
-
-    guarded.inference_only = True
-    return guarded
 
 
 class QuantizationMixin:
@@ -46,6 +26,13 @@ class QuantizationMixin:
     module: SCFMModule
     #: Whether this model is an int8 copy for inference (see :meth:`quantize`).
     is_quantized_: bool = False
+    #: The float model's summary (the int8 layers hold packed weights, not parameters).
+    _float_summary_: str = ""
+
+    def __repr__(self) -> str:
+        if not self.is_quantized_:
+            return super().__repr__()
+        return self._float_summary_ + "\n  int8 dynamic quantization (CPU, inference only)"
 
     def quantize(self, dtype: str = "int8"):
         """A copy of this model with int8 weights in every linear layer, for inference.
@@ -124,6 +111,7 @@ class QuantizationMixin:
             )
         new.module = module
         new.is_quantized_ = True
+        new._float_summary_ = self._summary()
         return new
 
     def to_device(self, device) -> None:

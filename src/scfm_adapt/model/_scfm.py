@@ -1,4 +1,4 @@
-"""``SCFM``: the user-facing model class (the only layer, with ``tl``, that sees AnnData)."""
+"""``SCFM``: the single-cell foundation model (token VAE + DiT prior) on an AnnData or MuData."""
 
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from ..train import DEFAULT_GRADIENT_CLIP, PRIOR_GRADIENT_CLIP, SCFMTrainingPlan
 from ._adapters import AdaptationMixin
 from ._generation import GenerationMixin
 from ._multimodal import MultimodalMixin, is_mudata
-from ._quantization import QuantizationMixin, inference_only
+from ._quantization import QuantizationMixin
 from ._query_mapping import QueryMappingMixin
 from ._tokenizers import TokenizerMixin
-from .base import BaseModel, transfer_errors
+from .base import BaseModel, inference_only, transfer_errors
 
 logger = logging.getLogger(__name__)
 
@@ -778,5 +778,4 @@ class SCFM(
             f"{m.tokenizer} tokens\n"
             f"  prior: DiT, {len(m.dit.blocks)} adaLN-Zero blocks, conditions: {conds}\n"
             f"  parameters: {n_params:,}; trained stages: {stages}{extra}"
-            + ("\n  int8 dynamic quantization (CPU, inference only)" if self.is_quantized_ else "")
         )

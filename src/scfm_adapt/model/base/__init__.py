@@ -13,13 +13,15 @@ from ._checkpoint import (
     write_json,
 )
 from ._inputs import input_shell, transfer_errors
-from ._model import BaseModel, seeded
+from ._model import QUANTIZED_ERROR, BaseModel, inference_only, seeded
 
 __all__ = [
     "FORMAT_VERSION",
     "MIGRATIONS",
+    "QUANTIZED_ERROR",
     "BaseModel",
     "atomic_dir",
+    "inference_only",
     "input_shell",
     "migrate_config",
     "read_checkpoint",

@@ -28,8 +28,16 @@ from ...errors import GeneMismatchError, MissingKeyError, UnknownCategoryError
 SHELL_OF = "_scfm_shell_of"
 
 
-def transfer_errors(fn: Callable, *args, **kwargs):
-    """Run a registry transfer and turn scvi-tools' unknown-category error into ours."""
+#: How to get past a category the model never saw (a model class may name its own way).
+UNKNOWN_CATEGORY_FIX = (
+    "drop those cells, relabel them to a known category, or map the data as a query onto "
+    "the model (SCFM.load_query_data extends the categories)"
+)
+
+
+def transfer_errors(fn: Callable, *args, fix: str = UNKNOWN_CATEGORY_FIX, **kwargs):
+    """Run a registry transfer and turn scvi-tools' unknown-category error into ours,
+    whose message ends with ``fix``."""
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
@@ -37,9 +45,7 @@ def transfer_errors(fn: Callable, *args, **kwargs):
             raise UnknownCategoryError(
                 "adata holds a category the model never saw (scvi-tools: "
                 f"{str(e).split(' Cannot transfer')[0]}). The model only knows the categories "
-                "it was trained with: drop those cells, relabel them to a known category, or "
-                "map the data as a query onto the model (SCFM.load_query_data extends the "
-                "categories)."
+                f"it was trained with: {fix}."
             ) from e
         raise
 
@@ -77,12 +83,13 @@ def input_shell(
     *,
     layer: str | None,
     var_names: Sequence[str],
-    obs: pd.DataFrame,
+    obs: Callable[[AnnData], pd.DataFrame],
     owner: str,
     reorder: bool = True,
     what: str = "model",
 ) -> AnnData:
-    """A new AnnData over ``adata``'s counts (``X`` or ``layer``) for scvi-tools to register.
+    """A new AnnData over ``adata``'s counts (``X`` or ``layer``) for scvi-tools to register,
+    with the ``obs`` that ``obs(adata)`` gives (read after the genes and counts are checked).
 
     The counts are checked (integers, finite, non-negative) and shared, except when the
     genes come in another order than ``var_names``: with ``reorder`` the shell holds them
@@ -91,12 +98,10 @@ def input_shell(
     message names ``what`` as the owner of the genes).
     """
     where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-    matrix = get_matrix(adata, layer)
-    if reorder:
-        order = gene_order(adata.var_names, var_names)
-    else:
+    if not reorder:
         check_genes(adata.var_names, var_names, what=what)
-        order = None
+    matrix = get_matrix(adata, layer)
+    order = gene_order(adata.var_names, var_names) if reorder else None
     check_unique_names(adata)
     check_counts(matrix, where)
     if order is not None:
@@ -109,7 +114,7 @@ def input_shell(
         matrix = matrix[:, order]
     shell = AnnData(
         X=matrix if layer is None else None,
-        obs=obs,
+        obs=obs(adata),
         var=pd.DataFrame(index=pd.Index(list(var_names))),
         layers=None if layer is None else {layer: matrix},
     )

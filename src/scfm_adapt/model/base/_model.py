@@ -24,6 +24,7 @@ checks that.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 import weakref
@@ -44,13 +45,42 @@ from ..._version import __version__
 from ...errors import CheckpointError, SCFMInputError, UnknownCategoryError
 from ...train import RNGState, guarded
 from ._checkpoint import read_checkpoint, write_checkpoint
-from ._inputs import SHELL_OF, copied_obs, input_shell, setup_obs_keys, transfer_errors
+from ._inputs import (
+    SHELL_OF,
+    UNKNOWN_CATEGORY_FIX,
+    copied_obs,
+    input_shell,
+    setup_obs_keys,
+    transfer_errors,
+)
 from ._training import checkpointing, finished_run, mark_finished, read_split, write_split
 
 logger = logging.getLogger(__name__)
 
 #: Errors of building a model from a checkpoint that mean "the files do not fit together".
 _MISFIT = (RuntimeError, KeyError, TypeError, IndexError, AttributeError, ValueError)
+
+
+QUANTIZED_ERROR = (
+    "A quantized model is for inference only; {what}() is not available. Train/save the "
+    "float model and call quantize() again."
+)
+
+
+def inference_only(fn):
+    """Mark a method an inference-only (quantized) copy of a model refuses: it trains,
+    writes a checkpoint, or adds, switches or folds adapters, whose LoRA wrappers the
+    quantized copy no longer has. On such a copy it raises :class:`RuntimeError`; the
+    signature and docstring are kept."""
+
+    @functools.wraps(fn)
+    def guarded(self, *args, **kwargs):
+        if getattr(self, "is_quantized_", False):
+            raise RuntimeError(QUANTIZED_ERROR.format(what=fn.__name__))
+        return fn(self, *args, **kwargs)
+
+    guarded.inference_only = True
+    return guarded
 
 
 @contextmanager
@@ -92,13 +122,15 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
     _reorders_genes = True
     #: Who owns the genes, in error messages about them.
     _genes_owner = "model"
+    #: The fix an error about a category the model never saw names.
+    _unknown_category_fix = UNKNOWN_CATEGORY_FIX
 
     # ------------------------------------------------------------------ registry
     @classmethod
     def _register(cls, adata, fields: list, setup_method_args: dict, **kwargs) -> None:
         """Register ``adata`` with ``fields`` in a new manager of this class."""
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        transfer_errors(manager.register_fields, adata, **kwargs)
+        transfer_errors(manager.register_fields, adata, fix=cls._unknown_category_fix, **kwargs)
         cls.register_manager(manager)
 
     def _registry_sizes(self) -> dict:
@@ -156,7 +188,9 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
         if adata is not None and adata is not self.adata:
             adata = self._model_input(adata)
-        return transfer_errors(super()._validate_anndata, adata, copy_if_view)
+        return transfer_errors(
+            super()._validate_anndata, adata, copy_if_view, fix=self._unknown_category_fix
+        )
 
     def _model_input(self, adata):
         """What scvi-tools registers for a foreign ``adata``: its input shell."""
@@ -177,7 +211,7 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
             adata,
             layer=self._layer,
             var_names=self.var_names_,
-            obs=self._shell_obs(adata),
+            obs=self._shell_obs,
             owner=self.id,
             reorder=self._reorders_genes,
             what=self._genes_owner,
@@ -265,13 +299,13 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
     def _fixed_split(
         self, root: Path, resume: bool, train_size: float, validation_size: float | None
     ) -> list[np.ndarray]:
-        """The cells' train / validation / test split of a checkpointed run: read from
-        ``root/split.json`` when resuming, else drawn by scvi-tools' data splitter (as an
-        unchecked run would draw it) and written there."""
-        if resume:
-            split = read_split(root, self.adata.n_obs)
-            if split is not None:
-                return split
+        """The cells' train / validation / test split of a checkpointed call: the one in
+        ``root/split.json`` when there is one (a resumed call, or the next stage of the same
+        model), never overwritten; else drawn by scvi-tools' data splitter (as an unchecked
+        run would draw it) and written there."""
+        split = read_split(root, self.adata.n_obs)
+        if split is not None:
+            return split
         splitter = self._data_splitter_cls(
             self.adata_manager, train_size=train_size, validation_size=validation_size
         )
