@@ -127,10 +127,9 @@ def tiny_kwargs() -> dict:
     return dict(TINY)
 
 
-@pytest.fixture(scope="module")
-def tiny_saved(tmp_path_factory):
-    """A tiny SCFM trained 2 epochs on :func:`make_adata` and its saved folder, shared by
-    the tests of one module: ``(model, path)``."""
+def train_tiny(adata, epochs: int):
+    """A tiny SCFM (:data:`TINY`) set up on ``adata`` (batch, cell type) and trained both
+    stages for ``epochs`` epochs, seed 0."""
     import scvi
     import torch
 
@@ -138,10 +137,17 @@ def tiny_saved(tmp_path_factory):
 
     torch.set_num_threads(n_threads())
     scvi.settings.seed = 0
-    a = make_adata()
-    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
-    m = sfa.model.SCFM(a, **TINY)
-    m.train(max_epochs=2, enable_progress_bar=False, early_stopping=False, batch_size=32)
+    sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = sfa.model.SCFM(adata, **TINY)
+    model.train(max_epochs=epochs, enable_progress_bar=False, early_stopping=False, batch_size=32)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tmp_path_factory):
+    """A tiny SCFM trained 2 epochs on :func:`make_adata` and its saved folder, shared by
+    the tests of one module: ``(model, path)``."""
+    m = train_tiny(make_adata(), 2)
     return m, m.save(tmp_path_factory.mktemp("tiny") / "m")
 
 
@@ -149,18 +155,7 @@ def tiny_saved(tmp_path_factory):
 def _trained_checkpoint(tmp_path_factory):
     """A tiny SCFM trained once per session (both stages, 3 epochs on :func:`make_adata`),
     saved: the ``trained`` fixture loads a fresh copy of it for each test."""
-    import scvi
-    import torch
-
-    import scfm_adapt as sfa
-
-    torch.set_num_threads(n_threads())
-    scvi.settings.seed = 0
-    a = make_adata()
-    sfa.model.SCFM.setup_anndata(a, batch_key="batch", labels_key="cell_type")
-    model = sfa.model.SCFM(a, **TINY)
-    model.train(max_epochs=3, enable_progress_bar=False, early_stopping=False, batch_size=32)
-    return model.save(tmp_path_factory.mktemp("trained") / "model")
+    return train_tiny(make_adata(), 3).save(tmp_path_factory.mktemp("trained") / "model")
 
 
 @pytest.fixture
@@ -177,15 +172,10 @@ def trained(adata, _trained_checkpoint):
 
 
 @pytest.fixture
-def trained_in_memory(adata, tiny_kwargs):
+def trained_in_memory(adata):
     """The ``trained`` recipe trained in this test, not loaded: for the tests of what
     training and saving themselves produce."""
-    import scfm_adapt as sfa
-
-    sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
-    model = sfa.model.SCFM(adata, **tiny_kwargs)
-    model.train(max_epochs=3, enable_progress_bar=False, early_stopping=False, batch_size=32)
-    return model
+    return train_tiny(adata, 3)
 
 
 def pytest_terminal_summary(terminalreporter):
