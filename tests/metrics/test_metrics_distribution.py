@@ -137,3 +137,54 @@ def test_metric_inputs_are_checked():
         sfa.metrics.evaluate_generation(a, b, groupby="tissue")
     arrays = sfa.metrics.mmd(a.X.toarray(), b.X.toarray())
     assert arrays == pytest.approx(sfa.metrics.mmd(a, b))
+
+
+# ------------------------------------------------------------------ fidelity and diversity
+def test_precision_recall_density_coverage_by_hand():
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])  # k=1: every real ball has radius 1
+    gen = np.array([[0.5], [10.0]])  # in the balls of 0 and 1; far from everything
+    out = M.precision_recall_embedded(real, gen, k=1)
+    assert out["precision"] == pytest.approx(0.5)  # 1 of 2 generated points is realistic
+    assert out["density"] == pytest.approx((2 + 0) / (1 * 2))  # 2 balls hold it, k=1
+    assert out["coverage"] == pytest.approx(0.5)  # the balls of 0 and 1 hold one
+    assert out["recall"] == pytest.approx(1.0)  # generated balls: radius 9.5 around 0.5
+    same = M.precision_recall_embedded(real, real, k=1)
+    assert [same[m] for m in ("precision", "recall", "coverage")] == [1.0, 1.0, 1.0]
+    # each point lies in its own ball and its neighbours' (edges count): 2 + 3 + 3 + 2 balls
+    assert same["density"] == pytest.approx((2 + 3 + 3 + 2) / (1 * 4))
+    with pytest.raises(ValueError, match="more than k"):
+        M.precision_recall_embedded(real, gen, k=2)
+
+
+def test_wasserstein_by_hand():
+    a, b = np.array([[0.0], [1.0]]), np.array([[3.0], [1.0]])
+    # the best matching pairs 0 with 1 and 1 with 3: squared distances 1 and 4
+    assert M.wasserstein_embedded(a, b) == pytest.approx(np.sqrt(2.5))
+    assert M.wasserstein_embedded(a, a) == 0.0
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    assert M.wasserstein_embedded(x, x + 2.0) == pytest.approx(np.sqrt(12.0))  # a shift
+
+
+def test_label_fidelity_by_hand():
+    rng = np.random.default_rng(0)
+    real = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(10, 0.1, (20, 2))])
+    labels = ["A"] * 20 + ["B"] * 20
+    gen = np.array([[0.0, 0.0]] * 4 + [[10.0, 10.0]] * 2 + [[10.0, 10.0]] * 3)
+    asked = ["A"] * 6 + ["B"] * 3  # two "A" cells came out looking like B
+    out = M.label_fidelity_embedded(real, labels, gen, asked)
+    assert out["A"] == pytest.approx(4 / 6) and out["B"] == pytest.approx(1.0)
+    assert out["all"] == pytest.approx(7 / 9)
+    with pytest.raises(ValueError, match="two labels"):
+        M.label_fidelity_embedded(real, ["A"] * 40, gen, asked)
+
+
+def test_evaluate_generation_reports_fidelity_and_diversity():
+    real, _ = _pair()
+    real.obs["t"] = np.where(np.arange(real.n_obs) % 2, "x", "y")
+    table = M.evaluate_generation(real, real.copy(), groupby="t", min_cells=10)
+    pooled = table.loc["pooled"]
+    assert pooled["wasserstein"] == pytest.approx(0.0, abs=1e-9)
+    assert pooled["precision"] == pooled["recall"] == pooled["coverage"] == 1.0
+    assert {"label_fidelity", "density"} <= set(table.columns)
+    assert 0.0 <= pooled["label_fidelity"] <= 1.0
+    assert set(table.index) >= {"pooled", "x", "y", "macro"}

@@ -187,6 +187,132 @@ def energy_distance(
     return energy_embedded(a, b, max_cells, seed)
 
 
+def precision_recall_embedded(
+    a: np.ndarray, b: np.ndarray, k: int = 5, max_cells: int = 5000, seed: int = 0
+) -> dict[str, float]:
+    """Precision, recall, density and coverage of ``b`` (generated) against ``a`` (real)
+    (Naeem et al. 2020), from k-nearest-neighbour balls.
+
+    Each real point's ball reaches its ``k``-th nearest other real point; each generated
+    point's ball its ``k``-th nearest other generated point. *Precision*: share of
+    generated points inside some real ball (realism). *Recall*: share of real points inside
+    some generated ball (diversity). *Density*: the real balls a generated point falls in,
+    averaged over the generated points and divided by ``k`` (about 1 for two samples of
+    one distribution; unbounded). *Coverage*: share of real points whose ball holds a
+    generated point. Identical sets give precision, recall and coverage 1 and a density of
+    at least ``(k + 1) / k`` (each point also lies in its own ball).
+    """
+    rng = np.random.default_rng(seed)
+    a, b = _subsample(a, max_cells, rng), _subsample(b, max_cells, rng)
+    if min(len(a), len(b)) <= k:
+        raise ValueError(f"precision/recall need more than k={k} cells in each set.")
+
+    def radii(x: np.ndarray) -> np.ndarray:  # distance to the k-th nearest other point
+        d = np.sqrt(_sq_dists(x, x))
+        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+    ra, rb = radii(a), radii(b)
+    d_ab = np.sqrt(_sq_dists(a, b))  # (real, generated)
+    inside = d_ab <= ra[:, None]  # generated j inside real i's ball
+    return {
+        "precision": float(inside.any(0).mean()),
+        "recall": float((d_ab <= rb[None, :]).any(1).mean()),
+        "density": float(inside.sum(0).mean() / k),
+        "coverage": float(inside.any(1).mean()),
+    }
+
+
+def wasserstein_embedded(a: np.ndarray, b: np.ndarray, max_cells: int = 1000, seed=0) -> float:
+    """Exact 2-Wasserstein distance between two point sets of equal size (the larger set
+    is subsampled to the smaller one's, at most ``max_cells`` each): the square root of
+    the mean squared distance of the optimal one-to-one matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b), max_cells)
+    if n < 1:
+        raise ValueError("The Wasserstein distance needs cells in both sets.")
+    from scipy.spatial.distance import cdist
+
+    a, b = _subsample(a, n, rng), _subsample(b, n, rng)
+    cost = cdist(np.asarray(a, float), np.asarray(b, float), "sqeuclidean")  # exact zeros
+    rows, cols = linear_sum_assignment(cost)
+    return float(np.sqrt(cost[rows, cols].mean()))
+
+
+def precision_recall(
+    real: Cells,
+    generated: Cells,
+    *,
+    n_pcs: int = 30,
+    layer: str | None = None,
+    k: int = 5,
+    max_cells: int = 5000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Precision, recall, density and coverage (:func:`precision_recall_embedded`) in the
+    PCA of the real cells' log-normalised expression."""
+    a, b = embed_pair(real, generated, n_pcs, layer, seed)
+    return precision_recall_embedded(a, b, k, max_cells, seed)
+
+
+def wasserstein_distance(
+    real: Cells,
+    generated: Cells,
+    *,
+    n_pcs: int = 30,
+    layer: str | None = None,
+    max_cells: int = 1000,
+    seed: int = 0,
+) -> float:
+    """2-Wasserstein distance (:func:`wasserstein_embedded`) in the PCA of the real cells'
+    log-normalised expression; 0 for identical sets."""
+    a, b = embed_pair(real, generated, n_pcs, layer, seed)
+    return wasserstein_embedded(a, b, max_cells, seed)
+
+
+def label_fidelity_embedded(
+    a: np.ndarray, labels_a, b: np.ndarray, labels_b, max_iter: int = 1000
+) -> pd.Series:
+    """How often generated cells are recognised as the label they were generated for.
+
+    A logistic regression fitted on the real points ``a`` and their labels (standardised
+    coordinates) labels the generated points ``b``; returns, per requested label of
+    ``labels_b``, the share that got it, with the share over all generated points under
+    ``"all"``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ya, yb = np.asarray(labels_a).astype(str), np.asarray(labels_b).astype(str)
+    if len(np.unique(ya)) < 2:
+        raise ValueError("Label fidelity needs real cells of at least two labels.")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
+    hit = clf.fit(a, ya).predict(b) == yb
+    out = {str(g): float(hit[yb == g].mean()) for g in sorted(set(yb))}
+    return pd.Series({**out, "all": float(hit.mean())}, name="label_fidelity")
+
+
+def label_fidelity(
+    real: AnnData,
+    generated: AnnData,
+    labels_key: str,
+    *,
+    n_pcs: int = 30,
+    layer: str | None = None,
+    seed: int = 0,
+) -> pd.Series:
+    """Label fidelity (:func:`label_fidelity_embedded`) in the PCA of the real cells:
+    ``obs[labels_key]`` of the real cells trains the classifier, that of the generated
+    cells names what each was generated as."""
+    for data, what in ((real, "real"), (generated, "generated")):
+        if labels_key not in data.obs:
+            raise KeyError(f"{labels_key!r} is not a column of the {what} cells' obs.")
+    a, b = embed_pair(real, generated, n_pcs, layer, seed)
+    return label_fidelity_embedded(a, real.obs[labels_key], b, generated.obs[labels_key])
+
+
 def gene_statistics(real: Cells, generated: Cells, *, layer: str | None = None) -> dict[str, float]:
     """Pearson correlation, across genes, of the real and generated per-gene means and
     variances (of log-normalised expression) and zero fractions (of counts)."""
@@ -297,9 +423,13 @@ def evaluate_generation(
     One row per set compared: ``"pooled"``, then each group with at least ``min_cells``
     real and generated cells, then ``"macro"`` (mean over those groups). Per-group rows
     use a PCA of that group's cells; distances use a PCA fit on the real cells, the
-    classifier tests one fit on both sets. Columns: ``mmd``, ``energy``,
-    ``c2st_knn_accuracy``, ``c2st_knn_auc``, ``c2st_logistic_auc``, ``mean_pearson``,
-    ``variance_pearson``, ``zero_fraction_pearson``, ``n_real``, ``n_generated``.
+    classifier tests one fit on both sets. Columns: ``mmd``, ``energy``, ``wasserstein``,
+    ``precision``, ``recall``, ``density``, ``coverage``, ``c2st_knn_accuracy``,
+    ``c2st_knn_auc``, ``c2st_logistic_auc``, ``mean_pearson``, ``variance_pearson``,
+    ``zero_fraction_pearson``, ``n_real``, ``n_generated``; with ``groupby`` also
+    ``label_fidelity`` (:func:`label_fidelity_embedded`, a classifier fitted on every real
+    cell in the pooled PCA: pooled, the share of all generated cells recognised as their
+    group; per group, the share of that group's).
     """
 
     def row(r, g) -> dict:
@@ -312,6 +442,8 @@ def evaluate_generation(
         return {
             "mmd": mmd_embedded(a, b, seed=seed),
             "energy": energy_embedded(a, b, seed=seed),
+            "wasserstein": wasserstein_embedded(a, b, seed=seed),
+            **precision_recall_embedded(a, b, seed=seed),
             "c2st_knn_accuracy": knn["accuracy"],
             "c2st_knn_auc": knn["auc"],
             "c2st_logistic_auc": logit["auc"],
@@ -327,11 +459,18 @@ def evaluate_generation(
                 raise KeyError(f"{groupby!r} is not a column of the {what} cells' obs.")
         rv, gv = real.obs[groupby].astype(str), generated.obs[groupby].astype(str)
         names = groups if groups is not None else sorted(set(rv) & set(gv))
+        fidelity = None
+        if rv.nunique() > 1:
+            a, b = embed_pair(real, generated, n_pcs, layer, seed)
+            fidelity = label_fidelity_embedded(a, rv, b, gv)
+            rows["pooled"]["label_fidelity"] = fidelity["all"]
         per = {}
         for name in names:
             r, g = real[(rv == name).to_numpy()], generated[(gv == name).to_numpy()]
             if min(r.n_obs, g.n_obs) >= min_cells:
                 per[str(name)] = row(r, g)
+                if fidelity is not None:
+                    per[str(name)]["label_fidelity"] = fidelity.get(str(name), np.nan)
         rows.update(per)
         if per:
             frame = pd.DataFrame(per).T
