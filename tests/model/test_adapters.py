@@ -296,7 +296,7 @@ def test_query_mapping_new_batch_and_masked_genes(trained, adata):
         assert torch.equal(ref_after[n], v), n  # pretrained weights and rows
         assert torch.equal(q_after[n].cpu(), v), n
     z = query.get_latent_representation()
-    assert z.shape == (64, 4) and np.isfinite(z).all()
+    assert z.shape == (64, 16) and np.isfinite(z).all()
     # masked genes are excluded from the likelihood: their counts do not matter
     x = torch.as_tensor(query.adata.X[:8].toarray())
     x2 = x.clone()

@@ -118,7 +118,7 @@ def test_distil_on_new_cells(pair):
     teacher = pair[0]
     query = make_adata(n_cells=64, seed=1)
     student = sfa.model.distill(teacher, query, max_epochs=1, **STUDENT, **FIT)
-    assert student.adata is query and student.get_latent_representation().shape == (64, 4)
+    assert student.adata is query and student.get_latent_representation().shape == (64, 16)
     mapping = lambda m: list(
         m.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
     )

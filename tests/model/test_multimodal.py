@@ -224,7 +224,8 @@ def test_tl_writes_mudata_slots(trained):
     m = mdata.copy()
     before = {k: m.mod[k].X.copy() for k in m.mod}
     sfa.tl.embed(m, model)
-    assert m.obsm["X_scfm"].shape == (m.n_obs, 8)
+    # every modality's tokens, joined (module.n_tokens counts them all)
+    assert m.obsm["X_scfm"].shape == (m.n_obs, model.module.n_tokens * 8)
     sfa.tl.normalize_expression(m, model)
     for name, n_var in (("rna", 40), ("prot", 6), ("atac", 20)):
         assert m.mod[name].layers["scfm_normalized"].shape == (m.n_obs, n_var)
@@ -344,7 +345,7 @@ def test_citeseq_round_trip(shared_data, tmp_path):
     assert mask.sum(1).tolist() == [14, 29]  # pbmc10k measured 14 proteins, pbmc5k 29
     model.train(max_epochs=15, max_epochs_prior=3, **QUIET)
     z = model.get_latent_representation(mdata)
-    assert z.shape == (400, 8) and np.isfinite(z).all()
+    assert z.shape == (400, model.module.n_tokens * 8) and np.isfinite(z).all()
     rna_only = mdata.mod["rna"].copy()
     rna_only.obs["batch"] = mdata.obs["batch"].to_numpy()
     prot = model.get_normalized_expression(rna_only, modality="protein")
@@ -362,7 +363,7 @@ def test_multiome_round_trip(shared_data, tmp_path):
     model = sfa.model.SCFM(mdata, **SMALL)
     model.train(max_epochs=5, stage="vae", **QUIET)
     z = model.get_latent_representation(mdata)
-    assert z.shape == (1000, 8) and np.isfinite(z).all()
+    assert z.shape == (1000, model.module.n_tokens * 8) and np.isfinite(z).all()
     atac = model.get_normalized_expression(mdata, modality="atac", given=("rna",))
     assert atac.shape == (1000, 174)
     model.save(tmp_path / "mo")

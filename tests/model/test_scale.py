@@ -80,7 +80,8 @@ def test_backed_training_trains_and_embeds(backed):
     hist = model.history["vae"]["elbo_train"].to_numpy(dtype=float).ravel()
     assert len(hist) == 2 and np.isfinite(hist).all()
     z = model.get_latent_representation()
-    assert z.shape == (backed.n_obs, TINY["token_dim"]) and np.isfinite(z).all()
+    width = TINY["n_tokens"] * TINY["token_dim"]  # the tokens joined
+    assert z.shape == (backed.n_obs, width) and np.isfinite(z).all()
 
 
 def test_matrix_sums_match_in_memory_sums(adata, backed):

@@ -32,11 +32,15 @@ def test_train_both_stages_and_history(trained_in_memory):
 
 
 def test_latent_shapes(trained, adata):
-    z = trained.get_latent_representation()
+    z = trained.get_latent_representation()  # the tokens joined (4 tokens x 4)
     tokens = trained.get_latent_representation(return_tokens=True)
-    assert z.shape == (adata.n_obs, 4) and tokens.shape == (adata.n_obs, 4, 4)
-    np.testing.assert_allclose(tokens.mean(1), z, rtol=1e-5, atol=1e-6)
+    assert z.shape == (adata.n_obs, 16) and tokens.shape == (adata.n_obs, 4, 4)
+    np.testing.assert_allclose(tokens.reshape(adata.n_obs, -1), z, rtol=1e-5, atol=1e-6)
+    mean = trained.get_latent_representation(pooling="mean")
+    np.testing.assert_allclose(tokens.mean(1), mean, rtol=1e-5, atol=1e-6)
     assert not np.allclose(trained.get_latent_representation(give_mean=False), z)
+    with pytest.raises(ValueError, match="pooling="):
+        trained.get_latent_representation(pooling="max")
 
 
 def test_normalized_expression_and_transform_batch(trained, adata):
@@ -205,8 +209,11 @@ def test_vae_loss_falls_during_training(adata, tiny_kwargs):
 def test_tl_embed_and_normalize_write_slots(trained, adata):
     X_before = adata.X.copy()
     sfa.tl.embed(adata, trained, tokens=True)
-    assert adata.obsm["X_scfm"].shape == (adata.n_obs, 4)
+    assert adata.obsm["X_scfm"].shape == (adata.n_obs, 16)  # the tokens joined
     assert adata.obsm["X_scfm_tokens"].shape == (adata.n_obs, 16)
+    sfa.tl.embed(adata, trained, key_added="X_mean", pooling="mean")
+    assert adata.obsm["X_mean"].shape == (adata.n_obs, 4)
+    assert adata.uns["X_mean"]["params"]["pooling"] == "mean"
     assert adata.uns["X_scfm"]["params"]["tokens"] is True
     sfa.tl.normalize_expression(adata, trained)
     assert adata.layers["scfm_normalized"].shape == adata.shape

@@ -67,7 +67,8 @@ def test_tokenizer_models_train_and_round_trip(kwargs, tiny_kwargs, tmp_path):
     elbo = m.history["vae"]["elbo_train"].to_numpy().ravel()
     assert elbo[-1] < elbo[0]
     z = m.get_latent_representation()
-    assert z.shape == (a.n_obs, tiny_kwargs["token_dim"]) and np.isfinite(z).all()
+    width = tiny_kwargs["n_tokens"] * tiny_kwargs["token_dim"]  # the tokens joined
+    assert z.shape == (a.n_obs, width) and np.isfinite(z).all()
     path = m.save(tmp_path / "m")
     back = sfa.model.SCFM.load(path, adata=a)
     np.testing.assert_array_equal(back.get_latent_representation(), z)

@@ -158,7 +158,7 @@ def test_fuzz_inference(tiny_saved, a):
     out = check("SCFM.get_latent_representation", m.get_latent_representation, a)
     if out is not None:
         _finite(out)
-        assert out.shape == (a.n_obs, m.module.token_dim)
+        assert out.shape == (a.n_obs, m.module.n_tokens * m.module.token_dim)  # tokens joined
     out = check(
         "SCFM.get_normalized_expression",
         m.get_normalized_expression,

@@ -31,6 +31,7 @@ from ._embedding import (
     neighbor_agreement,
 )
 from ._expression import lognorm, lognormalize
+from ._latent import latent_usage
 from ._perturbation import (
     METRICS,
     cosine_lfc,
@@ -63,6 +64,7 @@ __all__ = [
     "knn_transfer_proba",
     "label_fidelity",
     "label_fidelity_embedded",
+    "latent_usage",
     "lognorm",
     "lognormalize",
     "mmd",

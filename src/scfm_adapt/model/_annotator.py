@@ -510,9 +510,16 @@ class CellAnnotator(BaseModel):
 
     @torch.inference_mode()
     def get_latent_representation(
-        self, adata: AnnData | None = None, indices=None, batch_size: int | None = None
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        batch_size: int | None = None,
+        pooling: str = "concat",
     ) -> np.ndarray:
-        """The adapted encoder's posterior-mean embedding (mean over tokens)."""
+        """The adapted encoder's posterior-mean embedding: its tokens joined (``"concat"``,
+        as :meth:`SCFM.get_latent_representation`) or averaged (``"mean"``)."""
+        if pooling not in ("concat", "mean"):
+            raise ValueError(f"pooling={pooling!r}; choose 'concat' or 'mean'.")
         target = self._validate_anndata(adata)
         loader = self._make_data_loader(adata=target, indices=indices, batch_size=batch_size)
         self.module.eval()
@@ -520,7 +527,9 @@ class CellAnnotator(BaseModel):
         out = []
         for tensors in loader:
             x_norm, _ = bb.normalize(tensors[REGISTRY_KEYS.X_KEY].to(self.device))
-            out.append(bb.encoder(x_norm)[0].mean(1).float().cpu().numpy())
+            z = bb.encoder(x_norm)[0]  # (B, T, d) posterior mean
+            z = z.flatten(1) if pooling == "concat" else z.mean(1)
+            out.append(z.float().cpu().numpy())
         return np.concatenate(out)
 
     # ------------------------------------------------------------------ save / load

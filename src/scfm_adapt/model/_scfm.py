@@ -480,7 +480,8 @@ class SCFM(
         sq, n, peak = 0.0, 0, 0.0
         idx = np.random.default_rng(0).permutation(self.adata.n_obs)[:4096]
         for tensors in self._batches(self.adata, idx, batch_size):
-            z = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.Z]
+            inference = self.module.inference(**self.module._get_inference_input(tensors))
+            z = self.module.prior_tokens(inference)
             sq += z.float().pow(2).sum().item()
             n += z.numel()
             peak = max(peak, z.float().abs().max().item())
@@ -498,6 +499,7 @@ class SCFM(
         give_mean: bool = True,
         return_tokens: bool = False,
         batch_size: int | None = None,
+        pooling: Literal["concat", "mean"] = "concat",
     ) -> np.ndarray:
         """Cell embeddings from the stage-1 encoder.
 
@@ -510,20 +512,62 @@ class SCFM(
         give_mean
             Posterior mean (default) or a sample.
         return_tokens
-            Return the tokens ``(n_cells, n_tokens, token_dim)`` instead of their mean.
+            Return the tokens ``(n_cells, n_tokens, token_dim)`` instead of one vector.
+        pooling
+            How the tokens make one vector per cell: ``"concat"`` (default) joins them,
+            ``(n_cells, n_tokens * token_dim)``; ``"mean"`` averages them,
+            ``(n_cells, token_dim)``. Each token carries other information, so averaging
+            loses most of it (``benchmarks/latent_design.py`` measures both).
 
         Returns
         -------
-        ``(n_cells, token_dim)`` pooled embedding (mean over tokens), or the tokens.
+        The embedding, ``(n_cells, n_tokens * token_dim)`` by default, or the tokens.
         """
+        if pooling not in ("concat", "mean"):
+            raise ValueError(f"pooling={pooling!r}; choose 'concat' or 'mean'.")
         self._check_if_trained(warn=True)
         self.module.eval()
         out = []
         for tensors in self._batches(adata, indices, batch_size):
             qz = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.QZ]
             z = qz.loc if give_mean else qz.sample()  # (B, T, d)
-            out.append((z if return_tokens else z.mean(1)).float().cpu().numpy())
+            if not return_tokens:
+                z = z.flatten(1) if pooling == "concat" else z.mean(1)
+            out.append(z.float().cpu().numpy())
         return np.concatenate(out)
+
+    @torch.inference_mode()
+    def get_latent_statistics(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        labels_key: str | None = None,
+        batch_key: str | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """How the model uses its latent on these cells: per token, the posterior noise
+        against the spread of the posterior means across cells, the active dimensions, the
+        KL to the prior and, with ``labels_key`` / ``batch_key`` (``obs`` columns), how much
+        of the token's spread separates cell types / batches
+        (:func:`~scfm_adapt.metrics.latent_usage`)."""
+        from ..metrics import latent_usage
+
+        self._check_if_trained(warn=True)
+        self.module.eval()
+        means, variances = [], []
+        for tensors in self._batches(adata, indices, batch_size):
+            qz = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.QZ]
+            means.append(qz.loc.float().cpu().numpy())
+            variances.append(qz.scale.float().pow(2).cpu().numpy())
+        data = self.adata if adata is None else adata
+        obs = data.obs if indices is None else data.obs.iloc[np.asarray(indices)]
+        groups = {}
+        for name, key in (("labels", labels_key), ("batches", batch_key)):
+            if key is not None:
+                if key not in obs:
+                    raise KeyError(f"{key!r} is not a column of adata.obs.")
+                groups[name] = obs[key].to_numpy()
+        return latent_usage(np.concatenate(means), np.concatenate(variances), **groups)
 
     @torch.inference_mode()
     def get_normalized_expression(

@@ -30,6 +30,7 @@ from ._keys import MODULE_KEYS as K
 Stage = Literal["vae", "prior"]
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
+PRIOR_TARGETS = ("sample", "mean")
 TOKENIZERS = ("latent", "pathway", "rank", "geneformer")
 
 
@@ -134,6 +135,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         guidance).
     n_diffusion_steps, prediction
         The noise schedule (parameter-free, see :class:`~scfm_adapt.diffusion.NoiseSchedule`).
+    prior_target
+        What the DiT learns: ``"sample"`` (posterior samples of the tokens) or ``"mean"``
+        (their posterior means, free of the encoder's noise).
     ema_decay
         Decay of the exponential moving average of the DiT weights used for sampling.
     dropout
@@ -166,6 +170,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         p_uncond: float = 0.1,
         n_diffusion_steps: int = 1000,
         prediction: str = "eps",
+        prior_target: str = "sample",
         ema_decay: float = 0.999,
         dropout: float = 0.1,
         tokenizer: str = "latent",
@@ -183,6 +188,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         self.n_tokens, self.token_dim = n_tokens, token_dim
         self.gene_likelihood, self.dispersion = gene_likelihood, dispersion
         self.ema_decay = ema_decay
+        if prior_target not in PRIOR_TARGETS:
+            raise ValueError(f"prior_target={prior_target!r}; choose one of {PRIOR_TARGETS}.")
+        self.prior_target = prior_target
         self.stage: Stage = "vae"
         self.schedule = NoiseSchedule(n_diffusion_steps, "cosine", prediction)
 
@@ -368,9 +376,19 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             K.BATCH: tensors[REGISTRY_KEYS.BATCH_KEY],
         }
 
+    def prior_tokens(self, inference_outputs: dict) -> torch.Tensor:
+        """The tokens the DiT prior learns and generates: posterior samples, or with
+        ``prior_target="mean"`` the posterior means (no encoder noise)."""
+        if self.prior_target == "mean":
+            return inference_outputs[K.QZ].loc
+        return inference_outputs[K.Z]
+
     def _get_generative_input(self, tensors, inference_outputs, **kwargs) -> dict:
+        tokens = inference_outputs[K.Z]
+        if self.stage == "prior":
+            tokens = self.prior_tokens(inference_outputs)
         return {
-            K.Z: inference_outputs[K.Z],
+            K.Z: tokens,
             K.LIBRARY: inference_outputs[K.LIBRARY],
             "conditions": self.conditions(tensors),
         }

@@ -17,6 +17,7 @@ def embed(
     *,
     key_added: str = SLOTS.embedding,
     tokens: bool = False,
+    pooling: str = "concat",
     batch_size: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
@@ -33,6 +34,9 @@ def embed(
         Name of the ``obsm`` slot; the parameters go to ``adata.uns[key_added]["params"]``.
     tokens
         Also write the latent tokens, flattened, to ``obsm[key_added + "_tokens"]``.
+    pooling
+        How the tokens make one embedding: ``"concat"`` (joined, the default) or
+        ``"mean"`` (averaged; it loses most of what the tokens hold).
     copy
         Return a modified copy instead of writing into ``adata``.
 
@@ -41,7 +45,8 @@ def embed(
     ``None`` (or the copy), having written:
 
     ``obsm[key_added]``
-        ``(n_cells, token_dim)`` pooled posterior mean; use it as
+        The posterior means of the tokens, joined: ``(n_cells, n_tokens * token_dim)``
+        (``(n_cells, token_dim)`` with ``pooling="mean"``); use it as
         ``sc.pp.neighbors(adata, use_rep=key_added)``.
     ``obsm[key_added + "_tokens"]``
         ``(n_cells, n_tokens * token_dim)``, only when ``tokens=True``.
@@ -49,14 +54,21 @@ def embed(
         The parameters of this call.
     """
     adata = adata.copy() if copy else adata
+    if pooling not in ("concat", "mean"):
+        raise ValueError(f"pooling={pooling!r}; choose 'concat' or 'mean'.")
     if tokens:
         tok = model.get_latent_representation(adata, return_tokens=True, batch_size=batch_size)
-        adata.obsm[f"{key_added}_tokens"] = tok.reshape(tok.shape[0], -1)
-        adata.obsm[key_added] = tok.mean(1)
+        flat = tok.reshape(tok.shape[0], -1)
+        adata.obsm[f"{key_added}_tokens"] = flat
+        adata.obsm[key_added] = flat if pooling == "concat" else tok.mean(1)
     else:
-        adata.obsm[key_added] = model.get_latent_representation(adata, batch_size=batch_size)
+        # Any model with get_latent_representation will do: the default pooling is not passed.
+        extra = {} if pooling == "concat" else {"pooling": pooling}
+        adata.obsm[key_added] = model.get_latent_representation(
+            adata, batch_size=batch_size, **extra
+        )
     adata.uns[key_added] = {
-        "params": {"model": type(model).__name__, "tokens": tokens, "pooling": "mean"}
+        "params": {"model": type(model).__name__, "tokens": tokens, "pooling": pooling}
     }
     logger.info("added obsm[%r]%s", key_added, f" and obsm[{key_added + '_tokens'!r}]" * tokens)
     return adata if copy else None

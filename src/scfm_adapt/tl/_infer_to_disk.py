@@ -87,7 +87,7 @@ def infer_to_disk(
             with h5py.File(tmp, "r+") as f:
                 emb = x = None
                 if embedding:
-                    d = model.module.token_dim
+                    d = model.module.n_tokens * model.module.token_dim  # tokens joined
                     emb = f["obsm"].create_dataset(
                         key_added, (n, d), dtype="f4", chunks=(min(n, chunk_size), d)
                     )
