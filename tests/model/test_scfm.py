@@ -274,3 +274,25 @@ def test_each_stage_trains_in_train_mode_with_the_other_half_frozen(adata, tiny_
     model.train(max_epochs=1, batch_size=32, enable_progress_bar=False, callbacks=[Modes()])
     assert ("vae", True, True, False) in seen and ("prior", True, False, True) in seen
     assert {s[0] for s in seen} == {"vae", "prior"} and len(set(seen)) == 2
+
+
+def test_latent_statistics_of_a_trained_model(trained, adata):
+    stats = trained.get_latent_statistics(labels_key="cell_type", batch_key="batch")
+    assert list(stats.index) == [f"token{i}" for i in range(4)] + ["all"]
+    assert ((stats["signal_share"] >= 0) & (stats["signal_share"] <= 1)).all()
+    assert stats.loc["all", "active_dims"] <= 16 and (stats["kl"] > 0).all()
+    assert {"label_share", "batch_share"} <= set(stats.columns)
+    with pytest.raises(KeyError, match="not a column"):
+        trained.get_latent_statistics(labels_key="nope")
+
+
+def test_the_prior_runs_its_budget_without_early_stopping(adata, tiny_kwargs):
+    sfa.model.SCFM.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = sfa.model.SCFM(adata, **tiny_kwargs)
+    fit = {"batch_size": 32, "enable_progress_bar": False, "early_stopping_patience": 1}
+    model.train(max_epochs=1, stage="vae", **fit)
+    # no epochs given: a budget of optimiser steps (86 training cells: 3 batches an epoch)
+    model.train(stage="prior", prior_steps=10, **fit)
+    assert len(model.history["prior"]["elbo_train"]) == 4  # ceil(10 / 3), never stopped early
+    model.train(max_epochs=6, stage="prior", **fit)  # epochs given: the prior follows them
+    assert len(model.history["prior"]["elbo_train"]) == 6

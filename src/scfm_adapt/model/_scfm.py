@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,8 @@ from .base import BaseModel, inference_only, transfer_errors
 logger = logging.getLogger(__name__)
 
 STAGES = ("vae", "prior")
+#: Optimiser steps of the DiT prior by default (see ``SCFM.train``'s ``prior_steps``).
+PRIOR_STEPS = 12_000
 
 
 def _uses_cuda(accelerator: str) -> bool:
@@ -294,6 +297,8 @@ class SCFM(
         *,
         stage: Literal["both", "vae", "prior"] = "both",
         max_epochs_prior: int | None = None,
+        prior_steps: int = PRIOR_STEPS,
+        early_stopping_prior: bool = False,
         accelerator: str = "auto",
         devices: int | list[int] | str = "auto",
         train_size: float = 0.9,
@@ -323,7 +328,17 @@ class SCFM(
         stage
             ``"both"``, ``"vae"`` or ``"prior"`` (the prior needs a trained VAE).
         max_epochs_prior
-            Epochs of the prior stage; defaults to ``max_epochs``.
+            Epochs of the prior stage; ``None``: ``max_epochs`` when that is given, else
+            ``prior_steps`` optimiser steps whatever the data size.
+        prior_steps
+            The prior's budget in optimiser steps when neither ``max_epochs`` nor
+            ``max_epochs_prior`` is given. The DiT keeps learning its conditions long after
+            its denoising loss looks flat (``benchmarks/prior_design.py`` measures the
+            generated cells along the way): give it this many steps for generation.
+        early_stopping_prior
+            Early stopping of the prior on its validation loss (off by default: that loss
+            is dominated by the noise of the diffusion steps drawn, and stopped the prior
+            before it had learned its conditions). ``early_stopping`` is the VAE's.
         lr, lr_prior
             Learning rates of the two stages.
         plan_kwargs
@@ -372,15 +387,21 @@ class SCFM(
             )
         if not self.is_multimodal:  # the counts may have changed since setup_anndata
             check_layer_counts(self.adata, self.registry_["setup_args"].get("layer"))
+        epochs_given = max_epochs is not None
         max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
         from scvi.dataloaders._data_splitting import validate_data_split
 
-        _, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        n_train, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        if max_epochs_prior is None and epochs_given:
+            max_epochs_prior = max_epochs
+        elif max_epochs_prior is None:  # a budget of optimiser steps, not of epochs
+            max_epochs_prior = max(1, math.ceil(prior_steps / math.ceil(n_train / batch_size)))
         if n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        elif early_stopping:
+        elif early_stopping or early_stopping_prior:
             logger.info("No validation cells in this split: early stopping is off.")
-            early_stopping = False
+            early_stopping = early_stopping_prior = False
+        stops = {"vae": early_stopping, "prior": early_stopping_prior}
         if pin_memory is None:
             pin_memory = _uses_cuda(accelerator)
         if pin_memory:
@@ -401,7 +422,7 @@ class SCFM(
                     if st not in self.trained_stages_:
                         self.trained_stages_.append(st)
                     continue
-            epochs = max_epochs if st == "vae" else (max_epochs_prior or max_epochs)
+            epochs = max_epochs if st == "vae" else max_epochs_prior
             kwargs = {"lr": lr if st == "vae" else lr_prior, **(plan_kwargs or {})}
             if st == "vae":
                 kwargs.setdefault("n_epochs_kl_warmup", max(1, epochs // 3))
@@ -440,7 +461,7 @@ class SCFM(
                     train_size=train_size,
                     validation_size=validation_size,
                     batch_size=batch_size,
-                    early_stopping=early_stopping,
+                    early_stopping=stops[st],
                     early_stopping_patience=early_stopping_patience,
                     early_stopping_monitor="elbo_validation",
                     plan_kwargs=kwargs,
