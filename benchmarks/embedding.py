@@ -82,7 +82,7 @@ from _common import (
     write_json,
 )
 from scfm_adapt.baselines import lognorm_genes, pca_embedding
-from scfm_adapt.metrics import batch_mixing_entropy, knn_transfer
+from scfm_adapt.metrics import batch_mixing_entropy, knn_transfer, label_clustering
 
 DATASET = "kang2018_ctrl_8donors"
 LABELS_KEY, BATCH_KEY = "cluster_id", "sample_id"
@@ -342,7 +342,8 @@ def evaluate(
     ref, query = np.isin(donors, train_donors), np.isin(donors, test_donors)
     knn = knn_transfer(emb[ref], labels[ref], emb[query], labels[query], k=cfg.knn_k)
     mixing = batch_mixing_entropy(emb, donors, labels, k=cfg.mixing_k)
-    return {"knn": knn, "mixing": mixing}
+    clusters = label_clustering(emb[query], labels[query], seed=cfg.seed)
+    return {"knn": knn, "mixing": mixing, "clusters": clusters}
 
 
 def _training_summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -384,6 +385,7 @@ def build_report(
                 "knn_accuracy": metrics[name]["knn"]["accuracy"],
                 "knn_macro_f1": metrics[name]["knn"]["macro_f1"],
                 "donor_mixing": metrics[name]["mixing"]["score"],
+                **metrics[name]["clusters"],
                 "donor_mixing_per_cell_type": metrics[name]["mixing"]["per_group"],
                 "heldout_nll": rec["heldout_nll"],
                 "epochs": train["epochs"],
@@ -486,6 +488,9 @@ def format_report(report: dict[str, Any]) -> str:
         "dim",
         f"kNN acc (k={cfg['knn_k']})",
         "kNN macro-F1",
+        "k-means NMI",
+        "k-means ARI",
+        "silhouette",
         f"donor mixing (k={cfg['mixing_k']})",
         "held-out NLL",
         "epochs",
@@ -500,6 +505,9 @@ def format_report(report: dict[str, Any]) -> str:
             str(r["embedding_dim"]),
             fmt(r["knn_accuracy"]),
             fmt(r["knn_macro_f1"]),
+            fmt(r["kmeans_nmi"]),
+            fmt(r["kmeans_ari"]),
+            fmt(r["silhouette_label"]),
             fmt(r["donor_mixing"]),
             fmt(r["heldout_nll"], ".1f"),
             fmt(r["epochs"]),
@@ -700,7 +708,15 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(cfg, records, metrics, data)
     print(format_report(report))
     write_json(args.out, report)
-    _log(f"wrote {args.out}")
+    # The embeddings themselves, for scIB's metrics in their own environment
+    # (benchmarks/scib_runner.py).
+    np.savez_compressed(
+        Path(args.out).with_suffix(".npz"),
+        labels=adata.obs[LABELS_KEY].astype(str).to_numpy(),
+        batches=donors,
+        **{f"embedding_{name}": emb for name, emb in embeddings.items()},
+    )
+    _log(f"wrote {args.out} and its embeddings (.npz)")
     return 0
 
 

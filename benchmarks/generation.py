@@ -53,6 +53,10 @@ LABEL = "cluster_id"
 GUIDANCE_GRID = (1.0, 1.5, 2.0, 3.0)
 COLUMNS = {
     "c2st_knn_accuracy": "C2ST kNN acc",
+    "wasserstein": "W2",
+    "precision": "precision",
+    "recall": "recall",
+    "label_fidelity": "label fidelity",
     "c2st_logistic_auc": "C2ST logit AUC",
     "mmd": "MMD",
     "energy": "energy",
@@ -113,10 +117,11 @@ def nb_per_type(train, counts: pd.Series, rng):
     )
 
 
-def train_scvi(train, epochs: int):
+def train_scvi(train, epochs: int, seed: int):
     import scvi
 
-    path = RESULTS / f"generation_scvi_{epochs}"
+    scvi.settings.seed = seed
+    path = RESULTS / f"generation_scvi_{epochs}_seed{seed}"
     data = train.copy()
     scvi.model.SCVI.setup_anndata(data, batch_key=LABEL)
     if path.exists():
@@ -173,10 +178,13 @@ def scvi_posterior(model, train, idx):
     )
 
 
-def train_scfm(train, epochs: int, epochs_prior: int):
+def train_scfm(train, epochs: int, epochs_prior: int, seed: int):
+    import scvi
+
     import scfm_adapt as sfa
 
-    path = RESULTS / f"generation_scfm_{epochs}_{epochs_prior}"
+    scvi.settings.seed = seed
+    path = RESULTS / f"generation_scfm_{epochs}_{epochs_prior}_seed{seed}"
     data = train.copy()
     if path.exists():
         return sfa.model.SCFM.load(path, adata=data), 0.0
@@ -198,7 +206,7 @@ def summarise(frame: pd.DataFrame) -> dict:
     out = {}
     for row in ("pooled", "macro"):
         if row in frame.index:
-            out[row] = {k: float(frame.loc[row, k]) for k in COLUMNS}
+            out[row] = {k: float(frame.loc[row, k]) for k in COLUMNS if k in frame.columns}
     out["per_type_c2st_knn"] = {
         k: float(v) for k, v in frame["c2st_knn_accuracy"].items() if k not in ("pooled", "macro")
     }
@@ -206,9 +214,10 @@ def summarise(frame: pd.DataFrame) -> dict:
 
 
 def table(results: dict) -> str:
-    head = ["generator"] + [f"{v} (pooled)" for v in ("C2ST kNN acc", "MMD")]
+    head = ["generator"] + [f"{v} (pooled)" for v in ("C2ST kNN acc", "MMD", "W2")]
     head += [f"{v} (macro)" for v in ("C2ST kNN acc", "MMD", "energy")]
-    head += ["C2ST logit AUC", "r mean", "r var", "r zeros", "wall s"]
+    head += ["precision", "recall", "label fidelity", "C2ST logit AUC"]
+    head += ["r mean", "r var", "r zeros", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         p, m = r["metrics"]["pooled"], r["metrics"]["macro"]
@@ -216,9 +225,13 @@ def table(results: dict) -> str:
             name,
             f"{p['c2st_knn_accuracy']:.3f}",
             f"{p['mmd']:.4f}",
+            f"{p['wasserstein']:.2f}",
             f"{m['c2st_knn_accuracy']:.3f}",
             f"{m['mmd']:.4f}",
             f"{m['energy']:.3f}",
+            f"{p['precision']:.3f}",
+            f"{p['recall']:.3f}",
+            f"{p.get('label_fidelity', float('nan')):.3f}",
             f"{p['c2st_logistic_auc']:.3f}",
             f"{p['mean_pearson']:.3f}",
             f"{p['variance_pearson']:.3f}",
@@ -232,12 +245,18 @@ def table(results: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=60, help="SCFM stage-1 epochs")
-    parser.add_argument("--epochs-prior", type=int, default=150, help="SCFM stage-2 epochs")
+    parser.add_argument(
+        "--epochs-prior",
+        type=int,
+        default=200,
+        help="SCFM stage-2 epochs (chosen on validation cells: benchmarks/prior_design.py)",
+    )
     parser.add_argument("--scvi-epochs", type=int, default=100)
     parser.add_argument("--n-steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "generation.json"))
+    parser.add_argument("--out", default=None, help="JSON report (default per seed)")
     args = parser.parse_args(argv)
+    args.out = args.out or str(RESULTS / f"generation_seed{args.seed}.json")
     quiet()
     import scfm_adapt as sfa
 
@@ -263,7 +282,7 @@ def main(argv=None) -> dict:
     }
     print(table(results), flush=True)
 
-    scvi_model, scvi_wall = train_scvi(train, args.scvi_epochs)
+    scvi_model, scvi_wall = train_scvi(train, args.scvi_epochs, args.seed)
     results["scVI prior (type covariate)"] = {
         "metrics": summarise(evaluate(scvi_prior(scvi_model, train, counts, rng))),
         "wall_s": scvi_wall,
@@ -274,7 +293,7 @@ def main(argv=None) -> dict:
     }
     print(table(results), flush=True)
 
-    model, scfm_wall = train_scfm(train, args.epochs, args.epochs_prior)
+    model, scfm_wall = train_scfm(train, args.epochs, args.epochs_prior, args.seed)
     conditions = pd.DataFrame({LABEL: np.repeat(counts.index, counts.to_numpy())})
     val = train[val_idx]
     tuning = {}

@@ -39,6 +39,7 @@ CONFIGS = {
     "kl0.1-4x16": ({"n_tokens": 4}, {"max_kl_weight": 0.1}),
     "kl0.1-8x8": ({"token_dim": 8}, {"max_kl_weight": 0.1}),
     "kl0.1-16x8": ({"n_tokens": 16, "token_dim": 8}, {"max_kl_weight": 0.1}),
+    "v": ({"prediction": "v"}, {}),
 }
 
 
@@ -55,23 +56,15 @@ def load(seed: int):
 
 
 def embedding_figures(emb, adata, ref, val, seed: int) -> dict:
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
-
-    from scfm_adapt.metrics import batch_mixing_entropy, knn_transfer
+    from scfm_adapt.metrics import batch_mixing_entropy, knn_transfer, label_clustering
 
     y = adata.obs[LABELS_KEY].astype(str).to_numpy()
     knn = knn_transfer(emb[ref], y[ref], emb[val], y[val], k=15)
-    k = len(np.unique(y[val]))
-    clusters = KMeans(k, n_init=10, random_state=seed).fit_predict(emb[val])
-    sil = silhouette_score(emb[val], y[val])
     mix = batch_mixing_entropy(emb, adata.obs[BATCH_KEY].to_numpy(), y, k=50)
     return {
         "knn_accuracy": knn["accuracy"],
         "knn_macro_f1": knn["macro_f1"],
-        "kmeans_nmi": float(normalized_mutual_info_score(y[val], clusters)),
-        "kmeans_ari": float(adjusted_rand_score(y[val], clusters)),
-        "silhouette_label": float((sil + 1) / 2),
+        **label_clustering(emb[val], y[val], seed=seed),
         "donor_mixing": mix["score"],
     }
 

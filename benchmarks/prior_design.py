@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["default", "kl0.1"], choices=list(CONFIGS))
     p.add_argument("--epochs", type=int, default=40, help="VAE epochs")
     p.add_argument("--prior-epochs", type=int, nargs="+", default=[25, 50, 100])
+    p.add_argument("--lr-prior", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "prior_design.json")
@@ -86,6 +87,7 @@ def main() -> None:
                 stage="prior",
                 early_stopping=False,
                 train_size=1.0,
+                lr_prior=args.lr_prior,
                 enable_progress_bar=False,
                 batch_size=128,
             )
@@ -93,7 +95,8 @@ def main() -> None:
             gen = model.generate({LABEL: val.obs[LABEL].astype(str).to_numpy()}, seed=args.seed)
             gen.obs[LABEL] = gen.obs[LABEL].astype(str)
             table = sfa.metrics.evaluate_generation(val, gen, groupby=LABEL, seed=args.seed)
-            row = {"config": name, "prior_epochs": total, "prior_s": time.perf_counter() - t0}
+            row = {"config": name, "prior_epochs": total, "lr_prior": args.lr_prior}
+            row["prior_s"] = time.perf_counter() - t0
             for where in ("pooled", "macro"):
                 for col in SHOWN:
                     if col in table.columns:

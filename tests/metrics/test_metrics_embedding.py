@@ -70,3 +70,16 @@ def test_neighbor_agreement_by_hand():
         M.neighbor_agreement(a, b[:3])
     with pytest.raises(ValueError, match="NaN"):
         M.neighbor_agreement(a, np.where(b == 30.0, np.nan, b), n_neighbors=1)
+
+
+def test_label_clustering_by_hand():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(10, 0.1, (20, 2))])
+    y = ["a"] * 20 + ["b"] * 20
+    out = M.label_clustering(x, y)
+    assert out["kmeans_nmi"] == pytest.approx(1.0) and out["kmeans_ari"] == pytest.approx(1.0)
+    assert out["silhouette_label"] > 0.99  # (s + 1) / 2 with s near 1
+    shuffled = M.label_clustering(x, np.random.default_rng(1).permutation(y))
+    assert shuffled["kmeans_ari"] < 0.2 and shuffled["silhouette_label"] < 0.55
+    with pytest.raises(ValueError, match="n_clusters"):
+        M.label_clustering(x, ["a"] * 40)

@@ -28,6 +28,7 @@ from ._embedding import (
     batch_mixing_entropy,
     knn_transfer,
     knn_transfer_proba,
+    label_clustering,
     neighbor_agreement,
 )
 from ._expression import lognorm, lognormalize
@@ -62,6 +63,7 @@ __all__ = [
     "gene_statistics",
     "knn_transfer",
     "knn_transfer_proba",
+    "label_clustering",
     "label_fidelity",
     "label_fidelity_embedded",
     "latent_usage",

@@ -183,3 +183,32 @@ def neighbor_agreement(a: np.ndarray, b: np.ndarray, n_neighbors: int = 15) -> f
     ia, ib = _neighbors(a, n_neighbors), _neighbors(b, n_neighbors)
     shared = [len(np.intersect1d(x, y, assume_unique=True)) for x, y in zip(ia, ib)]
     return float(np.mean(shared) / n_neighbors)
+
+
+def label_clustering(
+    x: np.ndarray, labels, n_clusters: int | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Whether cell types form the clusters a clustering finds (scIB's bio conservation
+    figures that kNN accuracy hides: types can be locally separable yet not clustered).
+
+    k-means (``n_clusters``: the number of labels by default, 10 restarts) on the embedding
+    ``x``; returns its normalised mutual information and adjusted Rand index with
+    ``labels``, and the labels' silhouette (Euclidean) rescaled to ``[0, 1]`` as scIB does
+    (``(s + 1) / 2``; 1: tight, separated types).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(labels).astype(str)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"x must be (n_cells, dims) with one label per cell; got {x.shape}.")
+    k = n_clusters or len(np.unique(y))
+    if not 2 <= k < len(y):
+        raise ValueError(f"Clustering needs 2 <= n_clusters < n_cells; got {k} and {len(y)}.")
+    clusters = KMeans(k, n_init=10, random_state=seed).fit_predict(x)
+    return {
+        "kmeans_nmi": float(normalized_mutual_info_score(y, clusters)),
+        "kmeans_ari": float(adjusted_rand_score(y, clusters)),
+        "silhouette_label": float((silhouette_score(x, y) + 1) / 2),
+    }
