@@ -296,3 +296,15 @@ def test_the_prior_runs_its_budget_without_early_stopping(adata, tiny_kwargs):
     assert len(model.history["prior"]["elbo_train"]) == 4  # ceil(10 / 3), never stopped early
     model.train(max_epochs=6, stage="prior", **fit)  # epochs given: the prior follows them
     assert len(model.history["prior"]["elbo_train"]) == 6
+
+
+def test_the_kl_weight_warms_up_over_a_third_of_the_vae_epochs(adata, tiny_kwargs):
+    sfa.model.SCFM.setup_anndata(adata)
+    model = sfa.model.SCFM(adata, **tiny_kwargs)
+    # warm-up over 6 // 3 = 2 epochs
+    model.train(
+        max_epochs=6, stage="vae", batch_size=32, enable_progress_bar=False, log_every_n_steps=1
+    )
+    weights = model.history["vae"]["kl_weight"]["kl_weight"].to_numpy(dtype=float)
+    # one value an epoch in the history: 0 and 1/2 during the warm-up, then full weight
+    np.testing.assert_allclose(weights, [0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
