@@ -35,8 +35,9 @@ def test_quickstart_writes_report_h5ad_umap_and_model(tmp_path):
     assert report["training_time_s"]["total"] > 0
     assert (out / "umap_scfm.png").stat().st_size > 10_000
     a = ad.read_h5ad(out / "pbmc68k_scfm.h5ad")
-    assert a.obsm["X_scfm"].shape == (700, 16) and "X_umap" in a.obsm
     assert (out / "model" / "model.safetensors").exists()
+    # The default latent, 8 tokens x 16 dims, joined (pooling="concat").
+    assert a.obsm["X_scfm"].shape == (700, 8 * 16) and "X_umap" in a.obsm
 
 
 def test_knn_cv_accuracy_separates_separable_from_random():
