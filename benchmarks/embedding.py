@@ -712,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     # (benchmarks/scib_runner.py).
     np.savez_compressed(
         Path(args.out).with_suffix(".npz"),
-        labels=adata.obs[LABELS_KEY].astype(str).to_numpy(),
-        batches=donors,
+        # Fixed-width strings, not objects: the file then loads without pickle.
+        labels=adata.obs[LABELS_KEY].to_numpy().astype(str),
+        batches=np.asarray(donors).astype(str),
         **{f"embedding_{name}": emb for name, emb in embeddings.items()},
     )
     _log(f"wrote {args.out} and its embeddings (.npz)")
