@@ -87,6 +87,16 @@ def test_evaluate_generation_rows_and_macro():
         M.evaluate_generation(real, gen, groupby="tissue")
 
 
+def test_evaluate_generation_of_a_few_cells_gives_nan_where_a_metric_needs_more():
+    real = _cells(60)
+    few = M.evaluate_generation(real, _cells(4, seed=1), n_pcs=5).loc["pooled"]
+    assert few[["precision", "recall", "density", "coverage", "c2st_knn_auc"]].isna().all()
+    assert np.isfinite(few[["mmd", "energy", "wasserstein", "mean_pearson"]]).all()
+    assert few["n_generated"] == 4
+    enough = M.evaluate_generation(real, _cells(12, seed=1), n_pcs=5).loc["pooled"]
+    assert np.isfinite(enough[["precision", "coverage", "c2st_knn_auc"]].astype(float)).all()
+
+
 # --------------------------------------------------------------------------- metrics
 def _pair(shift: float = 0.0, n: int = 300, seed: int = 0):
     """Two disjoint halves of one synthetic data set; ``shift`` distorts the second."""

@@ -211,6 +211,9 @@ def test_tl_embed_and_normalize_write_slots(trained, adata):
     sfa.tl.embed(adata, trained, tokens=True)
     assert adata.obsm["X_scfm"].shape == (adata.n_obs, 16)  # the tokens joined
     assert adata.obsm["X_scfm_tokens"].shape == (adata.n_obs, 16)
+    np.testing.assert_array_equal(adata.obsm["X_scfm"], adata.obsm["X_scfm_tokens"])
+    adata.obsm["X_scfm"][:] = 0  # e.g. a scaling in place: the tokens' slot is untouched
+    assert np.abs(adata.obsm["X_scfm_tokens"]).sum() > 0
     sfa.tl.embed(adata, trained, key_added="X_mean", pooling="mean")
     assert adata.obsm["X_mean"].shape == (adata.n_obs, 4)
     assert adata.uns["X_mean"]["params"]["pooling"] == "mean"
@@ -294,6 +297,9 @@ def test_the_prior_runs_its_budget_without_early_stopping(adata, tiny_kwargs):
     # no epochs given: a budget of optimiser steps (86 training cells: 3 batches an epoch)
     model.train(stage="prior", prior_steps=10, **fit)
     assert len(model.history["prior"]["elbo_train"]) == 4  # ceil(10 / 3), never stopped early
+    assert model.trainer.global_step == 10  # the budget is the trainer's max_steps
+    with pytest.raises(ValueError, match="prior_steps"):
+        model.train(stage="prior", prior_steps=0, **fit)
     model.train(max_epochs=6, stage="prior", **fit)  # epochs given: the prior follows them
     assert len(model.history["prior"]["elbo_train"]) == 6
 
@@ -308,3 +314,23 @@ def test_the_kl_weight_warms_up_over_a_third_of_the_vae_epochs(adata, tiny_kwarg
     weights = model.history["vae"]["kl_weight"]["kl_weight"].to_numpy(dtype=float)
     # one value an epoch in the history: 0 and 1/2 during the warm-up, then full weight
     np.testing.assert_allclose(weights, [0.0, 0.5, 1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("target", ["sample", "mean"])
+def test_the_library_model_fits_the_tokens_the_prior_learns(adata, tiny_kwargs, target):
+    # The DiT learns (and generates) posterior samples, or means with prior_target="mean";
+    # the library model that completes generated cells must be fitted on the same kind.
+    sfa.model.SCFM.setup_anndata(adata, batch_key="batch")
+    model = sfa.model.SCFM(adata, prior_target=target, **tiny_kwargs)
+    module = model.module.train()
+    tensors = next(iter(model._batches(adata, np.arange(16), 16)))
+    inference = module.inference(**module._get_inference_input(tensors))
+    generative = module.generative(**module._get_generative_input(tensors, inference))
+    seen, fit = [], module.library_nll
+    module.library_nll = lambda z, library, conditions: (
+        seen.append(z) or fit(z, library, conditions)
+    )
+    module.loss(tensors, inference, generative)
+    want = inference["qz"].loc if target == "mean" else inference["z"]
+    torch.testing.assert_close(seen[0], want.detach())
+    assert not torch.equal(inference["qz"].loc, inference["z"])  # the two kinds differ

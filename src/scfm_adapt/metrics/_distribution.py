@@ -407,6 +407,11 @@ def classifier_two_sample_test(
     return classifier_two_sample_test_embedded(a, b, classifier, n_neighbors, cv, max_cells, seed)
 
 
+#: Folds of :func:`evaluate_generation`'s classifier two-sample tests, and the ``k`` of its
+#: precision / recall / density / coverage.
+C2ST_FOLDS, PRDC_K = 5, 5
+
+
 def evaluate_generation(
     real: AnnData,
     generated: AnnData,
@@ -426,7 +431,9 @@ def evaluate_generation(
     classifier tests one fit on both sets. Columns: ``mmd``, ``energy``, ``wasserstein``,
     ``precision``, ``recall``, ``density``, ``coverage``, ``c2st_knn_accuracy``,
     ``c2st_knn_auc``, ``c2st_logistic_auc``, ``mean_pearson``, ``variance_pearson``,
-    ``zero_fraction_pearson``, ``n_real``, ``n_generated``; with ``groupby`` also
+    ``zero_fraction_pearson``, ``n_real``, ``n_generated`` (NaN where a set is too small
+    for the metric: MMD needs 2 cells, precision and its kin 6, the two-sample tests 10);
+    with ``groupby`` also
     ``label_fidelity`` (:func:`label_fidelity_embedded`, a classifier fitted on every real
     cell in the pooled PCA: pooled, the share of all generated cells recognised as their
     group; per group, the share of that group's).
@@ -437,13 +444,24 @@ def evaluate_generation(
         lr, lg = lognorm(xr), lognorm(xg)  # once for every metric of the row
         a, b = _pca_pair(lr, lg, n_pcs, seed, "real")
         ca, cb = _pca_pair(lr, lg, n_pcs, seed, "both")
-        knn = classifier_two_sample_test_embedded(ca, cb, "knn", seed=seed)
-        logit = classifier_two_sample_test_embedded(ca, cb, "logistic", seed=seed)
+        n = min(len(a), len(b))
+        # A set too small for a metric gets NaN there, not an error: the other figures of
+        # a small pooled set still count.
+        nan_c2st = {"accuracy": np.nan, "auc": np.nan}
+        knn, logit = nan_c2st, nan_c2st
+        if n >= 2 * C2ST_FOLDS:
+            knn = classifier_two_sample_test_embedded(ca, cb, "knn", cv=C2ST_FOLDS, seed=seed)
+            logit = classifier_two_sample_test_embedded(
+                ca, cb, "logistic", cv=C2ST_FOLDS, seed=seed
+            )
+        prdc = dict.fromkeys(("precision", "recall", "density", "coverage"), np.nan)
+        if n > PRDC_K:
+            prdc = precision_recall_embedded(a, b, k=PRDC_K, seed=seed)
         return {
-            "mmd": mmd_embedded(a, b, seed=seed),
+            "mmd": mmd_embedded(a, b, seed=seed) if n >= 2 else np.nan,
             "energy": energy_embedded(a, b, seed=seed),
             "wasserstein": wasserstein_embedded(a, b, seed=seed),
-            **precision_recall_embedded(a, b, seed=seed),
+            **prdc,
             "c2st_knn_accuracy": knn["accuracy"],
             "c2st_knn_auc": knn["auc"],
             "c2st_logistic_auc": logit["auc"],

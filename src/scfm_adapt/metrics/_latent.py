@@ -71,10 +71,13 @@ def latent_usage(
     rows = {}
     flat_m = m.reshape(n, t * d)
     shares = {}
-    for name, groups in (("label_share", labels), ("batch_share", batches)):
+    for name, arg, groups in (
+        ("label_share", "labels", labels),
+        ("batch_share", "batches", batches),
+    ):
         if groups is not None:
             if len(groups) != n:
-                raise ValueError(f"{name[:-6]}s has {len(groups)} entries for {n} cells.")
+                raise ValueError(f"{arg} has {len(groups)} entries for {n} cells.")
             shares[name] = _between_share(flat_m, groups).reshape(t, d)
     for i in [*range(t), "all"]:
         sel = slice(None) if i == "all" else i

@@ -53,6 +53,18 @@ def _uses_cuda(accelerator: str) -> bool:
     return accelerator == "auto" and torch.cuda.is_available()
 
 
+def _device_count(devices) -> int:
+    """At least the number of devices Lightning's ``devices`` argument trains on (an upper
+    bound for ``"auto"`` / ``-1``: every visible GPU)."""
+    if isinstance(devices, list | tuple):
+        return max(len(devices), 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    return max(torch.cuda.device_count(), 1)
+
+
 def _columns(names: np.ndarray, wanted: Sequence[str] | None, what: str) -> np.ndarray:
     """Positions of ``wanted`` among ``names`` (all when ``None``); KeyError on unknowns."""
     if wanted is None:
@@ -318,8 +330,9 @@ class SCFM(
         """Train stage 1 (the token VAE), stage 2 (the DiT prior) or both, in that order.
 
         Each stage runs scvi-tools' data splitter, training plan and Lightning trainer, with
-        validation, early stopping on the validation loss and a progress bar; any Lightning
-        accelerator, ``devices`` and ``strategy`` (e.g. ``"ddp"``) pass through.
+        validation and a progress bar; the VAE stops early on its validation loss, the prior
+        trains for its budget (see ``prior_steps``). Any Lightning accelerator, ``devices``
+        and ``strategy`` (e.g. ``"ddp"``) pass through.
 
         Parameters
         ----------
@@ -332,7 +345,8 @@ class SCFM(
             ``prior_steps`` optimiser steps whatever the data size.
         prior_steps
             The prior's budget in optimiser steps when neither ``max_epochs`` nor
-            ``max_epochs_prior`` is given. The DiT keeps learning its conditions long after
+            ``max_epochs_prior`` is given (the trainer's ``max_steps``, so that it holds
+            on any number of devices). The DiT keeps learning its conditions long after
             its denoising loss looks flat (``benchmarks/prior_design.py`` measures the
             generated cells along the way): give it this many steps for generation.
         early_stopping_prior
@@ -392,10 +406,20 @@ class SCFM(
         from scvi.dataloaders._data_splitting import validate_data_split
 
         n_train, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        prior_max_steps = None
         if max_epochs_prior is None and epochs_given:
             max_epochs_prior = max_epochs
         elif max_epochs_prior is None:  # a budget of optimiser steps, not of epochs
-            max_epochs_prior = max(1, math.ceil(prior_steps / math.ceil(n_train / batch_size)))
+            if not isinstance(prior_steps, int | np.integer) or prior_steps < 1:
+                raise ValueError(
+                    f"prior_steps={prior_steps!r}; give a positive number of optimiser "
+                    "steps, or max_epochs_prior for a budget in epochs."
+                )
+            # Lightning stops at max_steps; the epochs only bound it. Each of n devices
+            # sees 1/n of the cells per epoch, so the bound allows for the devices given.
+            per_epoch = math.ceil(n_train / (batch_size * _device_count(devices)))
+            max_epochs_prior = max(1, math.ceil(prior_steps / max(per_epoch, 1)))
+            prior_max_steps = int(prior_steps)
         if n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         elif early_stopping or early_stopping_prior:
@@ -449,12 +473,13 @@ class SCFM(
                 )
             self.history_, self.is_trained_ = None, False
             try:
+                steps = {"max_steps": prior_max_steps} if st == "prior" and prior_max_steps else {}
                 self._run_training(
                     what=f"SCFM.train, stage {st!r}",
                     clip=DEFAULT_GRADIENT_CLIP if st == "vae" else PRIOR_GRADIENT_CLIP,
                     folder=None if ckpt_root is None else ckpt_root / st,
                     resume=resume,
-                    trainer_kwargs=trainer_kwargs,
+                    trainer_kwargs={**trainer_kwargs, **steps},
                     max_epochs=epochs,
                     accelerator=accelerator,
                     devices=devices,

@@ -526,9 +526,10 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             qz = inference_outputs[K.QZ]
             prior = Normal(torch.zeros_like(qz.loc), 1.0)
             kl_z = kl(qz, prior).sum((-1, -2))  # (B,)
-            # Fitted on posterior *samples*, like the tokens the DiT learns and generates.
+            # Fitted on the tokens the DiT learns and generates (posterior samples, or means
+            # with prior_target="mean"): generated tokens get a library of their kind.
             lib_nll = self.library_nll(
-                inference_outputs[K.Z].detach(),
+                self.prior_tokens(inference_outputs).detach(),
                 inference_outputs[K.LIBRARY],
                 self.conditions(tensors),
             )

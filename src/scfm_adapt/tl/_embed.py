@@ -60,7 +60,8 @@ def embed(
         tok = model.get_latent_representation(adata, return_tokens=True, batch_size=batch_size)
         flat = tok.reshape(tok.shape[0], -1)
         adata.obsm[f"{key_added}_tokens"] = flat
-        adata.obsm[key_added] = flat if pooling == "concat" else tok.mean(1)
+        # Two slots, two arrays: editing one in place must not change the other.
+        adata.obsm[key_added] = flat.copy() if pooling == "concat" else tok.mean(1)
     else:
         # Any model with get_latent_representation will do: the default pooling is not passed.
         extra = {} if pooling == "concat" else {"pooling": pooling}
