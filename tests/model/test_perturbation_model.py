@@ -237,3 +237,91 @@ def test_pretrained_backbone_adapted_with_lora():
     assert all(torch.equal(before[k], v) for k, v in pre.module.state_dict().items())
     out = m.predict_perturbation(control_cells(a), "A+B", seed=0)
     assert out.shape == (20, 40) and "pretrained + lora" in repr(m)
+
+
+# ------------------------------------------------------------------ the latent anchor
+def _anchored(head_steps: int):
+    """An anchored model on the toy data without A+B in ctx1 (a held-out combination)."""
+    import scvi
+
+    scvi.settings.seed = 0
+    a = make_perturbation_adata(n_genes=40)
+    a = a[~((a.obs["condition"] == "A+B") & (a.obs["context"] == "ctx1")).to_numpy()].copy()
+    sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", covariate_keys=["context"])
+    m = sfa.model.PerturbationModel(
+        a,
+        gene_features=toy_features(),
+        n_ensemble=3,
+        hidden=32,
+        n_tokens=4,
+        token_dim=8,
+        gene_likelihood="poisson",
+        anchor=True,
+    )
+    m.train(max_epochs=5, head_steps=head_steps, progress=False, calibration_cells=32)
+    return m, a
+
+
+@pytest.fixture(scope="module")
+def untrained_anchor():
+    return _anchored(head_steps=0)
+
+
+def test_an_untrained_anchored_model_is_the_latent_additive_baseline(untrained_anchor):
+    import torch
+
+    m, a = untrained_anchor
+    cells = m._encode_cells(a)
+    zs = m._std(cells["z"])
+    cond, ctx = a.obs["condition"].to_numpy(), a.obs["context"].to_numpy()
+
+    def shift(p, c):  # the observed shift of a training unit in the standardised latent
+        return zs[(cond == p) & (ctx == c)].mean(0) - zs[(cond == "control") & (ctx == c)].mean(0)
+
+    req = m._encode_requests([(("A", "B"), (1.0, 1.0))])
+    ctrl = zs[(cond == "control") & (ctx == "ctx1")]
+    ctx1 = m._context_index(["ctx1"] * len(ctrl))
+    deltas = m._member_deltas(ctrl, *req, ctx1)  # (members, cells, D)
+    units = [(u[0], tuple(u[1])) for u in m.units_]
+    checked = 0
+    for k in range(len(m.heads)):
+        torch.testing.assert_close(deltas[k], deltas[k][:1].expand_as(deltas[k]))  # no head
+        left_out = {units[i] for i in m.oob_[k]}
+        if ("ctx1", ("A",)) in left_out or ("ctx1", ("B",)) in left_out:
+            continue
+        # the held-out combination in ctx1: the sum of its parts' shifts in ctx1
+        torch.testing.assert_close(deltas[k][0], shift("A", "ctx1") + shift("B", "ctx1"))
+        checked += 1
+    assert checked > 0
+    # order of the parts and dose 0
+    swapped = m._member_deltas(ctrl, *m._encode_requests([(("B", "A"), (1.0, 1.0))]), ctx1)
+    torch.testing.assert_close(swapped, deltas)
+    none = m._member_deltas(ctrl, *m._encode_requests([(("A",), (0.0,))]), ctx1)
+    assert torch.all(none == 0)
+
+
+def test_an_unseen_gene_gets_the_anchor_of_its_features(untrained_anchor):
+    import torch
+
+    m, _ = untrained_anchor
+    anchor = m.anchors_[0]
+    req = m._encode_requests([(("D",), (1.0,))])  # D: never perturbed, with features
+    got = anchor(torch.tensor([0]), *req)[0]
+    f = torch.as_tensor(toy_features().loc["D"].to_numpy())
+    want = anchor.feature_shift + (f - anchor.feature_mean) @ anchor.feature_map
+    torch.testing.assert_close(got, want)
+    assert anchor.part_known[m.vocab_["A"]] == 1 and "D" not in m.vocab_
+
+
+def test_anchored_heads_keep_a_share_chosen_out_of_bag_and_round_trip(tmp_path):
+    m, a = _anchored(head_steps=40)
+    assert len(m.correction_weights_) == 3
+    assert all(w in sfa.model._perturbation.CORRECTION_GRID for w in m.correction_weights_)
+    ctrl = control_cells(a, "ctx1")
+    m.save(tmp_path / "anchored")
+    m2 = sfa.model.PerturbationModel.load(tmp_path / "anchored")
+    assert m2.correction_weights_ == m.correction_weights_ and m2.contexts_ == m.contexts_
+    one = m.predict_perturbation(ctrl, ["A+B", "D"], covariates={"context": "ctx1"}, seed=0)
+    two = m2.predict_perturbation(ctrl, ["A+B", "D"], covariates={"context": "ctx1"}, seed=0)
+    assert np.array_equal(one.X.toarray(), two.X.toarray())
+    assert np.allclose(one.varm["scfm_delta"], two.varm["scfm_delta"])

@@ -26,7 +26,7 @@ from ..data import (
     parts_and_doses,
 )
 from ..errors import SCFMInputError, TrainingDivergedError
-from ..module import ResponseHead, SCFMModule, mmd2
+from ..module import LatentAnchor, ResponseHead, SCFMModule, mmd2
 from ..train import DEFAULT_GRADIENT_CLIP
 from ._attributions import pathway_attributions
 from ._perturbation_features import gene_feature_table
@@ -49,6 +49,11 @@ SETUP_KEYS = (
 )
 #: Prefix of the backbone's tensors in a PerturbationModel checkpoint.
 _BACKBONE = "backbone."
+
+
+#: The shares of its head's correction an anchored member may keep (chosen on the training
+#: units it left out; 0 is the anchor alone).
+CORRECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 class UnknownPerturbationError(SCFMInputError, KeyError):
@@ -105,6 +110,14 @@ class PerturbationModel(BaseModel):
         Members of the ensemble (at least 2; uncertainty needs several).
     emb_dim, hidden, n_layers, dropout
         Size of each response head.
+    anchor
+        Start every response at the simple models, in the backbone's latent
+        (:class:`~scfm_adapt.module.LatentAnchor`): a part's own shift in the context, its
+        shift in other contexts (latent arithmetic), a combination as the sum of its parts
+        (latent additive), an unseen gene by a ridge map of its features (the linear
+        model). The head then learns a correction that starts at zero, and each member
+        keeps it only as far as its left-out training units say it helps
+        (``correction_weights_``). Untrained, such a model *is* the latent baseline.
     **backbone_kwargs
         :class:`SCFM` arguments when the backbone is trained here.
 
@@ -129,6 +142,7 @@ class PerturbationModel(BaseModel):
         hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
+        anchor: bool = False,
         registry: dict | None = None,
         _backbone: SCFM | None = None,
         **backbone_kwargs,
@@ -177,11 +191,15 @@ class PerturbationModel(BaseModel):
             "hidden": hidden,
             "n_layers": n_layers,
             "dropout": dropout,
+            "anchor": bool(anchor),
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
         self.var_names_ = list(backbone.var_names_)
         self.heads: list[ResponseHead] = []
+        self.anchors_: list[LatentAnchor] = []  # one per member, with anchor=True
+        self.correction_weights_: list[float] = []  # each member's share of its head
+        self.contexts_: list[str] = []  # the contexts with control cells in training
         self.history_: dict = {}
 
     @property
@@ -486,6 +504,7 @@ class PerturbationModel(BaseModel):
 
         units, unit_idx, ctrl_idx = _training_units(design)
         self.units_ = [(c, list(p), list(d)) for c, p, d in units]
+        self.contexts_ = sorted(ctrl_idx)
         parts = sorted({p for _, ps, _ in units for p in ps})
         self.vocab_ = {p: i for i, p in enumerate(parts)}
         reqs = [(tuple(p), tuple(d)) for _, p, d in units]
@@ -495,8 +514,17 @@ class PerturbationModel(BaseModel):
         k_members = self.init_kwargs_["n_ensemble"]
         self.oob_ = out_of_bag(len(units), k_members, holdout_share, seed)
         self.heads, self.history_ = [], {"response_loss": []}
+        self.anchors_, self.correction_weights_ = [], []
+        u_ctx = self._context_index([c for c, _, _ in units])
+        # each unit's observed shift of the mean standardised latent, for the anchors
+        shifts = torch.stack(
+            [zs[unit_idx[i]].mean(0) - zs[ctrl_idx[c]].mean(0) for i, (c, _, _) in enumerate(units)]
+        )
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
+            anchor, unit_shift = self._fit_anchor(
+                k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts
+            )
             saved = None if folder is None else folder / f"member{k}"
             if resume and saved is not None and saved.exists():  # trained before an interruption
                 state, info = read_checkpoint(saved)
@@ -520,6 +548,7 @@ class PerturbationModel(BaseModel):
                     unit_idx,
                     ctrl_idx,
                     (u_idx, u_feat, u_dose),
+                    unit_shift,
                     bar,
                     steps=head_steps,
                     cells_per_unit=cells_per_unit,
@@ -535,6 +564,23 @@ class PerturbationModel(BaseModel):
             head.eval()
             self.heads.append(head)
             self.history_["response_loss"].append(losses)
+            weight = 1.0
+            if anchor is not None:
+                self.anchors_.append(anchor)
+                weight = self._choose_correction(
+                    head,
+                    k,
+                    zs,
+                    units,
+                    unit_idx,
+                    ctrl_idx,
+                    (u_idx, u_feat, u_dose),
+                    unit_shift,
+                    shifts,
+                    calibration_cells,
+                    seed,
+                )
+            self.correction_weights_.append(weight)
         bar.close()
 
         self._calibrate(
@@ -560,6 +606,7 @@ class PerturbationModel(BaseModel):
         unit_idx,
         ctrl_idx,
         requests,
+        unit_shift,
         bar,
         *,
         steps,
@@ -573,9 +620,7 @@ class PerturbationModel(BaseModel):
         """Train ensemble member ``k`` on its in-bag units; returns its loss curve."""
         u_idx, u_feat, u_dose = requests
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        inbag = [i for i in range(len(units)) if i not in set(self.oob_[k])] or list(
-            range(len(units))
-        )
+        inbag = _in_bag(len(units), self.oob_[k])
         g = np.random.default_rng(seed * 1000 + k)
         losses = []
         head.train()
@@ -586,7 +631,7 @@ class PerturbationModel(BaseModel):
             e = head.embed(u_idx[pick], u_feat[pick], u_dose[pick])  # (U, emb)
             u, b, d = xc.shape
             delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
-            pred = xc + delta
+            pred = xc + unit_shift[torch.as_tensor(pick)].unsqueeze(1) + delta
             loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
             loss = loss.mean()
             if not torch.isfinite(loss):
@@ -609,9 +654,79 @@ class PerturbationModel(BaseModel):
         return ResponseHead(latent_dim, n_features, n_parts, **sizes)
 
     @torch.inference_mode()
-    def _member_deltas(self, zs: torch.Tensor, idx, feats, dose) -> torch.Tensor:
-        """Standardised latent deltas ``(M, N, D)`` of every member for one request."""
-        return torch.stack([h(zs, h.embed(idx, feats, dose)[0]) for h in self.heads])
+    def _member_deltas(self, zs: torch.Tensor, idx, feats, dose, context=None) -> torch.Tensor:
+        """Standardised latent deltas ``(M, N, D)`` of every member for one request
+        (``context``: each cell's index in ``contexts_``, ``-1`` for others; used by the
+        anchors)."""
+        out = []
+        for m, h in enumerate(self.heads):
+            d = self.correction_weights_[m] * h(zs, h.embed(idx, feats, dose)[0])
+            if self.anchors_:
+                d = d + self._anchor_shift(m, idx, feats, dose, context, zs.shape[0])
+            out.append(d)
+        return torch.stack(out)
+
+    def _anchor_shift(self, m: int, idx, feats, dose, context, n: int) -> torch.Tensor:
+        """Member ``m``'s anchor shift ``(n, D)`` of one request for ``n`` cells."""
+        ctx = torch.full((n,), -1, dtype=torch.long) if context is None else context
+        uniq, inv = torch.unique(ctx, return_inverse=True)
+        r = len(uniq)
+        shift = self.anchors_[m](
+            uniq, idx.expand(r, -1), feats.expand(r, -1, -1), dose.expand(r, -1)
+        )
+        return shift[inv]
+
+    def _context_index(self, labels) -> torch.Tensor:
+        """Positions of context labels in ``contexts_`` (``-1``: not a training context)."""
+        pos = {c: i for i, c in enumerate(self.contexts_)}
+        return torch.as_tensor([pos.get(str(c), -1) for c in labels], dtype=torch.long)
+
+    def _part_features(self, parts: Sequence[str]) -> torch.Tensor | None:
+        """Features ``(P, F)`` of the vocabulary's parts (zeros for a part without)."""
+        if self.features_ is None:
+            return None
+        out = torch.zeros(len(parts), self.features_.shape[1])
+        for i, p in enumerate(parts):
+            f = self._feature_of(p)
+            if f is not None:
+                out[i] = torch.as_tensor(f)
+        return out
+
+    def _fit_anchor(self, k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts):
+        """Member ``k``'s anchor, fitted on its in-bag units, and the shift it gives every
+        training unit (zeros and ``None`` without ``anchor``)."""
+        if not self.init_kwargs_.get("anchor", False):
+            return None, torch.zeros_like(shifts)
+        inbag = torch.as_tensor(_in_bag(len(units), self.oob_[k]))
+        n_feat = 0 if self.features_ is None else self.features_.shape[1]
+        anchor = LatentAnchor(shifts.shape[1], len(parts), len(self.contexts_), n_feat)
+        anchor.fit(
+            u_ctx[inbag], u_idx[inbag], u_dose[inbag], shifts[inbag], self._part_features(parts)
+        )
+        with torch.no_grad():
+            return anchor.eval(), anchor(u_ctx, u_idx, u_feat, u_dose)
+
+    @torch.inference_mode()
+    def _choose_correction(
+        self, head, k, zs, units, unit_idx, ctrl_idx, requests, unit_shift, shifts, n_cells, seed
+    ) -> float:
+        """The share of its head's correction member ``k`` keeps: the weight in
+        :data:`CORRECTION_GRID` whose mean shifts best match the observed ones on the units
+        it left out (the smallest on ties; 0, the anchor alone, without such units)."""
+        oob = list(self.oob_[k])
+        if not oob:
+            return 0.0
+        u_idx, u_feat, u_dose = requests
+        rng = np.random.default_rng(seed * 1000 + k)
+        corr = []
+        for i in oob:
+            ci = ctrl_idx[units[i][0]]
+            ci = rng.choice(ci, size=min(n_cells, ci.size), replace=False)
+            e = head.embed(u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])[0]
+            corr.append(head(zs[ci], e).mean(0))
+        corr, anchor, true = torch.stack(corr), unit_shift[oob], shifts[oob]
+        errors = [float((anchor + w * corr - true).pow(2).mean()) for w in CORRECTION_GRID]
+        return float(CORRECTION_GRID[int(np.argmin(errors))])
 
     @torch.inference_mode()
     def _calibrate(
@@ -625,7 +740,10 @@ class PerturbationModel(BaseModel):
             ci = rng.choice(ci, size=min(n_cells, ci.size), replace=False)
             ctrl_mean = x_ln[ci].mean(0)
             true.append((x_ln[unit_idx[i]].mean(0) - ctrl_mean).numpy())
-            d = self._member_deltas(zs[ci], u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])
+            ctx = self._context_index([c] * ci.size)
+            d = self._member_deltas(
+                zs[ci], u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1], ctx
+            )
             per_member = []
             conds = {k: v[ci] for k, v in cells["conditions"].items()}
             ratio = self._bias_ratio(cells, ci) if self.correct_bias_ else None
@@ -837,6 +955,7 @@ class PerturbationModel(BaseModel):
         x_ln = _lognorm_t(cells["x"])
         n = zs_all.shape[0]
         s = self.setup_
+        ctx_all = self._context_index(context_labels(ctrl.obs, s["covariate_keys"]))
         dev = self.backbone.module.device
         ratio = self._bias_ratio(cells) if self.correct_bias_ else None
         obs_parts, xs, exps, deltas, lows, highs = [], [], [], [], [], []
@@ -850,7 +969,9 @@ class PerturbationModel(BaseModel):
                 zs = zs_all[sel]
                 conds = {k: v[sel] for k, v in cells["conditions"].items()}
                 lib = cells["library"][sel]
-                d = self._member_deltas(zs, enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1])
+                d = self._member_deltas(
+                    zs, enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1], ctx_all[sel]
+                )
                 expected, draw = self._decode(
                     self._unstd(zs + d.mean(0)), lib, conds, True, ratio=ratio
                 )
@@ -941,13 +1062,31 @@ class PerturbationModel(BaseModel):
         dev = module.device
         heads = [copy.deepcopy(h).to(dev).eval() for h in self.heads]
         embeds = [h.embed(idx.to(dev), feats.to(dev), dose_t.to(dev))[0] for h in heads]
+        weights = self.correction_weights_ or [1.0] * len(heads)
+        shift = torch.zeros(())  # the anchors' shift: one per context, so one context here
+        if self.anchors_:
+            ctx = self._context_index(context_labels(ctrl.obs, self.setup_["covariate_keys"]))
+            if len(torch.unique(ctx)) > 1:
+                raise SCFMInputError(
+                    "adata_ctrl holds control cells of several contexts; pass covariates=... "
+                    "to explain one context's response at a time."
+                )
+            shift = torch.stack(
+                [
+                    self._anchor_shift(m, idx, feats, dose_t, ctx[:1], 1)[0]
+                    for m in range(len(heads))
+                ]
+            ).mean(0)
+        shift = shift.to(dev)
         z_mean, z_std = self.z_mean_.to(dev), self.z_std_.to(dev)
         shape = (-1, module.n_tokens, module.token_dim)
 
         def response(features, tensors):  # (B, G) predicted change of log1p CP10k
             z = module.encoder.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
             zs = (z.flatten(1) - z_mean) / z_std
-            delta = torch.stack([h(zs, e) for h, e in zip(heads, embeds)]).mean(0)
+            delta = shift + torch.stack(
+                [w * h(zs, e) for h, e, w in zip(heads, embeds, weights)]
+            ).mean(0)
             z_pert = ((zs + delta) * z_std + z_mean).view(shape)
             conds = module.conditions(tensors)
             lib = tensors["X"].sum(-1, keepdim=True)
@@ -1010,6 +1149,8 @@ class PerturbationModel(BaseModel):
                 "n_parts": len(self.vocab_),
             },
             "vocab": list(self.vocab_),
+            "contexts": self.contexts_,
+            "correction_weights": self.correction_weights_,
             "units": self.units_,
             "oob": self.oob_,
             "calibration": self.calibration_,
@@ -1027,6 +1168,13 @@ class PerturbationModel(BaseModel):
         state = {_BACKBONE + k: v for k, v in self.backbone._checkpoint_state().items()}
         state.update(
             {f"head{m}.{k}": v for m, h in enumerate(self.heads) for k, v in h.state_dict().items()}
+        )
+        state.update(
+            {
+                f"anchor{m}.{k}": v
+                for m, a in enumerate(self.anchors_)
+                for k, v in a.state_dict().items()
+            }
         )
         state["z_mean"], state["z_std"] = self.z_mean_, self.z_std_
         state["context_means"] = self.ood_ref_["context_means"]
@@ -1102,6 +1250,21 @@ class PerturbationModel(BaseModel):
             )
             h.eval()
             model.heads.append(h)
+        # Saves before the anchors: no contexts recorded, every member keeps its whole head.
+        model.contexts_ = list(config.get("contexts", []))
+        model.correction_weights_ = [float(w) for w in config.get("correction_weights", [1.0] * k)]
+        if model.init_kwargs_.get("anchor", False):
+            n_feat = shape["n_features"]
+            for m in range(k):
+                a = LatentAnchor(
+                    shape["latent_dim"], shape["n_parts"], len(model.contexts_), n_feat
+                )
+                prefix = f"anchor{m}."
+                a.load_state_dict(
+                    {kk[len(prefix) :]: v for kk, v in state.items() if kk.startswith(prefix)},
+                    strict=True,
+                )
+                model.anchors_.append(a.eval())
         model.is_trained_ = True
         return model
 
@@ -1135,6 +1298,13 @@ def _registry_of_two_folders(backbone_registry: dict, setup: dict) -> dict:
         k: v for k, v in registry["field_registries"].items() if k in keep
     }
     return registry
+
+
+def _in_bag(n_units: int, oob) -> list[int]:
+    """The units an ensemble member trains on: all but its left-out ones (all, when it
+    left out every unit)."""
+    left_out = set(oob)
+    return [i for i in range(n_units) if i not in left_out] or list(range(n_units))
 
 
 def _training_units(design: pd.DataFrame) -> tuple[list, list[np.ndarray], dict]:

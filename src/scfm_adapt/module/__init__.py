@@ -6,6 +6,7 @@ from ._distill import DistillationModule
 from ._keys import MODULE_KEYS
 from ._lora import inject_lora, tuner_layers, unwrap_lora
 from ._multimodal import MultimodalSCFMModule
+from ._perturbation_anchor import LatentAnchor
 from ._perturbation_response import ResponseHead, dose_scale, mmd2
 from ._scfm import SCFMModule
 
@@ -16,6 +17,7 @@ __all__ = [
     "AdapterSpec",
     "AnnotatorModule",
     "DistillationModule",
+    "LatentAnchor",
     "MultimodalSCFMModule",
     "ResponseHead",
     "SCFMModule",

@@ -1,0 +1,169 @@
+"""The latent anchor of a perturbation response: the simple models the learned response
+starts from (torch).
+
+In the (standardised) latent of the backbone, a training unit's *shift* is the mean latent
+of its perturbed cells minus that of its context's control cells. The anchor predicts a
+request's shift as the dose-weighted sum of its parts' shifts, each part's shift being,
+from the most to the least specific:
+
+1. its own shift in the request's context (a single-part unit of that context);
+2. its shift in the other contexts (latent arithmetic), or, for a part only ever seen in
+   combinations, its least-squares share of their shifts beyond their known parts;
+3. for a part never perturbed in training, a ridge map of its features (e.g. GO), fitted
+   on the seen parts, its strength chosen by leave-one-out over them (the mean shift of
+   the seen parts when the features do not help);
+4. the mean shift of the seen parts, for a part whose features are all zero.
+
+A combination is therefore the sum of its parts (the latent additive model), a seen part
+in a new context is latent arithmetic, and an unseen gene is the linear model: the
+baselines of ``benchmarks/perturbation.py``, in the model's own latent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._perturbation_response import dose_scale
+
+#: Ridge strengths (relative to the mean squared norm of the centred features) that the
+#: feature map chooses from by leave-one-out; the mean shift alone is always a candidate.
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+class LatentAnchor(nn.Module):
+    """Shifts ``(R, D)`` of requests in contexts (see the module's docstring).
+
+    Built empty with its shapes (so that a checkpoint loads into it), then :meth:`fit` on
+    training units. Part index ``n_parts`` stands for every unseen part, context ``-1``
+    for a context without training units.
+    """
+
+    def __init__(self, latent_dim: int, n_parts: int, n_contexts: int, n_features: int):
+        super().__init__()
+        p1 = n_parts + 1
+        self.n_parts, self.n_contexts = n_parts, n_contexts
+        self.register_buffer("context_shift", torch.zeros(n_contexts, p1, latent_dim))
+        self.register_buffer("context_known", torch.zeros(n_contexts, p1))
+        self.register_buffer("part_shift", torch.zeros(p1, latent_dim))
+        self.register_buffer("part_known", torch.zeros(p1))
+        self.register_buffer("mean_shift", torch.zeros(latent_dim))
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_shift", torch.zeros(latent_dim))
+        self.register_buffer("feature_map", torch.zeros(n_features, latent_dim))
+
+    @torch.no_grad()
+    def fit(
+        self,
+        unit_context: torch.Tensor,
+        part_idx: torch.Tensor,
+        dose: torch.Tensor,
+        shifts: torch.Tensor,
+        part_features: torch.Tensor | None = None,
+    ) -> LatentAnchor:
+        """Fit on training units: ``unit_context`` ``(U,)``, ``part_idx`` / ``dose``
+        ``(U, K)`` (``-1`` pads), ``shifts`` ``(U, D)``; ``part_features`` ``(n_parts, F)``
+        (zeros for a part without features)."""
+        n_units, d = shifts.shape
+        p = self.n_parts
+        w = torch.zeros(n_units, p, dtype=shifts.dtype)
+        valid = part_idx >= 0
+        rows = torch.arange(n_units).unsqueeze(1).expand_as(part_idx)
+        w.index_put_(
+            (rows[valid], part_idx[valid]), dose_scale(dose[valid]).to(w.dtype), accumulate=True
+        )
+        single = (valid.sum(1) == 1) & (w.sum(1) > 0)
+        # 1. and 2.: the shift of each single-part unit per unit of dose
+        per_dose = shifts[single] / w[single].sum(1, keepdim=True)
+        part_of = part_idx[single].max(1).values
+        sums = torch.zeros(p, d, dtype=shifts.dtype).index_add_(0, part_of, per_dose)
+        counts = torch.zeros(p, dtype=shifts.dtype).index_add_(
+            0, part_of, torch.ones_like(part_of, dtype=shifts.dtype)
+        )
+        known = counts > 0
+        part_shift = torch.zeros(p, d, dtype=shifts.dtype)
+        part_shift[known] = sums[known] / counts[known, None]
+        cs = torch.zeros(self.n_contexts, p, d, dtype=shifts.dtype)
+        cn = torch.zeros(self.n_contexts, p, dtype=shifts.dtype)
+        ctx = unit_context[single]
+        cs.index_put_((ctx, part_of), per_dose, accumulate=True)
+        cn.index_put_((ctx, part_of), torch.ones_like(part_of, dtype=shifts.dtype), accumulate=True)
+        self.context_shift[:, :p] = cs / cn.clamp(min=1).unsqueeze(-1)
+        self.context_known[:, :p] = (cn > 0).to(self.context_known.dtype)
+        # parts seen only in combinations: their least-squares share of what the known
+        # parts of those combinations leave
+        in_combo = (w[~single] > 0).any(0) & ~known
+        if in_combo.any():
+            combos = ~single & (w[:, in_combo] > 0).any(1)
+            # each known part as the anchor sees it in the combination's context
+            in_ctx = (cn[unit_context[combos]] > 0).unsqueeze(-1)  # (U', P, 1)
+            own = torch.where(in_ctx, self.context_shift[unit_context[combos], :p], part_shift)
+            wk = w[combos] * known
+            resid = shifts[combos] - (wk.unsqueeze(-1) * own).sum(1)
+            a = w[combos][:, in_combo]
+            gram = a.T @ a + 1e-3 * torch.eye(a.shape[1], dtype=a.dtype)
+            part_shift[in_combo] = torch.linalg.solve(gram, a.T @ resid)
+            known = known | in_combo
+        self.part_shift[:p] = part_shift
+        self.part_known[:p] = known.to(self.part_known.dtype)
+        self.mean_shift.copy_(part_shift[known].mean(0) if known.any() else torch.zeros(d))
+        # 3.: the feature map, fitted on the seen parts that have features
+        self.feature_shift.copy_(self.mean_shift)
+        if part_features is not None and part_features.shape[1] > 0:
+            has = part_features.abs().sum(1) > 0
+            fit = known & has
+            if int(fit.sum()) >= 3:
+                self._fit_feature_map(part_features[fit].to(shifts.dtype), part_shift[fit])
+        return self
+
+    def _fit_feature_map(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Ridge from features to part shifts, its strength (or none: the mean shift of
+        these parts) chosen by exact leave-one-out error over the parts."""
+        n = x.shape[0]
+        xm, ym = x.mean(0), y.mean(0)
+        xc, yc = x - xm, y - ym
+        kern = xc @ xc.T
+        scale = float(kern.diagonal().mean().clamp(min=1e-12))
+        # leave-one-out of the mean alone: each part against the mean of the others
+        best_err = float((yc * n / (n - 1)).pow(2).mean())
+        best = None
+        eye = torch.eye(n, dtype=x.dtype)
+        for lam in RIDGE_GRID:
+            hat = kern @ torch.linalg.inv(kern + lam * scale * eye)
+            # the fitted mean is part of the fit: its leverage 1/n adds to the ridge's
+            leverage = hat.diagonal() + 1.0 / n
+            loo = (yc - hat @ yc) / (1 - leverage).clamp(min=1e-6).unsqueeze(1)
+            err = float(loo.pow(2).mean())
+            if err < best_err:
+                best_err, best = err, lam
+        self.feature_mean.copy_(xm)
+        self.feature_shift.copy_(ym)
+        if best is not None:
+            alpha = torch.linalg.solve(kern + best * scale * eye, yc)
+            self.feature_map.copy_(xc.T @ alpha)
+
+    def forward(
+        self,
+        context: torch.Tensor,
+        part_idx: torch.Tensor,
+        features: torch.Tensor,
+        dose: torch.Tensor,
+    ) -> torch.Tensor:
+        """Shifts ``(R, D)`` of requests: ``context`` ``(R,)`` (``-1``: a context without
+        training units), ``part_idx`` ``(R, K)``, ``features`` ``(R, K, F)``, ``dose``
+        ``(R, K)``."""
+        valid = part_idx >= 0
+        idx = part_idx.clamp(min=0)
+        ctx = context.clamp(min=0).unsqueeze(1).expand_as(idx)
+        in_ctx = (self.context_known[ctx, idx] > 0) & (context >= 0).unsqueeze(1)
+        if features.shape[-1]:
+            has = features.abs().sum(-1, keepdim=True) > 0
+            from_features = self.feature_shift + (features - self.feature_mean) @ self.feature_map
+            unseen = torch.where(has, from_features, self.mean_shift)
+        else:
+            unseen = self.mean_shift.expand(*idx.shape, -1)
+        seen = (self.part_known[idx] > 0).unsqueeze(-1)
+        shift = torch.where(seen, self.part_shift[idx], unseen)
+        shift = torch.where(in_ctx.unsqueeze(-1), self.context_shift[ctx, idx], shift)
+        w = (dose_scale(dose) * valid).unsqueeze(-1)
+        return (shift * w).sum(1)
