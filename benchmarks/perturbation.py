@@ -175,6 +175,14 @@ def ceiling_scores(task: dict, seed: int = 0, reference=None) -> tuple[pd.DataFr
     return scores, pred_d, true_d
 
 
+#: PerturbationModel variants: name -> keyword arguments
+VARIANTS = {
+    "default": {},
+    "anchor": {"anchor": "latent"},
+    "cpc": {"counts": "control_plus_change"},
+    "anchor_cpc": {"anchor": "latent", "counts": "control_plus_change"},
+    "expr_anchor": {"anchor": "expression"},
+}
 BASELINES = ("no_change", "mean_shift", "additive", "linear", "scvi_arith", "scvi_arith_mean")
 
 
@@ -218,7 +226,12 @@ def baseline_predictions(task: dict, scvi_epochs: int, seed: int = 0) -> tuple:
 
 
 def run_task(
-    task: dict, epochs: int, head_steps: int, scvi_epochs: int, seed: int = 0
+    task: dict,
+    epochs: int,
+    head_steps: int,
+    scvi_epochs: int,
+    seed: int = 0,
+    variants: tuple[str, ...] = ("default",),
 ) -> tuple[dict, dict]:
     """Predictions of every method for the task's units (log-normalised cells), plus extras."""
     import torch
@@ -229,30 +242,44 @@ def run_task(
     setup = task["setup"]
     keys = setup.get("covariate_keys", [])
     train = task["train"]
-    extras = {"coverage": [], "width": [], "ood": {}, "seconds": {}}
+    extras = {"coverage": {}, "width": {}, "ood": {}, "seconds": {}}
     preds, truth, ctrls, extras["seconds"]["scvi"] = baseline_predictions(task, scvi_epochs, seed)
-    preds["scfm"] = {}
 
-    torch.manual_seed(seed)
-    t = time.perf_counter()
-    sfa.model.PerturbationModel.setup_anndata(train, **setup)
-    model = sfa.model.PerturbationModel(train, gene_features=task["features"])
-    model.train(max_epochs=epochs, head_steps=head_steps, progress=False, seed=seed)
-    extras["seconds"]["scfm_train"] = time.perf_counter() - t
-    extras["calibration_oob_pearson"] = model.calibration_["oob_pearson"]
-
-    for (p, ctx), (ctrl, _) in task["test"].items():
-        unit = unit_name(p, ctx)
-        lc, lt = ctrls[unit], truth[unit]
-        cov = {keys[0]: ctx} if keys else None
-        out = model.predict_perturbation(ctrl, p, covariates=cov, seed=seed)
-        preds["scfm"][unit] = L(out)
-        dt = lt.mean(0) - lc.mean(0)
-        lo = out.varm["scfm_delta_lower"].iloc[:, 0].to_numpy()
-        hi = out.varm["scfm_delta_upper"].iloc[:, 0].to_numpy()
-        extras["coverage"].append(float(np.mean((dt >= lo) & (dt <= hi))))
-        extras["width"].append(float(np.mean(hi - lo)))
-        extras["ood"][unit] = float(out.obs["ood_score"].iloc[0])
+    for variant in variants:
+        # PerturbationModel with the variant's arguments (VARIANTS); an anchored one is scored
+        # twice: as trained, and with every member's correction weight set to 0 (the latent
+        # anchor alone, the ablation; "<name>_only")
+        kwargs = VARIANTS[variant]
+        anchored = bool(kwargs.get("anchor"))
+        name = "scfm" if variant == "default" else f"scfm_{variant}"
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        sfa.model.PerturbationModel.setup_anndata(train, **setup)
+        model = sfa.model.PerturbationModel(train, gene_features=task["features"], **kwargs)
+        model.train(max_epochs=epochs, head_steps=head_steps, progress=False, seed=seed)
+        extras["seconds"][f"{name}_train"] = time.perf_counter() - t
+        extras[f"{name}_calibration_oob_pearson"] = model.calibration_["oob_pearson"]
+        if anchored:
+            extras.setdefault("correction_weights", {})[name] = list(model.correction_weights_)
+        for out_name in [name, f"{name}_only"] if anchored else [name]:
+            if out_name.endswith("_only"):
+                model.correction_weights_ = [0.0] * len(model.heads)
+            preds[out_name] = {}
+            for (p, ctx), (ctrl, _) in task["test"].items():
+                unit = unit_name(p, ctx)
+                lc, lt = ctrls[unit], truth[unit]
+                cov = {keys[0]: ctx} if keys else None
+                out = model.predict_perturbation(ctrl, p, covariates=cov, seed=seed)
+                preds[out_name][unit] = L(out)
+                if out_name == name:
+                    dt = lt.mean(0) - lc.mean(0)
+                    lo = out.varm["scfm_delta_lower"].iloc[:, 0].to_numpy()
+                    hi = out.varm["scfm_delta_upper"].iloc[:, 0].to_numpy()
+                    extras["coverage"].setdefault(name, []).append(
+                        float(np.mean((dt >= lo) & (dt <= hi)))
+                    )
+                    extras["width"].setdefault(name, []).append(float(np.mean(hi - lo)))
+                    extras["ood"].setdefault(name, {})[unit] = float(out.obs["ood_score"].iloc[0])
     reference = training_reference(task, seed)
     scores = sfa.metrics.evaluate_predictions(preds, truth, ctrls, reference)
     ceil_scores, ceil_pred_d, ceil_true_d = ceiling_scores(task, seed, reference)
@@ -275,6 +302,13 @@ def main(argv=None) -> None:
     parser.add_argument("--head-steps", type=int, default=1000)
     parser.add_argument("--scvi-epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["default"],
+        choices=list(VARIANTS),
+        help="PerturbationModel variants (see VARIANTS)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -285,28 +319,35 @@ def main(argv=None) -> None:
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 20)
     for name in args.tasks:
-        all_scores, cover, width, ood, secs = [], [], [], {}, []
+        all_scores, cover, width, ood, secs, weights = [], {}, {}, {}, [], []
         deltas, true_d, ceil_d = {}, {}, {}
         t0 = time.perf_counter()
         for task in TASKS[name]():
             scores, extras = run_task(
-                task, args.epochs, args.head_steps, args.scvi_epochs, args.seed
+                task, args.epochs, args.head_steps, args.scvi_epochs, args.seed, args.variants
             )
             scores["task"] = task["name"]
             all_scores.append(scores)
-            cover += extras["coverage"]
-            width += extras["width"]
-            ood.update(extras["ood"])
+            for m in extras["coverage"]:
+                cover.setdefault(m, []).extend(extras["coverage"][m])
+                width.setdefault(m, []).extend(extras["width"][m])
+                ood.setdefault(m, {}).update(extras["ood"][m])
+            weights.append(extras.get("correction_weights"))
             secs.append(extras["seconds"])
             for m, d in extras["deltas"].items():
                 deltas.setdefault(m, {}).update(d)
             true_d.update(extras["true_deltas"])
             ceil_d.update(extras["ceiling_true_deltas"])
+            times = ", ".join(f"{k} {v:.0f} s" for k, v in extras["seconds"].items())
+            oob = {
+                k.split("_calibration")[0]: round(v, 3)
+                for k, v in extras.items()
+                if k.endswith("calibration_oob_pearson")
+            }
             print(
-                f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s "
-                f"(scvi {extras['seconds']['scvi']:.0f} s, "
-                f"scfm {extras['seconds']['scfm_train']:.0f} s); "
-                f"OOB Pearson of the calibration {extras['calibration_oob_pearson']:.3f}",
+                f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s ({times}); "
+                f"OOB Pearson of the calibration {oob}; anchored members' correction "
+                f"weights {extras.get('correction_weights')}",
                 flush=True,
             )
         scores = pd.concat(all_scores, ignore_index=True)
@@ -319,25 +360,26 @@ def main(argv=None) -> None:
                 )
                 for u, v in zip(units, r):
                     scores.loc[(scores["method"] == m) & (scores["unit"] == u), "rank"] = v
-        scores.to_csv(RESULTS / f"perturbation_{name}.csv", index=False)
+        scores.to_csv(RESULTS / f"perturbation_{name}_seed{args.seed}.csv", index=False)
         table = sfa.metrics.summarize(scores.drop(columns=["task"]))
         print(
             f"\n== {name}: {scores['unit'].nunique()} held-out units, seed {args.seed}, "
             f"{time.perf_counter() - t0:.0f} s"
         )
         print(table.round(3).to_string())
-        print(
-            f"scfm 90% intervals of the mean delta: coverage {np.mean(cover):.3f} "
-            f"(per unit {np.round(cover, 3).tolist()}), mean width {np.mean(width):.3f}"
-        )
-        print("scfm OOD score per unit:", {k: round(v, 2) for k, v in ood.items()})
-        best = table.drop(index=["scfm", "ceiling", "scvi_arith_mean"], errors="ignore")[
+        for m in cover:
+            print(
+                f"{m} 90% intervals of the mean delta: coverage {np.mean(cover[m]):.3f} "
+                f"(per unit {np.round(cover[m], 3).tolist()}), mean width {np.mean(width[m]):.3f}"
+            )
+            print(f"{m} OOD score per unit:", {k: round(v, 2) for k, v in ood[m].items()})
+        ours = [m for m in table.index if m.startswith("scfm")]
+        best = table.drop(index=[*ours, "ceiling", "scvi_arith_mean"], errors="ignore")[
             "pearson_delta_top20"
         ]
+        mine = ", ".join(f"{m} {table.loc[m, 'pearson_delta_top20']:.3f}" for m in ours)
         print(
-            f"top-20 pearson_delta: scfm {table.loc['scfm', 'pearson_delta_top20']:.3f} "
-            "vs best baseline "
-            f"{best.idxmax()} {best.max():.3f}\n",
+            f"top-20 pearson_delta: {mine} vs best baseline {best.idxmax()} {best.max():.3f}\n",
             flush=True,
         )
 

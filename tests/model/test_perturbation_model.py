@@ -240,7 +240,7 @@ def test_pretrained_backbone_adapted_with_lora():
 
 
 # ------------------------------------------------------------------ the latent anchor
-def _anchored(head_steps: int):
+def _anchored(head_steps: int, anchor: str = "latent", **kwargs):
     """An anchored model on the toy data without A+B in ctx1 (a held-out combination)."""
     import scvi
 
@@ -256,7 +256,8 @@ def _anchored(head_steps: int):
         n_tokens=4,
         token_dim=8,
         gene_likelihood="poisson",
-        anchor=True,
+        anchor=anchor,
+        **kwargs,
     )
     m.train(max_epochs=5, head_steps=head_steps, progress=False, calibration_cells=32)
     return m, a
@@ -264,7 +265,7 @@ def _anchored(head_steps: int):
 
 @pytest.fixture(scope="module")
 def untrained_anchor():
-    return _anchored(head_steps=0)
+    return _anchored(head_steps=0, counts="control_plus_change")
 
 
 def test_an_untrained_anchored_model_is_the_latent_additive_baseline(untrained_anchor):
@@ -281,18 +282,22 @@ def test_an_untrained_anchored_model_is_the_latent_additive_baseline(untrained_a
     req = m._encode_requests([(("A", "B"), (1.0, 1.0))])
     ctrl = zs[(cond == "control") & (ctx == "ctx1")]
     ctx1 = m._context_index(["ctx1"] * len(ctrl))
+    additive = shift("A", "ctx1") + shift("B", "ctx1")
+    # predictions start from the anchor fitted on every training unit: the held-out
+    # combination in ctx1 is the sum of its parts' shifts in ctx1, for every cell
     deltas = m._member_deltas(ctrl, *req, ctx1)  # (members, cells, D)
+    torch.testing.assert_close(deltas, additive.expand_as(deltas))
+    # each member's own anchor (for calibration out of bag) knows only its in-bag units
+    own = m._member_deltas(ctrl, *req, ctx1, full=False)
     units = [(u[0], tuple(u[1])) for u in m.units_]
-    checked = 0
     for k in range(len(m.heads)):
-        torch.testing.assert_close(deltas[k], deltas[k][:1].expand_as(deltas[k]))  # no head
         left_out = {units[i] for i in m.oob_[k]}
-        if ("ctx1", ("A",)) in left_out or ("ctx1", ("B",)) in left_out:
-            continue
-        # the held-out combination in ctx1: the sum of its parts' shifts in ctx1
-        torch.testing.assert_close(deltas[k][0], shift("A", "ctx1") + shift("B", "ctx1"))
-        checked += 1
-    assert checked > 0
+        if not ({("ctx1", ("A",)), ("ctx1", ("B",))} & left_out):
+            torch.testing.assert_close(own[k], additive.expand_as(own[k]))
+        if ("ctx1", ("A",)) in left_out and ("ctx1", ("B",)) not in left_out:
+            # A from ctx0 instead: latent arithmetic
+            a_ctx0 = shift("A", "ctx0") + shift("B", "ctx1")
+            torch.testing.assert_close(own[k][0], a_ctx0)
     # order of the parts and dose 0
     swapped = m._member_deltas(ctrl, *m._encode_requests([(("B", "A"), (1.0, 1.0))]), ctx1)
     torch.testing.assert_close(swapped, deltas)
@@ -325,3 +330,47 @@ def test_anchored_heads_keep_a_share_chosen_out_of_bag_and_round_trip(tmp_path):
     two = m2.predict_perturbation(ctrl, ["A+B", "D"], covariates={"context": "ctx1"}, seed=0)
     assert np.array_equal(one.X.toarray(), two.X.toarray())
     assert np.allclose(one.varm["scfm_delta"], two.varm["scfm_delta"])
+
+
+def test_control_plus_change_at_dose_zero_gives_back_the_control_cells(untrained_anchor):
+    m, a = untrained_anchor
+    ctrl = control_cells(a, "ctx1")
+    out = m.predict_perturbation(ctrl, "A", dose=0.0, covariates={"context": "ctx1"}, seed=0)
+    # no latent shift: the decoded change is 0, so every cell keeps its own counts
+    np.testing.assert_allclose(out.layers["scfm_expected"], ctrl.X.toarray(), atol=1e-4)
+    assert np.array_equal(out.X.toarray(), ctrl.X.toarray())
+    assert np.abs(out.varm["scfm_delta"].to_numpy()).max() < 1e-6
+    moved = m.predict_perturbation(ctrl, "A", covariates={"context": "ctx1"}, seed=0)
+    x = moved.X.toarray()
+    assert (
+        np.array_equal(x, np.round(x)) and x.min() >= 0 and not np.array_equal(x, ctrl.X.toarray())
+    )
+    with pytest.raises(ValueError, match="counts="):
+        sfa.model.PerturbationModel(a, counts="decoder")
+
+
+def test_an_untrained_expression_anchored_model_predicts_the_additive_baseline():
+    import torch
+
+    m, a = _anchored(head_steps=0, anchor="expression")
+    ln = M.lognorm(a)
+    cond, ctx = a.obs["condition"].to_numpy(), a.obs["context"].to_numpy()
+
+    def shift(p):  # observed mean shift of log-normalised expression in ctx1
+        return ln[(cond == p) & (ctx == "ctx1")].mean(0) - ln[
+            (cond == "control") & (ctx == "ctx1")
+        ].mean(0)
+
+    additive = shift("A") + shift("B")
+    req = m._encode_requests([(("A", "B"), (1.0, 1.0))])
+    anchor = m.full_anchors_["expression"]
+    got = anchor(torch.tensor([m.contexts_.index("ctx1")]), *req)[0].numpy()
+    np.testing.assert_allclose(got, additive, atol=1e-4)
+    # end to end: the predicted mean change of the held-out combination is the additive one
+    ctrl = control_cells(a, "ctx1")
+    out = m.predict_perturbation(ctrl, "A+B", covariates={"context": "ctx1"}, seed=0)
+    pred = M.lognorm(out).mean(0) - M.lognorm(ctrl).mean(0)
+    assert np.corrcoef(pred, additive)[0, 1] > 0.95
+    assert np.abs(pred - additive).mean() < 0.25 * np.abs(additive).mean()
+    with pytest.raises(ValueError, match="control_plus_change"):
+        sfa.model.PerturbationModel(a, anchor="expression", counts="decoded")

@@ -54,6 +54,10 @@ _BACKBONE = "backbone."
 #: The shares of its head's correction an anchored member may keep (chosen on the training
 #: units it left out; 0 is the anchor alone).
 CORRECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: How predicted cells are built (see :class:`PerturbationModel`'s ``counts``).
+COUNTS = ("decoded", "control_plus_change")
+#: Where the anchor lives (see :class:`PerturbationModel`'s ``anchor``).
+ANCHORS = (None, "latent", "expression")
 
 
 class UnknownPerturbationError(SCFMInputError, KeyError):
@@ -111,13 +115,23 @@ class PerturbationModel(BaseModel):
     emb_dim, hidden, n_layers, dropout
         Size of each response head.
     anchor
-        Start every response at the simple models, in the backbone's latent
-        (:class:`~scfm_adapt.module.LatentAnchor`): a part's own shift in the context, its
-        shift in other contexts (latent arithmetic), a combination as the sum of its parts
-        (latent additive), an unseen gene by a ridge map of its features (the linear
-        model). The head then learns a correction that starts at zero, and each member
-        keeps it only as far as its left-out training units say it helps
-        (``correction_weights_``). Untrained, such a model *is* the latent baseline.
+        Start every response at the simple models (:class:`~scfm_adapt.module.LatentAnchor`
+        gives the rules): a part's own shift in the context, its shift in other contexts
+        (arithmetic), a combination as the sum of its parts (additive), an unseen gene by
+        a ridge map of its features (linear), else the mean shift. ``"latent"`` applies
+        them to the backbone's latent; ``"expression"`` to the cells' log-normalised
+        expression (the shifts of the baselines themselves), with the heads' correction
+        added as a decoded change. Either way the heads learn a correction that starts at
+        zero, and each member keeps it only as far as its left-out training units say it
+        helps (``correction_weights_``): untrained, such a model *is* the baseline.
+        ``None`` (default): the heads alone.
+    counts
+        How predicted cells are built from their control cells: ``"decoded"`` samples the
+        decoder at the shifted latent; ``"control_plus_change"`` adds the decoded *change*
+        (decoded mean at the shifted latent minus at the cell's own latent) to the control
+        cell's observed counts (then rounds stochastically), so the backbone's
+        reconstruction error cancels out of the predicted response. ``None``: decoded,
+        except with ``anchor="expression"``, which needs the control cells' counts.
     **backbone_kwargs
         :class:`SCFM` arguments when the backbone is trained here.
 
@@ -142,7 +156,8 @@ class PerturbationModel(BaseModel):
         hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
-        anchor: bool = False,
+        anchor: str | None = None,
+        counts: str | None = None,
         registry: dict | None = None,
         _backbone: SCFM | None = None,
         **backbone_kwargs,
@@ -164,6 +179,17 @@ class PerturbationModel(BaseModel):
                 raise ValueError(
                     "Call PerturbationModel.setup_anndata(adata, ...) before building the model."
                 )
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor={anchor!r}; choose one of {ANCHORS}.")
+        if counts is None:
+            counts = "control_plus_change" if anchor == "expression" else "decoded"
+        if counts not in COUNTS:
+            raise ValueError(f"counts={counts!r}; choose one of {COUNTS}.")
+        if anchor == "expression" and counts == "decoded":
+            raise ValueError(
+                'anchor="expression" shifts the control cells\' own expression: use '
+                'counts="control_plus_change" (or None).'
+            )
         if n_ensemble < 2:
             raise ValueError(
                 "n_ensemble must be at least 2 (the spread of the members is the uncertainty)."
@@ -191,13 +217,18 @@ class PerturbationModel(BaseModel):
             "hidden": hidden,
             "n_layers": n_layers,
             "dropout": dropout,
-            "anchor": bool(anchor),
+            "anchor": anchor,
+            "counts": counts,
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
         self.var_names_ = list(backbone.var_names_)
         self.heads: list[ResponseHead] = []
-        self.anchors_: list[LatentAnchor] = []  # one per member, with anchor=True
+        self.anchors_: list[LatentAnchor] = []  # one per member, with an anchor
+        self.expression_anchors_: list[LatentAnchor] = []  # with anchor="expression"
+        # the same fitted on every training unit: what predictions start from (the
+        # members' own, each without its left-out units, serve calibration out of bag)
+        self.full_anchors_: dict[str, LatentAnchor] = {}
         self.correction_weights_: list[float] = []  # each member's share of its head
         self.contexts_: list[str] = []  # the contexts with control cells in training
         self.history_: dict = {}
@@ -405,6 +436,61 @@ class PerturbationModel(BaseModel):
         return torch.cat(means), (torch.cat(draws) if sample else None)
 
     @torch.inference_mode()
+    def _request_counts(
+        self, zs, library, conditions, x, context, request, ratio=None, *, ensemble=True, full=True
+    ):
+        """Expected and sampled counts ``(N, G)`` of control cells under one request: for
+        the ensemble's mean response (``ensemble``) and for each member, as
+        ``(mean, [member, ...])`` pairs of ``(expected, draw)``; ``full``: from the anchors
+        fitted on every training unit, else from each member's own (out of bag).
+
+        ``counts="decoded"``: the decoder at the shifted latent. Else the cells' own counts
+        plus the decoded change: the decoded mean at the shifted latent minus at the
+        unshifted one (the cell's own latent; with ``anchor="expression"``, the latent
+        shifted by the latent anchor, the expression anchor having shifted the counts);
+        rounded by :func:`_round_counts`.
+        """
+        idx, feats, dose = request
+        anchor, correction = self._member_parts(zs, idx, feats, dose, context, full)
+        mode, where = self.init_kwargs_.get("counts", "decoded"), self.init_kwargs_.get("anchor")
+        mu_own = None
+        if mode != "decoded" and where != "expression":
+            mu_own = self._decode(self._unstd(zs), library, conditions, False)[0]
+        shifts = None
+        if where == "expression":
+            own = [self.full_anchors_["expression"]] * len(self.heads) if full else None
+            shifts = torch.stack(
+                [
+                    self._anchor_shift(a, idx, feats, dose, context, zs.shape[0])
+                    for a in own or self.expression_anchors_
+                ]
+            )
+
+        def counts(a, c, shift):
+            if mode == "decoded":
+                return self._decode(self._unstd(zs + a + c), library, conditions, True, ratio=ratio)
+            mu = self._decode(self._unstd(zs + a + c), library, conditions, False, ratio=ratio)[0]
+            if shift is None:
+                start, mu0 = x, mu_own
+            else:  # the cells' expression shifted in log-normalised space, as counts
+                scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
+                start = torch.expm1(torch.log1p(x * scale) + shift).clamp(min=0) / scale
+                mu0 = self._decode(self._unstd(zs + a), library, conditions, False, ratio=ratio)[0]
+            expected = (start + mu - mu0).clamp(min=0)
+            return expected, _round_counts(expected)
+
+        mean = None
+        if ensemble:
+            mean = counts(
+                anchor.mean(0), correction.mean(0), None if shifts is None else shifts.mean(0)
+            )
+        members = [
+            counts(anchor[m], correction[m], None if shifts is None else shifts[m])
+            for m in range(len(self.heads))
+        ]
+        return mean, members
+
+    @torch.inference_mode()
     def _bias_ratio(self, cells: dict, idx=None) -> torch.Tensor:
         """Per-gene ratio of the observed to the decoded mean normalised expression of
         control cells: the decoder's own reconstruction bias, divided out of predictions so
@@ -514,17 +600,37 @@ class PerturbationModel(BaseModel):
         k_members = self.init_kwargs_["n_ensemble"]
         self.oob_ = out_of_bag(len(units), k_members, holdout_share, seed)
         self.heads, self.history_ = [], {"response_loss": []}
-        self.anchors_, self.correction_weights_ = [], []
+        self.anchors_, self.expression_anchors_, self.correction_weights_ = [], [], []
         u_ctx = self._context_index([c for c, _, _ in units])
         # each unit's observed shift of the mean standardised latent, for the anchors
         shifts = torch.stack(
             [zs[unit_idx[i]].mean(0) - zs[ctrl_idx[c]].mean(0) for i, (c, _, _) in enumerate(units)]
         )
+        self.full_anchors_ = {}
+        where = self.init_kwargs_.get("anchor")
+        if where:
+            fit = (u_ctx, u_idx, u_feat, u_dose)
+            self.full_anchors_["latent"] = self._fit_anchor(None, units, *fit, shifts, parts)[0]
+        if where == "expression":  # each unit's observed shift of mean log-normalised expression
+            x_ln = _lognorm_t(cells["x"])
+            ln_shifts = torch.stack(
+                [
+                    x_ln[unit_idx[i]].mean(0) - x_ln[ctrl_idx[c]].mean(0)
+                    for i, (c, _, _) in enumerate(units)
+                ]
+            )
+            self.full_anchors_["expression"] = self._fit_anchor(
+                None, units, *fit, ln_shifts, parts
+            )[0]
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
             anchor, unit_shift = self._fit_anchor(
                 k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts
             )
+            if where == "expression":
+                self.expression_anchors_.append(
+                    self._fit_anchor(k, units, u_ctx, u_idx, u_feat, u_dose, ln_shifts, parts)[0]
+                )
             saved = None if folder is None else folder / f"member{k}"
             if resume and saved is not None and saved.exists():  # trained before an interruption
                 state, info = read_checkpoint(saved)
@@ -654,26 +760,35 @@ class PerturbationModel(BaseModel):
         return ResponseHead(latent_dim, n_features, n_parts, **sizes)
 
     @torch.inference_mode()
-    def _member_deltas(self, zs: torch.Tensor, idx, feats, dose, context=None) -> torch.Tensor:
-        """Standardised latent deltas ``(M, N, D)`` of every member for one request
-        (``context``: each cell's index in ``contexts_``, ``-1`` for others; used by the
-        anchors)."""
-        out = []
+    def _member_parts(self, zs, idx, feats, dose, context=None, full: bool = True):
+        """``(anchor, correction)``, standardised latent shifts ``(M, N, D)`` of every
+        member for one request (``context``: each cell's index in ``contexts_``, ``-1``
+        for others): the anchor's (zeros without one; with ``full`` the anchor fitted on
+        every training unit, else each member's own) and the head's, weighted."""
+        anchors, corrections = [], []
         for m, h in enumerate(self.heads):
-            d = self.correction_weights_[m] * h(zs, h.embed(idx, feats, dose)[0])
+            corrections.append(self.correction_weights_[m] * h(zs, h.embed(idx, feats, dose)[0]))
             if self.anchors_:
-                d = d + self._anchor_shift(m, idx, feats, dose, context, zs.shape[0])
-            out.append(d)
-        return torch.stack(out)
+                a = self.full_anchors_["latent"] if full else self.anchors_[m]
+                anchors.append(self._anchor_shift(a, idx, feats, dose, context, zs.shape[0]))
+            else:
+                anchors.append(torch.zeros_like(zs))
+        return torch.stack(anchors), torch.stack(corrections)
 
-    def _anchor_shift(self, m: int, idx, feats, dose, context, n: int) -> torch.Tensor:
-        """Member ``m``'s anchor shift ``(n, D)`` of one request for ``n`` cells."""
+    def _member_deltas(
+        self, zs: torch.Tensor, idx, feats, dose, context=None, full: bool = True
+    ) -> torch.Tensor:
+        """Standardised latent deltas ``(M, N, D)`` of every member for one request."""
+        anchor, correction = self._member_parts(zs, idx, feats, dose, context, full)
+        return anchor + correction
+
+    @staticmethod
+    def _anchor_shift(anchor, idx, feats, dose, context, n: int) -> torch.Tensor:
+        """An anchor's shift ``(n, D)`` of one request for ``n`` cells."""
         ctx = torch.full((n,), -1, dtype=torch.long) if context is None else context
         uniq, inv = torch.unique(ctx, return_inverse=True)
         r = len(uniq)
-        shift = self.anchors_[m](
-            uniq, idx.expand(r, -1), feats.expand(r, -1, -1), dose.expand(r, -1)
-        )
+        shift = anchor(uniq, idx.expand(r, -1), feats.expand(r, -1, -1), dose.expand(r, -1))
         return shift[inv]
 
     def _context_index(self, labels) -> torch.Tensor:
@@ -693,11 +808,12 @@ class PerturbationModel(BaseModel):
         return out
 
     def _fit_anchor(self, k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts):
-        """Member ``k``'s anchor, fitted on its in-bag units, and the shift it gives every
-        training unit (zeros and ``None`` without ``anchor``)."""
-        if not self.init_kwargs_.get("anchor", False):
+        """Member ``k``'s anchor, fitted on its in-bag units (``k=None``: on all), and the
+        shift it gives every training unit (zeros and ``None`` without ``anchor``)."""
+        if not self.init_kwargs_.get("anchor"):
             return None, torch.zeros_like(shifts)
-        inbag = torch.as_tensor(_in_bag(len(units), self.oob_[k]))
+        inbag = torch.arange(len(units)) if k is None else _in_bag(len(units), self.oob_[k])
+        inbag = torch.as_tensor(inbag)
         n_feat = 0 if self.features_ is None else self.features_.shape[1]
         anchor = LatentAnchor(shifts.shape[1], len(parts), len(self.contexts_), n_feat)
         anchor.fit(
@@ -741,17 +857,21 @@ class PerturbationModel(BaseModel):
             ctrl_mean = x_ln[ci].mean(0)
             true.append((x_ln[unit_idx[i]].mean(0) - ctrl_mean).numpy())
             ctx = self._context_index([c] * ci.size)
-            d = self._member_deltas(
-                zs[ci], u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1], ctx
-            )
-            per_member = []
             conds = {k: v[ci] for k, v in cells["conditions"].items()}
             ratio = self._bias_ratio(cells, ci) if self.correct_bias_ else None
-            for m in range(d.shape[0]):
-                _, draw = self._decode(
-                    self._unstd(zs[ci] + d[m]), cells["library"][ci], conds, True, ratio=ratio
-                )
-                per_member.append((_lognorm_t(draw).mean(0) - ctrl_mean).numpy())
+            request = (u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])
+            _, members = self._request_counts(
+                zs[ci],
+                cells["library"][ci],
+                conds,
+                cells["x"][ci],
+                ctx,
+                request,
+                ratio,
+                ensemble=False,
+                full=False,
+            )
+            per_member = [(_lognorm_t(draw).mean(0) - ctrl_mean).numpy() for _, draw in members]
             per_member = np.stack(per_member)
             oob = [m for m in range(len(self.heads)) if i in self.oob_[m]]
             centres.append(per_member[oob].mean(0) if oob else per_member.mean(0))
@@ -969,18 +1089,13 @@ class PerturbationModel(BaseModel):
                 zs = zs_all[sel]
                 conds = {k: v[sel] for k, v in cells["conditions"].items()}
                 lib = cells["library"][sel]
-                d = self._member_deltas(
-                    zs, enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1], ctx_all[sel]
-                )
-                expected, draw = self._decode(
-                    self._unstd(zs + d.mean(0)), lib, conds, True, ratio=ratio
+                request = (enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1])
+                (expected, draw), members = self._request_counts(
+                    zs, lib, conds, cells["x"][sel], ctx_all[sel], request, ratio
                 )
                 ctrl_mean = x_ln[sel].mean(0)
                 member_ln, member_delta = [], []
-                for m in range(d.shape[0]):
-                    mu_m, draw_m = self._decode(
-                        self._unstd(zs + d[m]), lib, conds, True, ratio=ratio
-                    )
+                for mu_m, draw_m in members:
                     member_ln.append(_lognorm_t(mu_m))
                     member_delta.append((_lognorm_t(draw_m).mean(0) - ctrl_mean).numpy())
                 unc = torch.stack(member_ln).std(0).pow(2).mean(1).sqrt().numpy()
@@ -1071,15 +1186,13 @@ class PerturbationModel(BaseModel):
                     "adata_ctrl holds control cells of several contexts; pass covariates=... "
                     "to explain one context's response at a time."
                 )
-            shift = torch.stack(
-                [
-                    self._anchor_shift(m, idx, feats, dose_t, ctx[:1], 1)[0]
-                    for m in range(len(heads))
-                ]
-            ).mean(0)
+            full = self.full_anchors_["latent"]
+            shift = self._anchor_shift(full, idx, feats, dose_t, ctx[:1], 1)[0]
         shift = shift.to(dev)
         z_mean, z_std = self.z_mean_.to(dev), self.z_std_.to(dev)
         shape = (-1, module.n_tokens, module.token_dim)
+
+        expression = self.init_kwargs_.get("anchor") == "expression"
 
         def response(features, tensors):  # (B, G) predicted change of log1p CP10k
             z = module.encoder.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
@@ -1091,6 +1204,9 @@ class PerturbationModel(BaseModel):
             conds = module.conditions(tensors)
             lib = tensors["X"].sum(-1, keepdim=True)
             mu_p = module.decode(z_pert, lib, conds).mean
+            if expression:  # the change the heads add to the shifted expression (whose
+                # shift is the same for every cell of the context, so explains nothing)
+                z = ((zs + shift) * z_std + z_mean).view(shape)
             mu_c = module.decode(z, lib, conds).mean
             return _lognorm_t(mu_p) - _lognorm_t(mu_c)
 
@@ -1171,8 +1287,19 @@ class PerturbationModel(BaseModel):
         )
         state.update(
             {
-                f"anchor{m}.{k}": v
-                for m, a in enumerate(self.anchors_)
+                f"{kind}{m}.{k}": v
+                for kind, anchors in (
+                    ("anchor", self.anchors_),
+                    ("expression_anchor", self.expression_anchors_),
+                )
+                for m, a in enumerate(anchors)
+                for k, v in a.state_dict().items()
+            }
+        )
+        state.update(
+            {
+                f"full_{where}_anchor.{k}": v
+                for where, a in self.full_anchors_.items()
                 for k, v in a.state_dict().items()
             }
         )
@@ -1253,18 +1380,26 @@ class PerturbationModel(BaseModel):
         # Saves before the anchors: no contexts recorded, every member keeps its whole head.
         model.contexts_ = list(config.get("contexts", []))
         model.correction_weights_ = [float(w) for w in config.get("correction_weights", [1.0] * k)]
-        if model.init_kwargs_.get("anchor", False):
-            n_feat = shape["n_features"]
-            for m in range(k):
-                a = LatentAnchor(
-                    shape["latent_dim"], shape["n_parts"], len(model.contexts_), n_feat
-                )
-                prefix = f"anchor{m}."
-                a.load_state_dict(
-                    {kk[len(prefix) :]: v for kk, v in state.items() if kk.startswith(prefix)},
-                    strict=True,
-                )
-                model.anchors_.append(a.eval())
+        where = model.init_kwargs_.get("anchor")
+        spaces = {"latent": ("anchor", model.anchors_, shape["latent_dim"])}
+        if where == "expression":
+            spaces["expression"] = (
+                "expression_anchor",
+                model.expression_anchors_,
+                len(model.var_names_),
+            )
+
+        def anchor_at(prefix: str, dim: int) -> LatentAnchor:
+            a = LatentAnchor(dim, shape["n_parts"], len(model.contexts_), shape["n_features"])
+            a.load_state_dict(
+                {kk[len(prefix) :]: v for kk, v in state.items() if kk.startswith(prefix)},
+                strict=True,
+            )
+            return a.eval()
+
+        for space, (kind, anchors, dim) in spaces.items() if where else ():
+            anchors.extend(anchor_at(f"{kind}{m}.", dim) for m in range(k))
+            model.full_anchors_[space] = anchor_at(f"full_{space}_anchor.", dim)
         model.is_trained_ = True
         return model
 
@@ -1298,6 +1433,13 @@ def _registry_of_two_folders(backbone_registry: dict, setup: dict) -> dict:
         k: v for k, v in registry["field_registries"].items() if k in keep
     }
     return registry
+
+
+def _round_counts(expected: torch.Tensor) -> torch.Tensor:
+    """Counts drawn from ``expected`` (non-integer) counts: each rounded down or up at
+    random with the chance that keeps its mean (and so the cell's library)."""
+    low = expected.floor()
+    return low + (torch.rand(expected.shape) < expected - low).to(expected.dtype)
 
 
 def _in_bag(n_units: int, oob) -> list[int]:

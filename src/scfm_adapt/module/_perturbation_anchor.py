@@ -7,16 +7,15 @@ request's shift as the dose-weighted sum of its parts' shifts, each part's shift
 from the most to the least specific:
 
 1. its own shift in the request's context (a single-part unit of that context);
-2. its shift in the other contexts (latent arithmetic), or, for a part only ever seen in
-   combinations, its least-squares share of their shifts beyond their known parts;
-3. for a part never perturbed in training, a ridge map of its features (e.g. GO), fitted
-   on the seen parts, its strength chosen by leave-one-out over them (the mean shift of
-   the seen parts when the features do not help);
-4. the mean shift of the seen parts, for a part whose features are all zero.
+2. its mean shift in the other contexts (arithmetic);
+3. for a part never perturbed alone in training, a ridge map of its features (e.g. GO),
+   fitted on the parts perturbed alone, its strength chosen by leave-one-out over them;
+4. when there are no such features or leave-one-out finds they do not help, the mean
+   shift of every training unit.
 
-A combination is therefore the sum of its parts (the latent additive model), a seen part
-in a new context is latent arithmetic, and an unseen gene is the linear model: the
-baselines of ``benchmarks/perturbation.py``, in the model's own latent.
+These are the rules of the shipped mean-shift and additive baselines
+(``scfm_adapt.baselines.shift_by_rule``), with the linear map added for unseen genes:
+in any space of shifts (the backbone's latent, or log-normalised expression).
 """
 
 from __future__ import annotations
@@ -90,24 +89,10 @@ class LatentAnchor(nn.Module):
         cn.index_put_((ctx, part_of), torch.ones_like(part_of, dtype=shifts.dtype), accumulate=True)
         self.context_shift[:, :p] = cs / cn.clamp(min=1).unsqueeze(-1)
         self.context_known[:, :p] = (cn > 0).to(self.context_known.dtype)
-        # parts seen only in combinations: their least-squares share of what the known
-        # parts of those combinations leave
-        in_combo = (w[~single] > 0).any(0) & ~known
-        if in_combo.any():
-            combos = ~single & (w[:, in_combo] > 0).any(1)
-            # each known part as the anchor sees it in the combination's context
-            in_ctx = (cn[unit_context[combos]] > 0).unsqueeze(-1)  # (U', P, 1)
-            own = torch.where(in_ctx, self.context_shift[unit_context[combos], :p], part_shift)
-            wk = w[combos] * known
-            resid = shifts[combos] - (wk.unsqueeze(-1) * own).sum(1)
-            a = w[combos][:, in_combo]
-            gram = a.T @ a + 1e-3 * torch.eye(a.shape[1], dtype=a.dtype)
-            part_shift[in_combo] = torch.linalg.solve(gram, a.T @ resid)
-            known = known | in_combo
         self.part_shift[:p] = part_shift
         self.part_known[:p] = known.to(self.part_known.dtype)
-        self.mean_shift.copy_(part_shift[known].mean(0) if known.any() else torch.zeros(d))
-        # 3.: the feature map, fitted on the seen parts that have features
+        self.mean_shift.copy_(shifts.mean(0))  # 4.: of every unit, as the baselines
+        # 3.: the feature map, fitted on the parts perturbed alone that have features
         self.feature_shift.copy_(self.mean_shift)
         if part_features is not None and part_features.shape[1] > 0:
             has = part_features.abs().sum(1) > 0
@@ -136,9 +121,9 @@ class LatentAnchor(nn.Module):
             err = float(loo.pow(2).mean())
             if err < best_err:
                 best_err, best = err, lam
-        self.feature_mean.copy_(xm)
-        self.feature_shift.copy_(ym)
         if best is not None:
+            self.feature_mean.copy_(xm)
+            self.feature_shift.copy_(ym)
             alpha = torch.linalg.solve(kern + best * scale * eye, yc)
             self.feature_map.copy_(xc.T @ alpha)
 
