@@ -455,7 +455,7 @@ class PerturbationModel(BaseModel):
         mode, where = self.init_kwargs_.get("counts", "decoded"), self.init_kwargs_.get("anchor")
         mu_own = None
         if mode != "decoded" and where != "expression":
-            mu_own = self._decode(self._unstd(zs), library, conditions, False)[0]
+            mu_own = self._decode(self._unstd(zs), library, conditions, False, ratio=ratio)[0]
         shifts = None
         if where == "expression":
             own = [self.full_anchors_["expression"]] * len(self.heads) if full else None
