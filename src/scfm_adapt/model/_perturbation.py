@@ -453,29 +453,42 @@ class PerturbationModel(BaseModel):
         idx, feats, dose = request
         anchor, correction = self._member_parts(zs, idx, feats, dose, context, full)
         mode, where = self.init_kwargs_.get("counts", "decoded"), self.init_kwargs_.get("anchor")
-        mu_own = None
+        n = zs.shape[0]
+
+        def mean_at(z):  # decoded means at standardised latents z
+            return self._decode(self._unstd(z), library, conditions, False, ratio=ratio)[0]
+
+        # the decoded mean the change is taken from: at the cells' own latent, or with an
+        # expression anchor at the latent-anchored one (one for all members when shared)
+        mu_ref = None
         if mode != "decoded" and where != "expression":
-            mu_own = self._decode(self._unstd(zs), library, conditions, False, ratio=ratio)[0]
+            mu_ref = mean_at(zs)
         shifts = None
         if where == "expression":
-            own = [self.full_anchors_["expression"]] * len(self.heads) if full else None
-            shifts = torch.stack(
-                [
-                    self._anchor_shift(a, idx, feats, dose, context, zs.shape[0])
-                    for a in own or self.expression_anchors_
-                ]
-            )
+            if full:
+                shift = self._anchor_shift(
+                    self.full_anchors_["expression"], idx, feats, dose, context, n
+                )
+                shifts = shift.expand(len(self.heads), -1, -1)
+                mu_ref = mean_at(zs + anchor[0])
+            else:
+                shifts = torch.stack(
+                    [
+                        self._anchor_shift(a, idx, feats, dose, context, n)
+                        for a in self.expression_anchors_
+                    ]
+                )
 
         def counts(a, c, shift):
             if mode == "decoded":
                 return self._decode(self._unstd(zs + a + c), library, conditions, True, ratio=ratio)
-            mu = self._decode(self._unstd(zs + a + c), library, conditions, False, ratio=ratio)[0]
-            if shift is None:
-                start, mu0 = x, mu_own
-            else:  # the cells' expression shifted in log-normalised space, as counts
+            mu, mu0 = mean_at(zs + a + c), mu_ref
+            start = x
+            if shift is not None:  # the cells' expression shifted in log-normalised space
                 scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
                 start = torch.expm1(torch.log1p(x * scale) + shift).clamp(min=0) / scale
-                mu0 = self._decode(self._unstd(zs + a), library, conditions, False, ratio=ratio)[0]
+                if mu0 is None:  # each member's own latent anchor
+                    mu0 = mean_at(zs + a)
             expected = (start + mu - mu0).clamp(min=0)
             return expected, _round_counts(expected)
 
@@ -608,8 +621,8 @@ class PerturbationModel(BaseModel):
         )
         self.full_anchors_ = {}
         where = self.init_kwargs_.get("anchor")
+        fit = (u_ctx, u_idx, u_feat, u_dose)
         if where:
-            fit = (u_ctx, u_idx, u_feat, u_dose)
             self.full_anchors_["latent"] = self._fit_anchor(None, units, *fit, shifts, parts)[0]
         if where == "expression":  # each unit's observed shift of mean log-normalised expression
             x_ln = _lognorm_t(cells["x"])
@@ -624,12 +637,10 @@ class PerturbationModel(BaseModel):
             )[0]
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
-            anchor, unit_shift = self._fit_anchor(
-                k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts
-            )
+            anchor, unit_shift = self._fit_anchor(k, units, *fit, shifts, parts)
             if where == "expression":
                 self.expression_anchors_.append(
-                    self._fit_anchor(k, units, u_ctx, u_idx, u_feat, u_dose, ln_shifts, parts)[0]
+                    self._fit_anchor(k, units, *fit, ln_shifts, parts)[0]
                 )
             saved = None if folder is None else folder / f"member{k}"
             if resume and saved is not None and saved.exists():  # trained before an interruption
@@ -765,15 +776,20 @@ class PerturbationModel(BaseModel):
         member for one request (``context``: each cell's index in ``contexts_``, ``-1``
         for others): the anchor's (zeros without one; with ``full`` the anchor fitted on
         every training unit, else each member's own) and the head's, weighted."""
-        anchors, corrections = [], []
-        for m, h in enumerate(self.heads):
-            corrections.append(self.correction_weights_[m] * h(zs, h.embed(idx, feats, dose)[0]))
-            if self.anchors_:
-                a = self.full_anchors_["latent"] if full else self.anchors_[m]
-                anchors.append(self._anchor_shift(a, idx, feats, dose, context, zs.shape[0]))
-            else:
-                anchors.append(torch.zeros_like(zs))
-        return torch.stack(anchors), torch.stack(corrections)
+        corrections = torch.stack(
+            [
+                w * h(zs, h.embed(idx, feats, dose)[0])
+                for w, h in zip(self.correction_weights_, self.heads)
+            ]
+        )
+        if not self.anchors_:
+            return torch.zeros_like(corrections), corrections
+        n = zs.shape[0]
+        if full:  # one anchor for every member
+            shift = self._anchor_shift(self.full_anchors_["latent"], idx, feats, dose, context, n)
+            return shift.expand_as(corrections), corrections
+        own = [self._anchor_shift(a, idx, feats, dose, context, n) for a in self.anchors_]
+        return torch.stack(own), corrections
 
     def _member_deltas(
         self, zs: torch.Tensor, idx, feats, dose, context=None, full: bool = True

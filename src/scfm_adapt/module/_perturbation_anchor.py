@@ -75,13 +75,7 @@ class LatentAnchor(nn.Module):
         # 1. and 2.: the shift of each single-part unit per unit of dose
         per_dose = shifts[single] / w[single].sum(1, keepdim=True)
         part_of = part_idx[single].max(1).values
-        sums = torch.zeros(p, d, dtype=shifts.dtype).index_add_(0, part_of, per_dose)
-        counts = torch.zeros(p, dtype=shifts.dtype).index_add_(
-            0, part_of, torch.ones_like(part_of, dtype=shifts.dtype)
-        )
-        known = counts > 0
-        part_shift = torch.zeros(p, d, dtype=shifts.dtype)
-        part_shift[known] = sums[known] / counts[known, None]
+        # sums and counts per (context, part); over all contexts for the part's own
         cs = torch.zeros(self.n_contexts, p, d, dtype=shifts.dtype)
         cn = torch.zeros(self.n_contexts, p, dtype=shifts.dtype)
         ctx = unit_context[single]
@@ -89,6 +83,9 @@ class LatentAnchor(nn.Module):
         cn.index_put_((ctx, part_of), torch.ones_like(part_of, dtype=shifts.dtype), accumulate=True)
         self.context_shift[:, :p] = cs / cn.clamp(min=1).unsqueeze(-1)
         self.context_known[:, :p] = (cn > 0).to(self.context_known.dtype)
+        counts = cn.sum(0)
+        known = counts > 0
+        part_shift = cs.sum(0) / counts.clamp(min=1).unsqueeze(-1)
         self.part_shift[:p] = part_shift
         self.part_known[:p] = known.to(self.part_known.dtype)
         self.mean_shift.copy_(shifts.mean(0))  # 4.: of every unit, as the baselines
@@ -102,8 +99,9 @@ class LatentAnchor(nn.Module):
         return self
 
     def _fit_feature_map(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Ridge from features to part shifts, its strength (or none: the mean shift of
-        these parts) chosen by exact leave-one-out error over the parts."""
+        """Ridge from features to part shifts, its strength chosen by exact leave-one-out
+        error over the parts; no map (the mean shift of every unit stays) when the mean of
+        these parts predicts them better."""
         n = x.shape[0]
         xm, ym = x.mean(0), y.mean(0)
         xc, yc = x - xm, y - ym
