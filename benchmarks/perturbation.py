@@ -15,7 +15,12 @@ Metrics (``sfa.metrics``, on log1p(normalize_total 1e4)): ``pearson_delta`` (all
 ``pearson_delta_top20``, ``r2_top100``, ``sign_acc_top20``, ``cosine_lfc``, ``energy``
 (PCA fitted on the training cells, outside every scored unit) and ``rank`` (among the
 task's units). Every method's cells are sampled counts, except the shift baselines (control
-cells + delta, log-normalised) and ``scvi_arith_mean`` (decoded means, for reference).
+cells + delta, log-normalised), ``scvi_arith_mean`` (decoded means, for reference) and
+PerturbationModel with ``counts="control_plus_change"`` (its ``layers["scfm_lognorm"]``:
+control cells + predicted change, log-normalised, as the shift baselines; its sampled
+counts are scored in the ``*_counts`` row). ``pairwise r``: the mean correlation between
+the predicted deltas of different units, beside that of the observed deltas (a model that
+gives every unit the same response has 1).
 ``ceiling``: half of the real perturbed cells against the other half.
 
 Usage::
@@ -261,7 +266,14 @@ def run_task(
         extras[f"{name}_calibration_oob_pearson"] = model.calibration_["oob_pearson"]
         if anchored:
             extras.setdefault("correction_weights", {})[name] = list(model.correction_weights_)
-        for out_name in [name, f"{name}_only"] if anchored else [name]:
+        extras.setdefault("feature_map", {})[name] = {
+            space: bool(a.feature_map.abs().sum() > 0) for space, a in model.full_anchors_.items()
+        }
+        # the log-normalised cells (layers["scfm_lognorm"]: each control cell plus its
+        # predicted change, as the shift baselines' cells; with counts="decoded" the sampled
+        # counts); an anchored model also scored on its sampled counts ("<name>_counts")
+        outs = [name, f"{name}_counts", f"{name}_only"] if anchored else [name]
+        for out_name in outs:
             if out_name.endswith("_only"):
                 model.correction_weights_ = [0.0] * len(model.heads)
             preds[out_name] = {}
@@ -270,7 +282,8 @@ def run_task(
                 lc, lt = ctrls[unit], truth[unit]
                 cov = {keys[0]: ctx} if keys else None
                 out = model.predict_perturbation(ctrl, p, covariates=cov, seed=seed)
-                preds[out_name][unit] = L(out)
+                counts_row = out_name.endswith("_counts")
+                preds[out_name][unit] = L(out) if counts_row else out.layers["scfm_lognorm"]
                 if out_name == name:
                     dt = lt.mean(0) - lc.mean(0)
                     lo = out.varm["scfm_delta_lower"].iloc[:, 0].to_numpy()
@@ -333,6 +346,7 @@ def main(argv=None) -> None:
                 width.setdefault(m, []).extend(extras["width"][m])
                 ood.setdefault(m, {}).update(extras["ood"][m])
             weights.append(extras.get("correction_weights"))
+            fmap = extras.get("feature_map")
             secs.append(extras["seconds"])
             for m, d in extras["deltas"].items():
                 deltas.setdefault(m, {}).update(d)
@@ -347,7 +361,7 @@ def main(argv=None) -> None:
             print(
                 f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s ({times}); "
                 f"OOB Pearson of the calibration {oob}; anchored members' correction "
-                f"weights {extras.get('correction_weights')}",
+                f"weights {extras.get('correction_weights')}; GO feature map kept {fmap}",
                 flush=True,
             )
         scores = pd.concat(all_scores, ignore_index=True)
@@ -367,6 +381,14 @@ def main(argv=None) -> None:
             f"{time.perf_counter() - t0:.0f} s"
         )
         print(table.round(3).to_string())
+        if len(units) >= 3:  # collapse: how alike the predicted deltas of different units are
+
+            def pairwise(d, units=units):
+                r = np.corrcoef(np.stack([d[u] for u in units]))
+                return float(r[np.triu_indices(len(units), 1)].mean())
+
+            pw = {m: round(pairwise(d), 3) for m, d in deltas.items()}
+            print(f"pairwise r of the deltas: observed {pairwise(true_d):.3f}; {pw}")
         for m in cover:
             print(
                 f"{m} 90% intervals of the mean delta: coverage {np.mean(cover[m]):.3f} "

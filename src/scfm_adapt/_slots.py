@@ -15,6 +15,7 @@ class _Slots(NamedTuple):
     normalized: str = "scfm_normalized"  # layers: denoised expression (tl.normalize_expression)
     label: str = "scfm_label"  # obs / obsm prefix: annotation (tl.annotate)
     expected: str = "scfm_expected"  # layers: the decoder's mean of returned cells
+    lognorm: str = "scfm_lognorm"  # layers: predicted log1p(CP10k) expression of returned cells
     library: str = "scfm_library"  # obs: library size of generated cells
     generate: str = "scfm_generate"  # uns: parameters of generate()
     counterfactual: str = "scfm_counterfactual"  # uns: parameters of counterfactual()

@@ -330,6 +330,25 @@ def test_anchored_heads_keep_a_share_chosen_out_of_bag_and_round_trip(tmp_path):
     two = m2.predict_perturbation(ctrl, ["A+B", "D"], covariates={"context": "ctx1"}, seed=0)
     assert np.array_equal(one.X.toarray(), two.X.toarray())
     assert np.allclose(one.varm["scfm_delta"], two.varm["scfm_delta"])
+    np.testing.assert_allclose(one.layers["scfm_lognorm"], two.layers["scfm_lognorm"], atol=1e-6)
+
+
+def test_the_correction_share_is_kept_only_when_it_beats_the_anchor_by_a_standard_error():
+    from scfm_adapt.model._perturbation import CORRECTION_GRID, choose_correction
+
+    rng = np.random.default_rng(0)
+    n, w = 30, len(CORRECTION_GRID)
+    # every left-out unit's error falls with the share, most at 0.75: that share is kept
+    clear = 1.0 + np.abs(np.asarray(CORRECTION_GRID) - 0.75)[None, :] + rng.normal(0, 0.01, (n, w))
+    assert choose_correction(clear) == 0.75
+    # a share that wins on average by less than its standard error: the anchor alone
+    z = rng.normal(size=n)
+    gain = 0.02 + 0.5 * (z - z.mean()) / z.std(ddof=1)  # mean 0.02, standard error 0.09
+    noisy = np.full((n, w), 1.5)
+    noisy[:, 0], noisy[:, 2] = 1.0, 1.0 - gain
+    assert gain.mean() > 0 and gain.mean() < gain.std(ddof=1) / np.sqrt(n)
+    assert choose_correction(noisy) == 0.0
+    assert choose_correction(clear[:1]) == 0.0  # one left-out unit tells nothing
 
 
 def test_control_plus_change_at_dose_zero_gives_back_the_control_cells(untrained_anchor):
@@ -339,7 +358,7 @@ def test_control_plus_change_at_dose_zero_gives_back_the_control_cells(untrained
     # no latent shift: the decoded change is 0, so every cell keeps its own counts
     np.testing.assert_allclose(out.layers["scfm_expected"], ctrl.X.toarray(), atol=1e-4)
     assert np.array_equal(out.X.toarray(), ctrl.X.toarray())
-    assert np.abs(out.varm["scfm_delta"].to_numpy()).max() < 1e-6
+    assert np.abs(out.varm["scfm_delta"].to_numpy()).max() < 1e-5
     moved = m.predict_perturbation(ctrl, "A", covariates={"context": "ctx1"}, seed=0)
     x = moved.X.toarray()
     assert (
@@ -372,5 +391,12 @@ def test_an_untrained_expression_anchored_model_predicts_the_additive_baseline()
     pred = M.lognorm(out).mean(0) - M.lognorm(ctrl).mean(0)
     assert np.corrcoef(pred, additive)[0, 1] > 0.95
     assert np.abs(pred - additive).mean() < 0.25 * np.abs(additive).mean()
+    # free of rounding, the log-normalised cells are the shipped baseline's cells exactly
+    table = sfa.baselines.PerturbationTable(a, "condition", "control", ["context"])
+    baseline = sfa.baselines.additive_delta(table, "A+B", "ctx1")
+    np.testing.assert_allclose(baseline, additive, atol=1e-5)
+    expected_cells = sfa.baselines.shifted_cells(M.lognorm(ctrl), baseline)
+    np.testing.assert_allclose(out.layers["scfm_lognorm"], expected_cells, atol=2e-4)
+    np.testing.assert_allclose(out.varm["scfm_delta"]["A+B"], baseline, atol=2e-4)
     with pytest.raises(ValueError, match="control_plus_change"):
         sfa.model.PerturbationModel(a, anchor="expression", counts="decoded")

@@ -26,7 +26,7 @@ from ..data import (
     parts_and_doses,
 )
 from ..errors import SCFMInputError, TrainingDivergedError
-from ..module import LatentAnchor, ResponseHead, SCFMModule, mmd2
+from ..module import LatentAnchor, ResponseHead, SCFMModule, fit_response_head
 from ..train import DEFAULT_GRADIENT_CLIP
 from ._attributions import pathway_attributions
 from ._perturbation_features import gene_feature_table
@@ -122,8 +122,9 @@ class PerturbationModel(BaseModel):
         them to the backbone's latent; ``"expression"`` to the cells' log-normalised
         expression (the shifts of the baselines themselves), with the heads' correction
         added as a decoded change. Either way the heads learn a correction that starts at
-        zero, and each member keeps it only as far as its left-out training units say it
-        helps (``correction_weights_``): untrained, such a model *is* the baseline.
+        zero, kept only as far as the training units each member left out say it helps
+        (``correction_weights_``, one share for the ensemble, :func:`choose_correction`):
+        untrained, such a model *is* the baseline.
         ``None`` (default): the heads alone.
     counts
         How predicted cells are built from their control cells: ``"decoded"`` samples the
@@ -229,7 +230,7 @@ class PerturbationModel(BaseModel):
         # the same fitted on every training unit: what predictions start from (the
         # members' own, each without its left-out units, serve calibration out of bag)
         self.full_anchors_: dict[str, LatentAnchor] = {}
-        self.correction_weights_: list[float] = []  # each member's share of its head
+        self.correction_weights_: list[float] = []  # each member's share of its head (one share)
         self.contexts_: list[str] = []  # the contexts with control cells in training
         self.history_: dict = {}
 
@@ -439,16 +440,20 @@ class PerturbationModel(BaseModel):
     def _request_counts(
         self, zs, library, conditions, x, context, request, ratio=None, *, ensemble=True, full=True
     ):
-        """Expected and sampled counts ``(N, G)`` of control cells under one request: for
-        the ensemble's mean response (``ensemble``) and for each member, as
-        ``(mean, [member, ...])`` pairs of ``(expected, draw)``; ``full``: from the anchors
-        fitted on every training unit, else from each member's own (out of bag).
+        """Predicted control cells under one request, ``(N, G)`` each: for the ensemble's
+        mean response (``ensemble``) and for each member, as ``(mean, [member, ...])``
+        triples of ``(expected, draw, lognorm)``; ``full``: from the anchors fitted on
+        every training unit, else from each member's own (out of bag).
 
-        ``counts="decoded"``: the decoder at the shifted latent. Else the cells' own counts
-        plus the decoded change: the decoded mean at the shifted latent minus at the
-        unshifted one (the cell's own latent; with ``anchor="expression"``, the latent
-        shifted by the latent anchor, the expression anchor having shifted the counts);
-        rounded by :func:`_round_counts`.
+        ``counts="decoded"``: the decoder at the shifted latent (``lognorm``: the draw,
+        log-normalised). Else the cells' own counts plus the decoded change: the
+        decoded mean at the shifted latent minus at the unshifted one (the cell's own
+        latent; with ``anchor="expression"``, the latent shifted by the latent anchor, the
+        expression anchor having shifted the counts), rounded by :func:`_round_counts`;
+        ``lognorm`` is then the cell's log-normalised expression plus the expression
+        anchor's shift plus the decoded change of log-normalised expression, so that its
+        mean change is the anchor's shift exactly when the correction is 0 (the baselines'
+        cells, :func:`scfm_adapt.baselines.shifted_cells`, are built the same way).
         """
         idx, feats, dose = request
         anchor, correction = self._member_parts(zs, idx, feats, dose, context, full)
@@ -479,18 +484,26 @@ class PerturbationModel(BaseModel):
                     ]
                 )
 
+        x_ln = None if mode == "decoded" else _lognorm_t(x)
+        ln_ref = None if mu_ref is None else _lognorm_t(mu_ref)
+
         def counts(a, c, shift):
             if mode == "decoded":
-                return self._decode(self._unstd(zs + a + c), library, conditions, True, ratio=ratio)
-            mu, mu0 = mean_at(zs + a + c), mu_ref
-            start = x
+                mu, draw = self._decode(
+                    self._unstd(zs + a + c), library, conditions, True, ratio=ratio
+                )
+                return mu, draw, _lognorm_t(draw)
+            mu, mu0, ln0 = mean_at(zs + a + c), mu_ref, ln_ref
+            start, ln = x, x_ln
             if shift is not None:  # the cells' expression shifted in log-normalised space
                 scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
-                start = torch.expm1(torch.log1p(x * scale) + shift).clamp(min=0) / scale
+                ln = x_ln + shift
+                start = torch.expm1(ln).clamp(min=0) / scale
                 if mu0 is None:  # each member's own latent anchor
                     mu0 = mean_at(zs + a)
+                    ln0 = _lognorm_t(mu0)
             expected = (start + mu - mu0).clamp(min=0)
-            return expected, _round_counts(expected)
+            return expected, _round_counts(expected), ln + _lognorm_t(mu) - ln0
 
         mean = None
         if ensemble:
@@ -624,7 +637,8 @@ class PerturbationModel(BaseModel):
         fit = (u_ctx, u_idx, u_feat, u_dose)
         if where:
             self.full_anchors_["latent"] = self._fit_anchor(None, units, *fit, shifts, parts)[0]
-        if where == "expression":  # each unit's observed shift of mean log-normalised expression
+        ln_shifts = None
+        if where:  # each unit's observed shift of mean log-normalised expression
             x_ln = _lognorm_t(cells["x"])
             ln_shifts = torch.stack(
                 [
@@ -632,16 +646,18 @@ class PerturbationModel(BaseModel):
                     for i, (c, _, _) in enumerate(units)
                 ]
             )
+        if where == "expression":
             self.full_anchors_["expression"] = self._fit_anchor(
                 None, units, *fit, ln_shifts, parts
             )[0]
+        oob_errors = []  # anchored: each member's errors on its left-out units, per weight
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
             anchor, unit_shift = self._fit_anchor(k, units, *fit, shifts, parts)
+            ln_unit_shift = None
             if where == "expression":
-                self.expression_anchors_.append(
-                    self._fit_anchor(k, units, *fit, ln_shifts, parts)[0]
-                )
+                expr_anchor, ln_unit_shift = self._fit_anchor(k, units, *fit, ln_shifts, parts)
+                self.expression_anchors_.append(expr_anchor)
             saved = None if folder is None else folder / f"member{k}"
             if resume and saved is not None and saved.exists():  # trained before an interruption
                 state, info = read_checkpoint(saved)
@@ -681,24 +697,27 @@ class PerturbationModel(BaseModel):
             head.eval()
             self.heads.append(head)
             self.history_["response_loss"].append(losses)
-            weight = 1.0
             if anchor is not None:
                 self.anchors_.append(anchor)
-                weight = self._choose_correction(
-                    head,
-                    k,
-                    zs,
-                    units,
-                    unit_idx,
-                    ctrl_idx,
-                    (u_idx, u_feat, u_dose),
-                    unit_shift,
-                    shifts,
-                    calibration_cells,
-                    seed,
+                oob_errors.append(
+                    self._correction_errors(
+                        head,
+                        k,
+                        cells,
+                        zs,
+                        units,
+                        ctrl_idx,
+                        (u_idx, u_feat, u_dose),
+                        unit_shift,
+                        ln_unit_shift,
+                        ln_shifts,
+                        calibration_cells,
+                        seed,
+                    )
                 )
-            self.correction_weights_.append(weight)
         bar.close()
+        weight = choose_correction(np.concatenate(oob_errors)) if where else 1.0
+        self.correction_weights_ = [weight] * k_members
 
         self._calibrate(
             cells,
@@ -735,36 +754,32 @@ class PerturbationModel(BaseModel):
         seed,
     ) -> list[float]:
         """Train ensemble member ``k`` on its in-bag units; returns its loss curve."""
-        u_idx, u_feat, u_dose = requests
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        inbag = _in_bag(len(units), self.oob_[k])
-        g = np.random.default_rng(seed * 1000 + k)
-        losses = []
-        head.train()
-        for step in range(steps):
-            pick = g.choice(inbag, size=min(units_per_step, len(inbag)), replace=False)
-            xc = torch.stack([zs[g.choice(ctrl_idx[units[i][0]], cells_per_unit)] for i in pick])
-            yp = torch.stack([zs[g.choice(unit_idx[i], cells_per_unit)] for i in pick])
-            e = head.embed(u_idx[pick], u_feat[pick], u_dose[pick])  # (U, emb)
-            u, b, d = xc.shape
-            delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
-            pred = xc + unit_shift[torch.as_tensor(pick)].unsqueeze(1) + delta
-            loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
-            loss = loss.mean()
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"PerturbationModel.train: the response loss became {loss.item()} in "
-                    f"ensemble member {k}, step {step}. Lower lr (now {lr}) or mmd_weight, "
-                    "and check the data for extreme counts."
-                )
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), DEFAULT_GRADIENT_CLIP)
-            opt.step()
-            if step % 50 == 0 or step == steps - 1:
-                losses.append(float(loss.detach()))
-            bar.update(1)
-        return losses
+        # each unit's control cells: those of its context
+        controls = [ctrl_idx[c] for c, _, _ in units]
+        try:
+            return fit_response_head(
+                head,
+                zs,
+                _in_bag(len(units), self.oob_[k]),
+                controls,
+                unit_idx,
+                requests,
+                unit_shift,
+                steps=steps,
+                cells_per_unit=cells_per_unit,
+                units_per_step=units_per_step,
+                lr=lr,
+                weight_decay=weight_decay,
+                mmd_weight=mmd_weight,
+                grad_clip=DEFAULT_GRADIENT_CLIP,
+                rng=np.random.default_rng(seed * 1000 + k),
+                on_step=lambda: bar.update(1),
+            )
+        except FloatingPointError as e:
+            raise TrainingDivergedError(
+                f"PerturbationModel.train: {e} in ensemble member {k}. Lower lr (now {lr}) "
+                "or mmd_weight, and check the data for extreme counts."
+            ) from e
 
     def _new_head(self, latent_dim: int, n_features: int, n_parts: int) -> ResponseHead:
         sizes = {k: self.init_kwargs_[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
@@ -839,26 +854,61 @@ class PerturbationModel(BaseModel):
             return anchor.eval(), anchor(u_ctx, u_idx, u_feat, u_dose)
 
     @torch.inference_mode()
-    def _choose_correction(
-        self, head, k, zs, units, unit_idx, ctrl_idx, requests, unit_shift, shifts, n_cells, seed
-    ) -> float:
-        """The share of its head's correction member ``k`` keeps: the weight in
-        :data:`CORRECTION_GRID` whose mean shifts best match the observed ones on the units
-        it left out (the smallest on ties; 0, the anchor alone, without such units)."""
+    def _correction_errors(
+        self,
+        head,
+        k,
+        cells,
+        zs,
+        units,
+        ctrl_idx,
+        requests,
+        unit_shift,
+        ln_unit_shift,
+        ln_shifts,
+        n_cells,
+        seed,
+    ) -> np.ndarray:
+        """Errors ``(n_left_out, len(CORRECTION_GRID))`` of member ``k`` on the units it
+        left out, for each share of its head's correction: the squared error over genes of
+        the predicted mean change of log-normalised expression (the quantity the
+        benchmarks score, built as :meth:`_request_counts` builds predictions).
+
+        ``unit_shift``: the member's latent anchor of every training unit;
+        ``ln_unit_shift``: its expression anchor (``None`` without one); ``ln_shifts``: the
+        observed changes.
+        """
         oob = list(self.oob_[k])
         if not oob:
-            return 0.0
+            return np.zeros((0, len(CORRECTION_GRID)))
         u_idx, u_feat, u_dose = requests
+        mode = self.init_kwargs_.get("counts", "decoded")
         rng = np.random.default_rng(seed * 1000 + k)
-        corr = []
-        for i in oob:
+        errors = np.zeros((len(oob), len(CORRECTION_GRID)))
+        for row, i in enumerate(oob):
             ci = ctrl_idx[units[i][0]]
             ci = rng.choice(ci, size=min(n_cells, ci.size), replace=False)
+            lib = cells["library"][ci]
+            conds = {key: v[ci] for key, v in cells["conditions"].items()}
+            ratio = self._bias_ratio(cells, ci) if self.correct_bias_ else None
+
+            def ln_mean(z, lib=lib, conds=conds, ratio=ratio):  # mean log-normalised decoded
+                mu = self._decode(self._unstd(z), lib, conds, False, ratio=ratio)[0]
+                return _lognorm_t(mu).mean(0)
+
             e = head.embed(u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])[0]
-            corr.append(head(zs[ci], e).mean(0))
-        corr, anchor, true = torch.stack(corr), unit_shift[oob], shifts[oob]
-        errors = [float((anchor + w * corr - true).pow(2).mean()) for w in CORRECTION_GRID]
-        return float(CORRECTION_GRID[int(np.argmin(errors))])
+            z0 = zs[ci] + unit_shift[i]
+            corr = head(zs[ci], e)
+            if mode == "decoded":  # the decoded cells against the observed controls
+                base = -_lognorm_t(cells["x"][ci]).mean(0)
+            else:  # the control cells plus the decoded change
+                base = -ln_mean(zs[ci] if ln_unit_shift is None else z0)
+                if ln_unit_shift is not None:
+                    base = base + ln_unit_shift[i]
+            for j, w in enumerate(CORRECTION_GRID):
+                pred = base + ln_mean(z0 + w * corr)
+                errors[row, j] = float((pred - ln_shifts[i]).pow(2).mean())
+        return errors
 
     @torch.inference_mode()
     def _calibrate(
@@ -887,7 +937,7 @@ class PerturbationModel(BaseModel):
                 ensemble=False,
                 full=False,
             )
-            per_member = [(_lognorm_t(draw).mean(0) - ctrl_mean).numpy() for _, draw in members]
+            per_member = [(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in members]
             per_member = np.stack(per_member)
             oob = [m for m in range(len(self.heads)) if i in self.oob_[m]]
             centres.append(per_member[oob].mean(0) if oob else per_member.mean(0))
@@ -1059,7 +1109,12 @@ class PerturbationModel(BaseModel):
         -------
         AnnData
             ``X``: sampled counts (CSR float32); ``layers["scfm_expected"]``: expected
-            counts; ``obs``: the perturbation column, the covariates, ``dose``,
+            counts; ``layers["scfm_lognorm"]``: predicted log1p(CP10k) expression (with
+            ``counts="control_plus_change"``, each control cell's own plus its predicted
+            change, free of rounding noise, as the shift baselines build their cells: it
+            can fall below 0 where a gene the cell lacks goes down; with
+            ``counts="decoded"``, ``X`` log-normalised); ``obs``: the perturbation
+            column, the covariates, ``dose``,
             ``scfm_control_cell`` (the source cell), ``scfm_uncertainty`` (per cell: RMS
             over genes of the members' disagreement on its log-normalised expression) and
             ``ood_score`` (per request, see :meth:`ood_score`). ``varm["scfm_delta"]``,
@@ -1094,7 +1149,7 @@ class PerturbationModel(BaseModel):
         ctx_all = self._context_index(context_labels(ctrl.obs, s["covariate_keys"]))
         dev = self.backbone.module.device
         ratio = self._bias_ratio(cells) if self.correct_bias_ else None
-        obs_parts, xs, exps, deltas, lows, highs = [], [], [], [], [], []
+        obs_parts, xs, exps, lns, deltas, lows, highs = [], [], [], [], [], [], []
         with seeded(seed, dev), torch.inference_mode():
             for r, (label, _parts, doses) in enumerate(reqs):
                 sel = (
@@ -1106,23 +1161,41 @@ class PerturbationModel(BaseModel):
                 conds = {k: v[sel] for k, v in cells["conditions"].items()}
                 lib = cells["library"][sel]
                 request = (enc[0][r : r + 1], enc[1][r : r + 1], enc[2][r : r + 1])
-                (expected, draw), members = self._request_counts(
+                (expected, draw, lognorm), members = self._request_counts(
                     zs, lib, conds, cells["x"][sel], ctx_all[sel], request, ratio
                 )
                 ctrl_mean = x_ln[sel].mean(0)
                 member_ln, member_delta = [], []
-                for mu_m, draw_m in members:
+                for mu_m, _, ln_m in members:
                     member_ln.append(_lognorm_t(mu_m))
-                    member_delta.append((_lognorm_t(draw_m).mean(0) - ctrl_mean).numpy())
+                    member_delta.append((ln_m.mean(0) - ctrl_mean).numpy())
                 unc = torch.stack(member_ln).std(0).pow(2).mean(1).sqrt().numpy()
                 member_delta = np.stack(member_delta)
                 centre = member_delta.mean(0)
-                half = q * (member_delta.std(0) + self.gene_scale_ + 1e-3)
+                spread = member_delta.std(0)
+                if self.anchors_:
+                    # the spread as calibrated: each member with its own anchors (fitted
+                    # without its left-out units), so the anchor's uncertainty counts too
+                    _, own = self._request_counts(
+                        zs,
+                        lib,
+                        conds,
+                        cells["x"][sel],
+                        ctx_all[sel],
+                        request,
+                        ratio,
+                        ensemble=False,
+                        full=False,
+                    )
+                    spread = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in own])
+                    spread = spread.std(0)
+                half = q * (spread + self.gene_scale_ + 1e-3)
                 deltas.append(centre)
                 lows.append(centre - half)
                 highs.append(centre + half)
                 xs.append(sparse.csr_matrix(draw.numpy().astype(np.float32)))
                 exps.append(expected.numpy().astype(np.float32))
+                lns.append(lognorm.numpy().astype(np.float32))
                 o = ctrl.obs.iloc[sel][[k for k in s["covariate_keys"]]].copy()
                 o.insert(0, s["perturbation_key"], label)
                 o["dose"] = s["combination_delimiter"].join(f"{v:g}" for v in doses)
@@ -1149,9 +1222,11 @@ class PerturbationModel(BaseModel):
             },
             "ood_score": dict(zip(labels, map(float, ood))),
         }
-        return perturbation_anndata(
+        out = perturbation_anndata(
             xs, exps, obs, self.backbone.var_names_, labels, deltas, lows, highs, uns
         )
+        out.layers[SLOTS.lognorm] = np.concatenate(lns)
+        return out
 
     # ------------------------------------------------------------------ attributions
     def get_pathway_attributions(
@@ -1449,6 +1524,20 @@ def _registry_of_two_folders(backbone_registry: dict, setup: dict) -> dict:
         k: v for k, v in registry["field_registries"].items() if k in keep
     }
     return registry
+
+
+def choose_correction(errors: np.ndarray) -> float:
+    """The share of the heads' correction the ensemble keeps, from out-of-bag errors
+    ``(n, len(CORRECTION_GRID))`` (one row per member and unit it left out): the share of
+    least mean error, kept only when it beats the anchor alone (share 0) by more than one
+    standard error of the paired differences (the one-standard-error rule: a correction
+    that wins by less is not told apart from none); else 0."""
+    if errors.shape[0] < 2:
+        return 0.0
+    best = int(np.argmin(errors.mean(0)))
+    gain = errors[:, 0] - errors[:, best]
+    se = gain.std(ddof=1) / np.sqrt(len(gain))
+    return float(CORRECTION_GRID[best]) if gain.mean() > se else 0.0
 
 
 def _round_counts(expected: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from ._keys import MODULE_KEYS
 from ._lora import inject_lora, tuner_layers, unwrap_lora
 from ._multimodal import MultimodalSCFMModule
 from ._perturbation_anchor import LatentAnchor
-from ._perturbation_response import ResponseHead, dose_scale, mmd2
+from ._perturbation_response import ResponseHead, dose_scale, fit_response_head, mmd2
 from ._scfm import SCFMModule
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "ResponseHead",
     "SCFMModule",
     "dose_scale",
+    "fit_response_head",
     "inject_lora",
     "mmd2",
     "tuner_layers",

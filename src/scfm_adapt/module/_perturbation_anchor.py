@@ -10,8 +10,8 @@ from the most to the least specific:
 2. its mean shift in the other contexts (arithmetic);
 3. for a part never perturbed alone in training, a ridge map of its features (e.g. GO),
    fitted on the parts perturbed alone, its strength chosen by leave-one-out over them;
-4. when there are no such features or leave-one-out finds they do not help, the mean
-   shift of every training unit.
+4. when there are no such features, or leave-one-out does not find the map better than
+   the mean by more than one standard error, the mean shift of every training unit.
 
 These are the rules of the shipped mean-shift and additive baselines
 (``scfm_adapt.baselines.shift_by_rule``), with the linear map added for unseen genes:
@@ -100,26 +100,30 @@ class LatentAnchor(nn.Module):
 
     def _fit_feature_map(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Ridge from features to part shifts, its strength chosen by exact leave-one-out
-        error over the parts; no map (the mean shift of every unit stays) when the mean of
-        these parts predicts them better."""
+        error over the parts, kept only when it beats the mean of these parts by more
+        than one standard error of the paired per-part differences (the one-standard-error
+        rule: with few parts, a map that wins by less is not told apart from the mean);
+        else no map, and the mean shift of every unit stays."""
         n = x.shape[0]
         xm, ym = x.mean(0), y.mean(0)
         xc, yc = x - xm, y - ym
         kern = xc @ xc.T
         scale = float(kern.diagonal().mean().clamp(min=1e-12))
         # leave-one-out of the mean alone: each part against the mean of the others
-        best_err = float((yc * n / (n - 1)).pow(2).mean())
-        best = None
+        err_mean = (yc * n / (n - 1)).pow(2).mean(1)
+        best, best_err = None, None
         eye = torch.eye(n, dtype=x.dtype)
         for lam in RIDGE_GRID:
             hat = kern @ torch.linalg.inv(kern + lam * scale * eye)
             # the fitted mean is part of the fit: its leverage 1/n adds to the ridge's
             leverage = hat.diagonal() + 1.0 / n
             loo = (yc - hat @ yc) / (1 - leverage).clamp(min=1e-6).unsqueeze(1)
-            err = float(loo.pow(2).mean())
-            if err < best_err:
+            err = loo.pow(2).mean(1)
+            if best_err is None or float(err.mean()) < float(best_err.mean()):
                 best_err, best = err, lam
-        if best is not None:
+        gain = err_mean - best_err  # per part: how much the map beats the mean
+        se = float(gain.std()) / n**0.5 if n > 1 else float("inf")
+        if float(gain.mean()) > se:
             self.feature_mean.copy_(xm)
             self.feature_shift.copy_(ym)
             alpha = torch.linalg.solve(kern + best * scale * eye, yc)

@@ -96,3 +96,61 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, scales=(0.25, 1.0, 4.0)) -> torch.Ten
             - 2 * torch.exp(-g * xy).mean((1, 2))
         )
     return total
+
+
+def fit_response_head(
+    head: ResponseHead,
+    zs: torch.Tensor,
+    units: list[int],
+    control_cells: list,
+    unit_cells: list,
+    requests: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    anchor_shift: torch.Tensor,
+    *,
+    steps: int,
+    cells_per_unit: int,
+    units_per_step: int,
+    lr: float,
+    weight_decay: float,
+    mmd_weight: float,
+    grad_clip: float,
+    rng,
+    on_step=None,
+) -> list[float]:
+    """Train ``head`` on training units ``units`` (its in-bag units); returns the loss every
+    50 steps (and at the last).
+
+    Each step draws ``units_per_step`` of them and ``cells_per_unit`` control and perturbed
+    cells of each (``control_cells[i]`` / ``unit_cells[i]``: index arrays into ``zs``, the
+    standardised latents). The prediction of a control cell is its latent plus the unit's
+    ``anchor_shift`` plus the head's delta; the loss is the squared error of the mean
+    prediction plus ``mmd_weight`` times the MMD between predicted and perturbed cells.
+    ``requests``: every unit's ``(part_idx, features, dose)``; ``rng``: a NumPy generator;
+    ``on_step()`` is called after each step. Raises ``FloatingPointError`` on a non-finite
+    loss (the caller names the fix).
+    """
+    u_idx, u_feat, u_dose = requests
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    head.train()
+    for step in range(steps):
+        pick = rng.choice(units, size=min(units_per_step, len(units)), replace=False)
+        xc = torch.stack([zs[rng.choice(control_cells[i], cells_per_unit)] for i in pick])
+        yp = torch.stack([zs[rng.choice(unit_cells[i], cells_per_unit)] for i in pick])
+        e = head.embed(u_idx[pick], u_feat[pick], u_dose[pick])  # (U, emb)
+        u, b, d = xc.shape
+        delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
+        pred = xc + anchor_shift[torch.as_tensor(pick)].unsqueeze(1) + delta
+        loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
+        loss = loss.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the response loss became {loss.item()} at step {step}")
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), grad_clip)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step()
+    return losses
