@@ -400,3 +400,31 @@ def test_an_untrained_expression_anchored_model_predicts_the_additive_baseline()
     np.testing.assert_allclose(out.varm["scfm_delta"]["A+B"], baseline, atol=2e-4)
     with pytest.raises(ValueError, match="control_plus_change"):
         sfa.model.PerturbationModel(a, anchor="expression", counts="decoded")
+
+
+def test_the_flow_response_starts_at_the_anchor_samples_by_seed_and_round_trips(tmp_path):
+    untrained, a = _anchored(head_steps=0, anchor="expression", response="flow", emb_dim=16)
+    assert isinstance(untrained.heads[0], sfa.module.ResponseFlow)
+    ctrl = control_cells(a, "ctx1")
+    cov = {"context": "ctx1"}
+    # untrained: the flow moves nothing, so the cells are the additive baseline's
+    out = untrained.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
+    table = sfa.baselines.PerturbationTable(a, "condition", "control", ["context"])
+    baseline = sfa.baselines.additive_delta(table, "A+B", "ctx1")
+    want = sfa.baselines.shifted_cells(M.lognorm(ctrl), baseline)
+    np.testing.assert_allclose(out.layers["scfm_lognorm"], want, atol=2e-4)
+
+    m, _ = _anchored(head_steps=80, anchor="expression", response="flow", emb_dim=16)
+    m.correction_weights_ = [1.0] * len(m.heads)  # the flow's share, whatever was chosen
+    one = m.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
+    same = m.predict_perturbation(ctrl, "B+A", covariates=cov, seed=0)
+    other = m.predict_perturbation(ctrl, "A+B", covariates=cov, seed=1)
+    np.testing.assert_allclose(one.layers["scfm_lognorm"], same.layers["scfm_lognorm"], atol=1e-5)
+    assert not np.allclose(one.layers["scfm_lognorm"], other.layers["scfm_lognorm"])
+    assert np.abs(one.layers["scfm_lognorm"] - want).max() > 1e-3  # trained: it moves
+    m.save(tmp_path / "flow")
+    m2 = sfa.model.PerturbationModel.load(tmp_path / "flow")
+    two = m2.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
+    np.testing.assert_allclose(one.layers["scfm_lognorm"], two.layers["scfm_lognorm"], atol=1e-5)
+    with pytest.raises(ValueError, match="response="):
+        sfa.model.PerturbationModel(a, response="dit")

@@ -67,3 +67,61 @@ def test_a_non_finite_loss_raises():
     head = ResponseHead(D, 0, 3, emb_dim=8, hidden=32, n_layers=2, dropout=0.0)
     with pytest.raises(FloatingPointError, match="response loss"):
         _fit(head, zs, [np.array([0])] * 3, uc, req, torch.zeros(3, D), steps=5)
+
+
+def _flow(**kw):
+    from scfm_adapt.module import ResponseFlow
+
+    args = dict(emb_dim=8, hidden=32, depth=1, n_heads=2, n_steps=4, noise=0.1)
+    args.update(kw)
+    return ResponseFlow(2, 2, 0, 3, **args)  # latents of 2 tokens of width 2 (D = 4)
+
+
+def test_an_untrained_flow_moves_nothing_and_dose_zero_never_moves():
+    zs, _, _, req, _ = _data()
+    flow = _flow()
+    e = flow.embed(*req)
+    torch.manual_seed(0)
+    assert torch.all(flow(zs[:10], e[0]) == 0)
+    with torch.no_grad():  # any weights: the null embedding (dose 0) gives no velocity
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    zero = flow.embed(req[0][:1], req[1][:1], torch.zeros(1, 1))[0]
+    assert torch.all(zero == 0) and torch.all(flow(zs[:10], zero) == 0)
+    assert flow(zs[:10], flow.embed(*req)[0]).abs().sum() > 0
+
+
+def test_the_flow_learns_each_units_shift_and_a_seed_fixes_its_cells():
+    from scfm_adapt.module import fit_response_flow
+
+    torch.manual_seed(0)
+    zs, cc, uc, req, shifts = _data()
+    flow = _flow()
+    losses = fit_response_flow(
+        flow,
+        zs,
+        [0, 1, 2],
+        cc,
+        uc,
+        req,
+        torch.zeros(3, D),
+        steps=300,
+        cells_per_unit=16,
+        units_per_step=3,
+        lr=3e-3,
+        weight_decay=0.0,
+        grad_clip=10.0,
+        rng=np.random.default_rng(0),
+    )
+    assert losses[-1] < 0.5 * losses[0]
+    flow.eval()
+    with torch.no_grad():
+        e = flow.embed(*req)
+        torch.manual_seed(1)
+        moved = torch.stack([flow(zs[:40], e[u]).mean(0) for u in range(3)])
+        torch.manual_seed(1)
+        again = torch.stack([flow(zs[:40], e[u]).mean(0) for u in range(3)])
+        torch.manual_seed(2)
+        other = torch.stack([flow(zs[:40], e[u]).mean(0) for u in range(3)])
+    assert (moved - shifts).abs().mean() < 0.5 * shifts.abs().mean()
+    assert torch.equal(moved, again) and not torch.equal(moved, other)

@@ -26,7 +26,14 @@ from ..data import (
     parts_and_doses,
 )
 from ..errors import SCFMInputError, TrainingDivergedError
-from ..module import LatentAnchor, ResponseHead, SCFMModule, fit_response_head
+from ..module import (
+    LatentAnchor,
+    ResponseFlow,
+    ResponseHead,
+    SCFMModule,
+    fit_response_flow,
+    fit_response_head,
+)
 from ..train import DEFAULT_GRADIENT_CLIP
 from ._attributions import pathway_attributions
 from ._perturbation_features import gene_feature_table
@@ -54,6 +61,9 @@ _BACKBONE = "backbone."
 #: The shares of its head's correction an anchored member may keep (chosen on the training
 #: units it left out; 0 is the anchor alone).
 CORRECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: What learns the response on top of the anchor (see :class:`PerturbationModel`'s
+#: ``response``).
+RESPONSES = ("heads", "flow")
 #: How predicted cells are built (see :class:`PerturbationModel`'s ``counts``).
 COUNTS = ("decoded", "control_plus_change")
 #: Where the anchor lives (see :class:`PerturbationModel`'s ``anchor``).
@@ -133,6 +143,15 @@ class PerturbationModel(BaseModel):
         cell's observed counts (then rounds stochastically), so the backbone's
         reconstruction error cancels out of the predicted response. ``None``: decoded,
         except with ``anchor="expression"``, which needs the control cells' counts.
+    response
+        What learns the response beyond the anchor: ``"heads"`` (default), the MLP
+        :class:`~scfm_adapt.module.ResponseHead` ensemble, a latent delta per cell; or
+        ``"flow"``, an ensemble of :class:`~scfm_adapt.module.ResponseFlow`: a DiT over
+        the latent tokens (width ``emb_dim``, depth ``n_layers``), conditioned through
+        adaLN on the perturbation's embedding and trained by flow matching to carry each
+        (anchored) control cell to the perturbed cells, so predictions are cells drawn
+        from a learned distribution (its start noise is fixed by ``seed``). Either starts
+        at zero: untrained, the prediction is the anchor's.
     **backbone_kwargs
         :class:`SCFM` arguments when the backbone is trained here.
 
@@ -159,6 +178,7 @@ class PerturbationModel(BaseModel):
         dropout: float = 0.1,
         anchor: str | None = None,
         counts: str | None = None,
+        response: str = "heads",
         registry: dict | None = None,
         _backbone: SCFM | None = None,
         **backbone_kwargs,
@@ -180,6 +200,8 @@ class PerturbationModel(BaseModel):
                 raise ValueError(
                     "Call PerturbationModel.setup_anndata(adata, ...) before building the model."
                 )
+        if response not in RESPONSES:
+            raise ValueError(f"response={response!r}; choose one of {RESPONSES}.")
         if anchor not in ANCHORS:
             raise ValueError(f"anchor={anchor!r}; choose one of {ANCHORS}.")
         if counts is None:
@@ -220,6 +242,7 @@ class PerturbationModel(BaseModel):
             "dropout": dropout,
             "anchor": anchor,
             "counts": counts,
+            "response": response,
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
@@ -535,8 +558,8 @@ class PerturbationModel(BaseModel):
         self,
         max_epochs: int | None = None,
         *,
-        head_steps: int = 1500,
-        cells_per_unit: int = 64,
+        head_steps: int | None = None,
+        cells_per_unit: int | None = None,
         units_per_step: int = 8,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
@@ -560,10 +583,11 @@ class PerturbationModel(BaseModel):
         max_epochs
             Backbone epochs (``None``: scvi-tools' heuristic, at most 200).
         head_steps
-            Optimiser steps of each response head.
+            Optimiser steps of each response head (``None``: 1,500 for heads, 300 for a
+            flow, whose steps cost more).
         cells_per_unit, units_per_step
             Each step samples ``units_per_step`` training units and ``cells_per_unit``
-            control and perturbed cells of each.
+            control and perturbed cells of each (``None``: 64 for heads, 32 for a flow).
         mmd_weight
             Weight of the MMD term beside the squared mean error (both on standardised
             latents).
@@ -595,6 +619,10 @@ class PerturbationModel(BaseModel):
                 "continue it, or another checkpoint_dir."
             )
         self.correct_bias_ = bool(correct_decoder_bias)
+        if head_steps is None:
+            head_steps = 300 if self._is_flow() else 1500
+        if cells_per_unit is None:
+            cells_per_unit = 32 if self._is_flow() else 64
         bb = self.backbone
         if train_backbone or not bb.is_trained_:
             epochs = max_epochs or min(200, get_max_epochs_heuristic(bb.adata.n_obs))
@@ -756,25 +784,22 @@ class PerturbationModel(BaseModel):
         """Train ensemble member ``k`` on its in-bag units; returns its loss curve."""
         # each unit's control cells: those of its context
         controls = [ctrl_idx[c] for c, _, _ in units]
+        args = dict(
+            steps=steps,
+            cells_per_unit=cells_per_unit,
+            units_per_step=units_per_step,
+            lr=lr,
+            weight_decay=weight_decay,
+            grad_clip=DEFAULT_GRADIENT_CLIP,
+            rng=np.random.default_rng(seed * 1000 + k),
+            on_step=lambda: bar.update(1),
+        )
+        inbag = _in_bag(len(units), self.oob_[k])
+        data = (zs, inbag, controls, unit_idx, requests, unit_shift)
         try:
-            return fit_response_head(
-                head,
-                zs,
-                _in_bag(len(units), self.oob_[k]),
-                controls,
-                unit_idx,
-                requests,
-                unit_shift,
-                steps=steps,
-                cells_per_unit=cells_per_unit,
-                units_per_step=units_per_step,
-                lr=lr,
-                weight_decay=weight_decay,
-                mmd_weight=mmd_weight,
-                grad_clip=DEFAULT_GRADIENT_CLIP,
-                rng=np.random.default_rng(seed * 1000 + k),
-                on_step=lambda: bar.update(1),
-            )
+            if self._is_flow():
+                return fit_response_flow(head, *data, **args)
+            return fit_response_head(head, *data, mmd_weight=mmd_weight, **args)
         except FloatingPointError as e:
             raise TrainingDivergedError(
                 f"PerturbationModel.train: {e} in ensemble member {k}. Lower lr (now {lr}) "
@@ -782,29 +807,45 @@ class PerturbationModel(BaseModel):
             ) from e
 
     def _new_head(self, latent_dim: int, n_features: int, n_parts: int) -> ResponseHead:
-        sizes = {k: self.init_kwargs_[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
+        kw = self.init_kwargs_
+        if kw.get("response", "heads") == "flow":
+            module = self.backbone.module
+            emb = kw["emb_dim"]
+            return ResponseFlow(
+                module.n_tokens, module.token_dim, n_features, n_parts, emb, emb, kw["n_layers"]
+            )
+        sizes = {k: kw[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
         return ResponseHead(latent_dim, n_features, n_parts, **sizes)
+
+    def _is_flow(self) -> bool:
+        return self.init_kwargs_.get("response", "heads") == "flow"
 
     @torch.inference_mode()
     def _member_parts(self, zs, idx, feats, dose, context=None, full: bool = True):
         """``(anchor, correction)``, standardised latent shifts ``(M, N, D)`` of every
         member for one request (``context``: each cell's index in ``contexts_``, ``-1``
         for others): the anchor's (zeros without one; with ``full`` the anchor fitted on
-        every training unit, else each member's own) and the head's, weighted."""
+        every training unit, else each member's own) and the head's, weighted. A head
+        reads the control cell's latent; a flow starts at the anchored one."""
+        n, m = zs.shape[0], len(self.heads)
+        if not self.anchors_:
+            anchors = torch.zeros(m, *zs.shape, dtype=zs.dtype)
+        elif full:  # one anchor for every member
+            shift = self._anchor_shift(self.full_anchors_["latent"], idx, feats, dose, context, n)
+            anchors = shift.expand(m, -1, -1)
+        else:
+            own = [self._anchor_shift(a, idx, feats, dose, context, n) for a in self.anchors_]
+            anchors = torch.stack(own)
+        flow = self._is_flow()
         corrections = torch.stack(
             [
-                w * h(zs, h.embed(idx, feats, dose)[0])
-                for w, h in zip(self.correction_weights_, self.heads)
+                w * h(zs + anchors[k] if flow else zs, h.embed(idx, feats, dose)[0])
+                if w
+                else torch.zeros_like(zs)  # a member that keeps none of its correction
+                for k, (w, h) in enumerate(zip(self.correction_weights_, self.heads))
             ]
         )
-        if not self.anchors_:
-            return torch.zeros_like(corrections), corrections
-        n = zs.shape[0]
-        if full:  # one anchor for every member
-            shift = self._anchor_shift(self.full_anchors_["latent"], idx, feats, dose, context, n)
-            return shift.expand_as(corrections), corrections
-        own = [self._anchor_shift(a, idx, feats, dose, context, n) for a in self.anchors_]
-        return torch.stack(own), corrections
+        return anchors, corrections
 
     def _member_deltas(
         self, zs: torch.Tensor, idx, feats, dose, context=None, full: bool = True
@@ -898,7 +939,7 @@ class PerturbationModel(BaseModel):
 
             e = head.embed(u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])[0]
             z0 = zs[ci] + unit_shift[i]
-            corr = head(zs[ci], e)
+            corr = head(z0 if self._is_flow() else zs[ci], e)
             if mode == "decoded":  # the decoded cells against the observed controls
                 base = -_lognorm_t(cells["x"][ci]).mean(0)
             else:  # the control cells plus the decoded change
@@ -1288,8 +1329,9 @@ class PerturbationModel(BaseModel):
         def response(features, tensors):  # (B, G) predicted change of log1p CP10k
             z = module.encoder.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
             zs = (z.flatten(1) - z_mean) / z_std
+            start = zs + shift if self._is_flow() else zs  # a flow starts at the anchor
             delta = shift + torch.stack(
-                [w * h(zs, e) for h, e, w in zip(heads, embeds, weights)]
+                [w * h(start, e) for h, e, w in zip(heads, embeds, weights)]
             ).mean(0)
             z_pert = ((zs + delta) * z_std + z_mean).view(shape)
             conds = module.conditions(tensors)

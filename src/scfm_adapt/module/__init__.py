@@ -7,6 +7,7 @@ from ._keys import MODULE_KEYS
 from ._lora import inject_lora, tuner_layers, unwrap_lora
 from ._multimodal import MultimodalSCFMModule
 from ._perturbation_anchor import LatentAnchor
+from ._perturbation_flow import ResponseFlow, fit_response_flow
 from ._perturbation_response import ResponseHead, dose_scale, fit_response_head, mmd2
 from ._scfm import SCFMModule
 
@@ -19,9 +20,11 @@ __all__ = [
     "DistillationModule",
     "LatentAnchor",
     "MultimodalSCFMModule",
+    "ResponseFlow",
     "ResponseHead",
     "SCFMModule",
     "dose_scale",
+    "fit_response_flow",
     "fit_response_head",
     "inject_lora",
     "mmd2",
