@@ -26,6 +26,10 @@ gives every unit the same response has 1).
 Usage::
 
     python benchmarks/perturbation.py [--tasks kang norman_combo ...] [--epochs 60]
+        [--variants default expr_anchor ...] [--save-predictions preds]
+
+``--save-predictions`` writes every method's cells as h5ad, which
+``benchmarks/cell_eval_runner.py`` scores with cell-eval in its own environment.
 """
 
 from __future__ import annotations
@@ -231,6 +235,51 @@ def baseline_predictions(task: dict, scvi_epochs: int, seed: int = 0) -> tuple:
     return preds, truth, ctrls, scvi_s
 
 
+def save_predictions(folder: Path, task: dict, preds: dict, truth: dict, ctrls: dict) -> None:
+    """Write the task's cells as cell-eval reads them: ``real.h5ad`` and ``<method>.h5ad``.
+
+    Each file holds the task's control cells (``obs["condition"] == "control"``) and, per
+    held-out unit, the real or predicted cells (``obs["condition"]`` the unit's name), all
+    log-normalised (log1p CP10k) on the task's genes. ``benchmarks/cell_eval_runner.py``
+    scores them in cell-eval's own environment.
+    """
+    import anndata as ad
+
+    folder.mkdir(parents=True, exist_ok=True)
+    genes = task["train"].var_names
+    ctrl = next(iter(ctrls.values()))
+    if not all(np.array_equal(c, ctrl) for c in ctrls.values()):
+        raise ValueError("cell-eval needs one control group per file; the units' differ")
+
+    def dense(x) -> np.ndarray:
+        return np.asarray(x.toarray() if hasattr(x, "toarray") else x)
+
+    def write(name: str, cells: dict) -> None:
+        blocks = [dense(ctrl), *(dense(cells[u]) for u in truth)]
+        labels = ["control"] * len(ctrl) + [u for u in truth for _ in range(len(cells[u]))]
+        obs = pd.DataFrame({"condition": labels})
+        obs.index = obs.index.astype(str)
+        x = np.concatenate(blocks).astype(np.float32)
+        ad.AnnData(x, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(folder / f"{name}.h5ad")
+
+    write("real", truth)
+    for method, cells in preds.items():
+        write(method, cells)
+    # cell-eval's cell-mean baseline: every unit predicted as the mean training perturbed cell
+    import scfm_adapt as sfa
+
+    setup, train = task["setup"], task["train"]
+    is_pert = train.obs[setup["perturbation_key"]].astype(str) != setup["control_group"]
+    x = train[is_pert.to_numpy()].X
+    mean = (
+        sum(  # in blocks: the dense log-normalised matrix of all of them can be GBs
+            sfa.metrics.lognorm(x[i : i + 4096]).sum(0) for i in range(0, x.shape[0], 4096)
+        )
+        / x.shape[0]
+    )
+    write("cell_mean", {u: np.tile(mean, (len(truth[u]), 1)) for u in truth})
+
+
 def run_task(
     task: dict,
     epochs: int,
@@ -238,6 +287,7 @@ def run_task(
     scvi_epochs: int,
     seed: int = 0,
     variants: tuple[str, ...] = ("default",),
+    save_to: Path | None = None,
 ) -> tuple[dict, dict]:
     """Predictions of every method for the task's units (log-normalised cells), plus extras."""
     import torch
@@ -296,6 +346,8 @@ def run_task(
                     )
                     extras["width"].setdefault(name, []).append(float(np.mean(hi - lo)))
                     extras["ood"].setdefault(name, {})[unit] = float(out.obs["ood_score"].iloc[0])
+    if save_to is not None:
+        save_predictions(save_to / task["name"], task, preds, truth, ctrls)
     reference = training_reference(task, seed)
     scores = sfa.metrics.evaluate_predictions(preds, truth, ctrls, reference)
     ceil_scores, ceil_pred_d, ceil_true_d = ceiling_scores(task, seed, reference)
@@ -325,6 +377,12 @@ def main(argv=None) -> None:
         choices=list(VARIANTS),
         help="PerturbationModel variants (see VARIANTS)",
     )
+    parser.add_argument(
+        "--save-predictions",
+        type=Path,
+        default=None,
+        help="folder for every method's cells as h5ad, for benchmarks/cell_eval_runner.py",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -339,8 +397,17 @@ def main(argv=None) -> None:
         deltas, true_d, ceil_d = {}, {}, {}
         t0 = time.perf_counter()
         for task in TASKS[name]():
+            save_to = None
+            if args.save_predictions is not None:
+                save_to = args.save_predictions / f"seed{args.seed}"
             scores, extras = run_task(
-                task, args.epochs, args.head_steps, args.scvi_epochs, args.seed, args.variants
+                task,
+                args.epochs,
+                args.head_steps,
+                args.scvi_epochs,
+                args.seed,
+                args.variants,
+                save_to,
             )
             scores["task"] = task["name"]
             all_scores.append(scores)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import DiT
-from ._perturbation_response import ResponseHead
+from ._perturbation_response import ResponseHead, optimise
 
 
 class ResponseFlow(ResponseHead):
@@ -52,6 +52,11 @@ class ResponseFlow(ResponseHead):
         self.dit = DiT(
             n_tokens, token_dim, hidden=hidden, depth=depth, n_heads=n_heads, n_continuous=emb_dim
         )
+        # adaLN-Zero would leave DiT(e) - DiT(null) without any gradient: both branches see
+        # the same features until a modulation moves, and no modulation gets a gradient
+        # while the output layer is zero. A small random output layer breaks the tie; the
+        # velocity is still exactly zero at init, as e enters only through the modulations.
+        torch.nn.init.normal_(self.dit.final.linear.weight, std=0.02)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Velocity ``(N, D)`` at flattened latents ``x`` and times ``t`` in [0, 1] under
@@ -106,10 +111,8 @@ def fit_response_flow(
     from scipy.optimize import linear_sum_assignment
 
     u_idx, u_feat, u_dose = requests
-    opt = torch.optim.AdamW(flow.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    flow.train()
-    for step in range(steps):
+
+    def loss_of_a_step() -> torch.Tensor:
         pick = rng.choice(units, size=min(units_per_step, len(units)), replace=False)
         x0 = torch.stack([zs[rng.choice(control_cells[i], cells_per_unit)] for i in pick])
         x1 = torch.stack([zs[rng.choice(unit_cells[i], cells_per_unit)] for i in pick])
@@ -123,15 +126,6 @@ def fit_response_flow(
         t = torch.as_tensor(rng.random((u, b, 1)), dtype=x0.dtype)
         xt = (1 - t) * x0 + t * x1
         v = flow.velocity(xt.reshape(u * b, d), t.reshape(-1), e.repeat_interleave(b, 0))
-        loss = (v.view(u, b, d) - (x1 - x0)).pow(2).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the response loss became {loss.item()} at step {step}")
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.parameters(), grad_clip)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step()
-    return losses
+        return (v.view(u, b, d) - (x1 - x0)).pow(2).mean()
+
+    return optimise(flow, loss_of_a_step, steps, lr, weight_decay, grad_clip, on_step)

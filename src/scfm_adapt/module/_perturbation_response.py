@@ -130,10 +130,8 @@ def fit_response_head(
     loss (the caller names the fix).
     """
     u_idx, u_feat, u_dose = requests
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    head.train()
-    for step in range(steps):
+
+    def loss_of_a_step() -> torch.Tensor:
         pick = rng.choice(units, size=min(units_per_step, len(units)), replace=False)
         xc = torch.stack([zs[rng.choice(control_cells[i], cells_per_unit)] for i in pick])
         yp = torch.stack([zs[rng.choice(unit_cells[i], cells_per_unit)] for i in pick])
@@ -142,12 +140,34 @@ def fit_response_head(
         delta = head(xc.reshape(u * b, d), e.repeat_interleave(b, 0)).view(u, b, d)
         pred = xc + anchor_shift[torch.as_tensor(pick)].unsqueeze(1) + delta
         loss = ((pred.mean(1) - yp.mean(1)) ** 2).mean(-1) + mmd_weight * mmd2(pred, yp)
-        loss = loss.mean()
+        return loss.mean()
+
+    return optimise(head, loss_of_a_step, steps, lr, weight_decay, grad_clip, on_step)
+
+
+def optimise(
+    module: nn.Module,
+    loss_of_a_step,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    on_step=None,
+) -> list[float]:
+    """The loop both response fits share: AdamW on ``module``'s parameters for ``steps``
+    steps of ``loss_of_a_step()`` (which draws its own batch), gradients clipped to
+    ``grad_clip``; returns the loss every 50 steps (and at the last). Raises
+    ``FloatingPointError`` on a non-finite loss."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    losses = []
+    module.train()
+    for step in range(steps):
+        loss = loss_of_a_step()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the response loss became {loss.item()} at step {step}")
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             losses.append(float(loss.detach()))
