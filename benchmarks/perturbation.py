@@ -245,6 +245,8 @@ def save_predictions(folder: Path, task: dict, preds: dict, truth: dict, ctrls: 
     """
     import anndata as ad
 
+    import scfm_adapt as sfa
+
     folder.mkdir(parents=True, exist_ok=True)
     genes = task["train"].var_names
     ctrl = next(iter(ctrls.values()))
@@ -266,8 +268,6 @@ def save_predictions(folder: Path, task: dict, preds: dict, truth: dict, ctrls: 
     for method, cells in preds.items():
         write(method, cells)
     # cell-eval's cell-mean baseline: every unit predicted as the mean training perturbed cell
-    import scfm_adapt as sfa
-
     setup, train = task["setup"], task["train"]
     is_pert = train.obs[setup["perturbation_key"]].astype(str) != setup["control_group"]
     x = train[is_pert.to_numpy()].X
@@ -396,10 +396,8 @@ def main(argv=None) -> None:
         all_scores, cover, width, ood, secs, weights = [], {}, {}, {}, [], []
         deltas, true_d, ceil_d = {}, {}, {}
         t0 = time.perf_counter()
+        save_to = args.save_predictions and args.save_predictions / f"seed{args.seed}"
         for task in TASKS[name]():
-            save_to = None
-            if args.save_predictions is not None:
-                save_to = args.save_predictions / f"seed{args.seed}"
             scores, extras = run_task(
                 task,
                 args.epochs,

@@ -13,6 +13,16 @@ from lightning.pytorch.callbacks import Callback
 REPO = Path(__file__).parents[1]
 
 
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def shared_data_dir() -> Path | None:
     """``$SCFM_ADAPT_DATA`` or ``../shared/data`` beside the repository, if it exists."""
     env = os.environ.get("SCFM_ADAPT_DATA")

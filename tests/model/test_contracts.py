@@ -17,7 +17,7 @@ import scvi
 import torch
 
 import scfm_adapt as sfa
-from conftest import REPO, Crash, CrashAfter, make_adata
+from conftest import REPO, Crash, CrashAfter, load_benchmark, make_adata
 from scfm_adapt.model.base import BaseModel
 
 MODEL_DIR = Path(sfa.__file__).parent / "model"
@@ -25,12 +25,7 @@ MODEL_DIR = Path(sfa.__file__).parent / "model"
 
 def _architecture():
     """``benchmarks/architecture.py``, the script that prints these figures."""
-    spec = importlib.util.spec_from_file_location(
-        "architecture", REPO / "benchmarks" / "architecture.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("architecture")
 
 
 def _declared(cls) -> set[str]:

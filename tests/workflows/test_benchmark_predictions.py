@@ -4,23 +4,16 @@ where units have different control cells (cell-eval knows one control group per 
 
 from __future__ import annotations
 
-import importlib.util
-
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import load_benchmark
 
 
 def _perturbation_bench():
-    spec = importlib.util.spec_from_file_location(
-        "perturbation_bench", REPO / "benchmarks" / "perturbation.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("perturbation")
 
 
 @pytest.fixture
