@@ -319,6 +319,14 @@ def run_task(
         extras[f"{name}_calibration_oob_pearson"] = model.calibration_["oob_pearson"]
         if anchored:
             extras.setdefault("correction_weights", {})[name] = list(model.correction_weights_)
+        if kwargs.get("anchor") == "expression":  # the arithmetic rule's space, and why
+            val = model.arithmetic_validation_
+            extras.setdefault("arithmetic", {})[name] = (
+                model.arithmetic_space_,
+                len(val["units"]),
+                round(float(np.mean(val["expression"])), 3) if val["units"] else None,
+                round(float(np.mean(val["latent"])), 3) if val["units"] else None,
+            )
         extras.setdefault("feature_map", {})[name] = {
             space: bool(a.feature_map.abs().sum() > 0) for space, a in model.full_anchors_.items()
         }
@@ -429,7 +437,9 @@ def main(argv=None) -> None:
             print(
                 f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s ({times}); "
                 f"OOB Pearson of the calibration {oob}; anchored members' correction "
-                f"weights {extras.get('correction_weights')}; GO feature map kept {fmap}",
+                f"weights {extras.get('correction_weights')}; GO feature map kept {fmap}; "
+                "arithmetic rule (space, left-out training units, their mean top-20 r in "
+                f"expression, in latent) {extras.get('arithmetic')}",
                 flush=True,
             )
         scores = pd.concat(all_scores, ignore_index=True)

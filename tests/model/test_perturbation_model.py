@@ -428,3 +428,91 @@ def test_the_flow_response_starts_at_the_anchor_samples_by_seed_and_round_trips(
     np.testing.assert_allclose(one.layers["scfm_lognorm"], two.layers["scfm_lognorm"], atol=1e-5)
     with pytest.raises(ValueError, match="response="):
         sfa.model.PerturbationModel(a, response="dit")
+
+
+def test_the_arithmetic_rule_taken_in_the_latent_is_the_decoded_latent_arithmetic(tmp_path):
+    """A part never perturbed in a context takes its shift from the other contexts: with
+    ``arithmetic_space_ == "latent"`` as the decoded change of the latent arithmetic, while
+    the parts perturbed in the context keep their expression shift."""
+    import scvi
+    import torch
+
+    scvi.settings.seed = 0
+    a = make_perturbation_adata(n_genes=40)
+    cond, ctx = a.obs["condition"].to_numpy(), a.obs["context"].to_numpy()
+    a = a[~(np.isin(cond, ["A", "A+B"]) & (ctx == "ctx1"))].copy()  # A never in ctx1
+    sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", covariate_keys=["context"])
+    m = sfa.model.PerturbationModel(
+        a,
+        n_ensemble=2,
+        hidden=16,
+        n_tokens=4,
+        token_dim=8,
+        gene_likelihood="poisson",
+        anchor="expression",
+        gene_features=None,
+    )
+    m.train(max_epochs=5, head_steps=0, progress=False, calibration_cells=32)
+    # chosen on left-out training contexts: every unit of a context whose parts were
+    # perturbed in the other one (ctx0's B and C, ctx1's B and C) is scored in both spaces
+    val = m.arithmetic_validation_
+    assert m.arithmetic_space_ in ("expression", "latent")
+    assert m.decoded_change_ in ("log_ratio", "counts")
+    lengths = {len(val[k]) for k in ("units", "expression", "log_ratio", "counts")}
+    assert lengths == {4}
+    assert all(-1 <= r <= 1 for r in val["expression"] + val["log_ratio"] + val["counts"])
+
+    ctrl = control_cells(a, "ctx1")
+    cov = {"context": "ctx1"}
+    ln_ctrl = torch.as_tensor(M.lognorm(ctrl))
+    cells = m._encode_cells(ctrl)
+    zs = m._std(cells["z"])
+    lat = m.full_anchors_["latent"]
+    c1 = torch.full((len(zs),), m.contexts_.index("ctx1"))
+
+    def mean_at(z):
+        return m._decode(m._unstd(z), cells["library"], cells["conditions"], False)[0]
+
+    def ln_mean(z):
+        mu = mean_at(z)
+        return torch.log1p(mu / mu.sum(1, keepdim=True) * 1e4).mean(0)
+
+    def request(name):
+        parts = tuple(name.split("+"))
+        return m._encode_requests([(parts, (1.0,) * len(parts))])
+
+    m.arithmetic_space_ = "expression"  # the mean shift in expression: A's in ctx0
+    out = m.predict_perturbation(ctrl, "A", covariates=cov, seed=0)
+    want = m.full_anchors_["expression"](c1[:1], *request("A"))[0]
+    np.testing.assert_allclose(out.varm["scfm_delta"]["A"], want.numpy(), atol=2e-4)
+
+    m.arithmetic_space_, m.decoded_change_ = "latent", "log_ratio"
+    out = m.predict_perturbation(ctrl, ["A", "A+B"], covariates=cov, seed=0)
+    a_shift = m._anchor_shift(lat, *request("A"), c1, len(zs))
+    change = ln_mean(zs + a_shift) - ln_mean(zs)
+    np.testing.assert_allclose(out.varm["scfm_delta"]["A"], change.numpy(), atol=2e-4)
+    assert not np.allclose(change.numpy(), want.numpy(), atol=1e-2)  # the spaces differ
+    # A+B: B's own expression shift in ctx1, then A's decoded change from where B ends
+    b_expr = m.full_anchors_["expression"](c1[:1], *request("B"))[0]
+    b_lat = m._anchor_shift(lat, *request("B"), c1, len(zs))
+    ab = b_expr + ln_mean(zs + b_lat + a_shift) - ln_mean(zs + b_lat)
+    np.testing.assert_allclose(out.varm["scfm_delta"]["A+B"], ab.numpy(), atol=2e-4)
+    lognorm = out[out.obs["condition"] == "A"].layers["scfm_lognorm"]
+    np.testing.assert_allclose(lognorm.mean(0) - ln_ctrl.numpy().mean(0), change, atol=2e-4)
+
+    # the change as counts: the decoded change of the means added to each cell's counts
+    m.decoded_change_ = "counts"
+    out = m.predict_perturbation(ctrl, ["A"], covariates=cov, seed=0)
+    x = torch.as_tensor(ctrl.X.toarray())
+    scale = 1e4 / x.sum(1, keepdim=True)
+    moved = (x + mean_at(zs + a_shift) - mean_at(zs)).clamp(min=0)
+    want_counts = torch.log1p(scale * moved).mean(0) - ln_ctrl.mean(0)
+    np.testing.assert_allclose(out.varm["scfm_delta"]["A"], want_counts.numpy(), atol=2e-4)
+    assert not np.allclose(want_counts.numpy(), change.numpy(), atol=1e-2)
+
+    m.save(tmp_path / "latent_arith")
+    m2 = sfa.model.PerturbationModel.load(tmp_path / "latent_arith")
+    assert m2.arithmetic_space_ == "latent" and m2.arithmetic_validation_ == val
+    assert m2.decoded_change_ == "counts"
+    two = m2.predict_perturbation(ctrl, ["A"], covariates=cov, seed=0)
+    np.testing.assert_allclose(two.layers["scfm_lognorm"], out.layers["scfm_lognorm"], atol=1e-5)

@@ -111,3 +111,26 @@ def test_an_unseen_part_gets_the_linear_map_of_its_features_when_they_predict_sh
         noise,
     )
     assert torch.all(anchor.feature_map == 0)
+
+
+def test_the_parts_that_take_the_arithmetic_rule_and_the_rest_add_up_to_the_whole():
+    import pytest
+
+    anchor = _fitted()
+
+    def shift(ctx, parts, which):
+        idx = torch.tensor([[PART[p] for p in parts]])
+        f, dose = torch.zeros(1, len(parts), 0), torch.ones(1, len(parts))
+        return anchor(torch.tensor([ctx]), idx, f, dose, parts=which)[0]
+
+    # in context 1, A was perturbed (its own shift) and B was not (arithmetic from context 0)
+    torch.testing.assert_close(shift(1, ["A", "B"], "arithmetic"), SHIFT[("B", 0)])
+    torch.testing.assert_close(shift(1, ["A", "B"], "other"), SHIFT[("A", 1)])
+    both = shift(1, ["A", "B"], "arithmetic") + shift(1, ["A", "B"], "other")
+    torch.testing.assert_close(both, shift(1, ["A", "B"], "all"))
+    # in context 0 both were perturbed: nothing takes the rule; C never alone: not either
+    assert torch.all(shift(0, ["A", "B", "C"], "arithmetic") == 0)
+    mask = anchor.arithmetic_parts(torch.tensor([1, 2]), torch.tensor([[0, 1], [2, -1]]))
+    assert mask.tolist() == [[False, True], [False, False]]
+    with pytest.raises(ValueError, match="parts="):
+        shift(0, ["A"], "some")

@@ -61,6 +61,10 @@ _BACKBONE = "backbone."
 #: The shares of its head's correction an anchored member may keep (chosen on the training
 #: units it left out; 0 is the anchor alone).
 CORRECTION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Genes (most changed) over which the arithmetic rule's space is scored.
+TOP_GENES = 20
+#: How a decoded change enters a cell's log-normalised expression (:func:`_ln_change`).
+DECODED_CHANGES = ("log_ratio", "counts")
 #: What learns the response on top of the anchor (see :class:`PerturbationModel`'s
 #: ``response``).
 RESPONSES = ("heads", "flow")
@@ -131,7 +135,12 @@ class PerturbationModel(BaseModel):
         a ridge map of its features (linear), else the mean shift. ``"latent"`` applies
         them to the backbone's latent; ``"expression"`` to the cells' log-normalised
         expression (the shifts of the baselines themselves), with the heads' correction
-        added as a decoded change. Either way the heads learn a correction that starts at
+        added as a decoded change. With ``"expression"``, the arithmetic rule (a part in
+        a context where it was never perturbed) is taken where left-out training
+        contexts say it predicts better (``arithmetic_space_``, one-standard-error rule):
+        the mean expression shift, or the latent arithmetic decoded as a change of each
+        control cell (``arithmetic_validation_`` holds the scores). Either way the heads
+        learn a correction that starts at
         zero, kept only as far as the training units each member left out say it helps
         (``correction_weights_``, one share for the ensemble, :func:`choose_correction`):
         untrained, such a model *is* the baseline.
@@ -255,6 +264,10 @@ class PerturbationModel(BaseModel):
         self.full_anchors_: dict[str, LatentAnchor] = {}
         self.correction_weights_: list[float] = []  # each member's share of its head (one share)
         self.contexts_: list[str] = []  # the contexts with control cells in training
+        # where an expression anchor takes the arithmetic rule (_choose_arithmetic_space)
+        self.arithmetic_space_ = "expression"
+        self.decoded_change_ = "log_ratio"  # how a decoded change enters (_ln_change)
+        self.arithmetic_validation_: dict = {}
         self.history_: dict = {}
 
     @property
@@ -491,26 +504,31 @@ class PerturbationModel(BaseModel):
         mu_ref = None
         if mode != "decoded" and where != "expression":
             mu_ref = mean_at(zs)
-        shifts = None
+        shifts, refs = None, anchor
         if where == "expression":
+            # the parts the expression anchor shifts; with latent arithmetic the others'
+            # shifts are the decoded change of the latent anchor's (self.arithmetic_space_)
+            parts = "other" if self.arithmetic_space_ == "latent" else "all"
+            expr = [self.full_anchors_["expression"]] if full else self.expression_anchors_
+            shifts = torch.stack(
+                [self._anchor_shift(a, idx, feats, dose, context, n, parts) for a in expr]
+            )
+            if parts == "other":  # decoded changes start where the expression-rule parts end
+                lat = [self.full_anchors_["latent"]] if full else self.anchors_
+                arith = torch.stack(
+                    [self._anchor_shift(a, idx, feats, dose, context, n, "arithmetic") for a in lat]
+                )
+                refs = anchor - arith
             if full:
-                shift = self._anchor_shift(
-                    self.full_anchors_["expression"], idx, feats, dose, context, n
-                )
-                shifts = shift.expand(len(self.heads), -1, -1)
-                mu_ref = mean_at(zs + anchor[0])
-            else:
-                shifts = torch.stack(
-                    [
-                        self._anchor_shift(a, idx, feats, dose, context, n)
-                        for a in self.expression_anchors_
-                    ]
-                )
+                shifts = shifts.expand(len(self.heads), -1, -1)
+                mu_ref = mean_at(zs + refs[0])
 
         x_ln = None if mode == "decoded" else _lognorm_t(x)
         ln_ref = None if mu_ref is None else _lognorm_t(mu_ref)
+        scale = None if mode == "decoded" else 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
+        form = self.decoded_change_
 
-        def counts(a, c, shift):
+        def counts(a, c, shift, ref):
             if mode == "decoded":
                 mu, draw = self._decode(
                     self._unstd(zs + a + c), library, conditions, True, ratio=ratio
@@ -519,22 +537,24 @@ class PerturbationModel(BaseModel):
             mu, mu0, ln0 = mean_at(zs + a + c), mu_ref, ln_ref
             start, ln = x, x_ln
             if shift is not None:  # the cells' expression shifted in log-normalised space
-                scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
                 ln = x_ln + shift
                 start = torch.expm1(ln).clamp(min=0) / scale
                 if mu0 is None:  # each member's own latent anchor
-                    mu0 = mean_at(zs + a)
+                    mu0 = mean_at(zs + ref)
                     ln0 = _lognorm_t(mu0)
             expected = (start + mu - mu0).clamp(min=0)
-            return expected, _round_counts(expected), ln + _lognorm_t(mu) - ln0
+            return expected, _round_counts(expected), ln + _ln_change(ln, mu, mu0, scale, form, ln0)
 
         mean = None
         if ensemble:
             mean = counts(
-                anchor.mean(0), correction.mean(0), None if shifts is None else shifts.mean(0)
+                anchor.mean(0),
+                correction.mean(0),
+                None if shifts is None else shifts.mean(0),
+                refs.mean(0),
             )
         members = [
-            counts(anchor[m], correction[m], None if shifts is None else shifts[m])
+            counts(anchor[m], correction[m], None if shifts is None else shifts[m], refs[m])
             for m in range(len(self.heads))
         ]
         return mean, members
@@ -674,18 +694,30 @@ class PerturbationModel(BaseModel):
                     for i, (c, _, _) in enumerate(units)
                 ]
             )
+        self.arithmetic_space_, self.decoded_change_ = "expression", "log_ratio"
+        self.arithmetic_validation_ = {}
         if where == "expression":
             self.full_anchors_["expression"] = self._fit_anchor(
                 None, units, *fit, ln_shifts, parts
             )[0]
+            space, form, scores = self._choose_arithmetic_space(
+                cells, zs, units, ctrl_idx, fit, shifts, ln_shifts, parts, calibration_cells, seed
+            )
+            self.arithmetic_space_, self.decoded_change_ = space, form
+            self.arithmetic_validation_ = scores
+        expr_parts = "other" if self.arithmetic_space_ == "latent" else "all"
         oob_errors = []  # anchored: each member's errors on its left-out units, per weight
         bar = tqdm(total=k_members * head_steps, desc="response heads", disable=not progress)
         for k in range(k_members):
             anchor, unit_shift = self._fit_anchor(k, units, *fit, shifts, parts)
-            ln_unit_shift = None
+            ln_unit_shift, unit_ref = None, unit_shift
             if where == "expression":
-                expr_anchor, ln_unit_shift = self._fit_anchor(k, units, *fit, ln_shifts, parts)
+                expr_anchor, _ = self._fit_anchor(k, units, *fit, ln_shifts, parts)
                 self.expression_anchors_.append(expr_anchor)
+                with torch.no_grad():
+                    ln_unit_shift = expr_anchor(*fit, parts=expr_parts)
+                    if expr_parts == "other":  # decoded from where the other parts end
+                        unit_ref = unit_shift - anchor(*fit, parts="arithmetic")
             saved = None if folder is None else folder / f"member{k}"
             if resume and saved is not None and saved.exists():  # trained before an interruption
                 state, info = read_checkpoint(saved)
@@ -737,6 +769,7 @@ class PerturbationModel(BaseModel):
                         ctrl_idx,
                         (u_idx, u_feat, u_dose),
                         unit_shift,
+                        unit_ref,
                         ln_unit_shift,
                         ln_shifts,
                         calibration_cells,
@@ -855,12 +888,15 @@ class PerturbationModel(BaseModel):
         return anchor + correction
 
     @staticmethod
-    def _anchor_shift(anchor, idx, feats, dose, context, n: int) -> torch.Tensor:
-        """An anchor's shift ``(n, D)`` of one request for ``n`` cells."""
+    def _anchor_shift(anchor, idx, feats, dose, context, n: int, parts="all") -> torch.Tensor:
+        """An anchor's shift ``(n, D)`` of one request for ``n`` cells (of the request's
+        ``parts``, see :meth:`LatentAnchor.forward`)."""
         ctx = torch.full((n,), -1, dtype=torch.long) if context is None else context
         uniq, inv = torch.unique(ctx, return_inverse=True)
         r = len(uniq)
-        shift = anchor(uniq, idx.expand(r, -1), feats.expand(r, -1, -1), dose.expand(r, -1))
+        shift = anchor(
+            uniq, idx.expand(r, -1), feats.expand(r, -1, -1), dose.expand(r, -1), parts=parts
+        )
         return shift[inv]
 
     def _context_index(self, labels) -> torch.Tensor:
@@ -895,6 +931,79 @@ class PerturbationModel(BaseModel):
             return anchor.eval(), anchor(u_ctx, u_idx, u_feat, u_dose)
 
     @torch.inference_mode()
+    def _choose_arithmetic_space(
+        self, cells, zs, units, ctrl_idx, fit, shifts, ln_shifts, parts, n_cells, seed
+    ) -> tuple[str, str, dict]:
+        """Where an expression anchor takes the arithmetic rule (a part's shift in a context
+        where it was never perturbed: its shift in the other contexts), and how a decoded
+        change enters the cells' expression. ``"expression"``: the mean log-normalised
+        shift (the mean-shift baseline's). ``"latent"``: the mean latent shift, decoded as
+        a change of each control cell (latent arithmetic, as scVI's; the backbone's
+        reconstruction error cancels out of the change), entering as a ``"log_ratio"`` or
+        as ``"counts"`` (:func:`_ln_change`).
+
+        Chosen on training data only: each training context in turn is left out, anchors
+        fitted on the others predict its units whose parts all take the rule, and each
+        candidate is scored by the Pearson correlation of the predicted and the observed
+        mean change over the unit's :data:`TOP_GENES` most changed genes (the benchmarks'
+        top-20 ``pearson_delta``). The better latent candidate is kept only when it beats
+        ``"expression"`` by more than one standard error of the paired differences (the
+        one-standard-error rule, as for the correction share). Returns the space, the
+        form, and the scores ``{"units": [...], "expression": [...], "log_ratio": [...],
+        "counts": [...]}``.
+        """
+        u_ctx, u_idx, u_feat, u_dose = fit
+        labels = [c for c, _, _ in units]
+        n_feat = 0 if self.features_ is None else self.features_.shape[1]
+        features = self._part_features(parts)
+        rng = np.random.default_rng(seed)
+        scores = {"units": [], "expression": [], **{f: [] for f in DECODED_CHANGES}}
+        for c in sorted(set(labels)):
+            keep = torch.as_tensor([i for i, lab in enumerate(labels) if lab != c], dtype=int)
+            held = torch.as_tensor([i for i, lab in enumerate(labels) if lab == c], dtype=int)
+            if not len(keep):
+                continue
+            anchors = []
+            for d, y in ((shifts.shape[1], shifts), (ln_shifts.shape[1], ln_shifts)):
+                a = LatentAnchor(d, len(parts), len(self.contexts_), n_feat)
+                a.fit(u_ctx[keep], u_idx[keep], u_dose[keep], y[keep], features)
+                anchors.append(a.eval())
+            lat, expr = anchors
+            h = (u_ctx[held], u_idx[held], u_feat[held], u_dose[held])
+            rule = lat.arithmetic_parts(h[0], h[1])
+            alone = rule.sum(1) == (h[1] >= 0).sum(1)  # every part takes the rule
+            pred_lat, pred_expr = lat(*h, parts="arithmetic"), expr(*h)
+            for j in torch.nonzero(alone).flatten().tolist():
+                i = int(held[j])
+                ci = ctrl_idx[c]
+                ci = rng.choice(ci, size=min(n_cells, ci.size), replace=False)
+                conds = {k: v[ci] for k, v in cells["conditions"].items()}
+                lib, x = cells["library"][ci], cells["x"][ci]
+
+                def mean_at(z, lib=lib, conds=conds):
+                    return self._decode(self._unstd(z), lib, conds, False)[0]
+
+                mu0, mu1 = mean_at(zs[ci]), mean_at(zs[ci] + pred_lat[j])
+                scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
+                preds = {"expression": pred_expr[j]}
+                for form in DECODED_CHANGES:
+                    preds[form] = _ln_change(_lognorm_t(x), mu1, mu0, scale, form).mean(0)
+                obs = ln_shifts[i]
+                top = obs.abs().argsort(descending=True)[:TOP_GENES]
+                scores["units"].append(f"{c}: {'+'.join(units[i][1])}")
+                for key, pred in preds.items():
+                    r = np.corrcoef(pred[top].numpy(), obs[top].numpy())[0, 1]
+                    scores[key].append(float(np.nan_to_num(r)))
+        if len(scores["units"]) < 2:
+            return "expression", "log_ratio", scores
+        means = {f: float(np.mean(scores[f])) for f in DECODED_CHANGES}
+        form = max(DECODED_CHANGES, key=means.get)
+        gain = np.asarray(scores[form]) - np.asarray(scores["expression"])
+        if gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)):
+            return "latent", form, scores
+        return "expression", "log_ratio", scores
+
+    @torch.inference_mode()
     def _correction_errors(
         self,
         head,
@@ -905,6 +1014,7 @@ class PerturbationModel(BaseModel):
         ctrl_idx,
         requests,
         unit_shift,
+        unit_ref,
         ln_unit_shift,
         ln_shifts,
         n_cells,
@@ -915,7 +1025,8 @@ class PerturbationModel(BaseModel):
         the predicted mean change of log-normalised expression (the quantity the
         benchmarks score, built as :meth:`_request_counts` builds predictions).
 
-        ``unit_shift``: the member's latent anchor of every training unit;
+        ``unit_shift``: the member's latent anchor of every training unit; ``unit_ref``:
+        the latent shift its decoded change is measured from (with an expression anchor);
         ``ln_unit_shift``: its expression anchor (``None`` without one); ``ln_shifts``: the
         observed changes.
         """
@@ -933,21 +1044,33 @@ class PerturbationModel(BaseModel):
             conds = {key: v[ci] for key, v in cells["conditions"].items()}
             ratio = self._bias_ratio(cells, ci) if self.correct_bias_ else None
 
-            def ln_mean(z, lib=lib, conds=conds, ratio=ratio):  # mean log-normalised decoded
-                mu = self._decode(self._unstd(z), lib, conds, False, ratio=ratio)[0]
-                return _lognorm_t(mu).mean(0)
+            def mean_at(z, lib=lib, conds=conds, ratio=ratio):  # decoded means
+                return self._decode(self._unstd(z), lib, conds, False, ratio=ratio)[0]
+
+            def ln_mean(z):  # mean log-normalised decoded
+                return _lognorm_t(mean_at(z)).mean(0)
 
             e = head.embed(u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])[0]
             z0 = zs[ci] + unit_shift[i]
             corr = head(z0 if self._is_flow() else zs[ci], e)
             if mode == "decoded":  # the decoded cells against the observed controls
                 base = -_lognorm_t(cells["x"][ci]).mean(0)
-            else:  # the control cells plus the decoded change
-                base = -ln_mean(zs[ci] if ln_unit_shift is None else z0)
-                if ln_unit_shift is not None:
-                    base = base + ln_unit_shift[i]
+                for j, w in enumerate(CORRECTION_GRID):
+                    pred = base + ln_mean(z0 + w * corr)
+                    errors[row, j] = float((pred - ln_shifts[i]).pow(2).mean())
+                continue
+            # the control cells (shifted by the expression anchor) plus the decoded change
+            x = cells["x"][ci]
+            scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
+            ln = _lognorm_t(x)
+            ref = zs[ci]
+            if ln_unit_shift is not None:
+                ln, ref = ln + ln_unit_shift[i], zs[ci] + unit_ref[i]
+            mu0 = mean_at(ref)
+            start = (ln - _lognorm_t(x)).mean(0)
             for j, w in enumerate(CORRECTION_GRID):
-                pred = base + ln_mean(z0 + w * corr)
+                change = _ln_change(ln, mean_at(z0 + w * corr), mu0, scale, self.decoded_change_)
+                pred = start + change.mean(0)
                 errors[row, j] = float((pred - ln_shifts[i]).pow(2).mean())
         return errors
 
@@ -1400,6 +1523,9 @@ class PerturbationModel(BaseModel):
             "vocab": list(self.vocab_),
             "contexts": self.contexts_,
             "correction_weights": self.correction_weights_,
+            "arithmetic_space": self.arithmetic_space_,
+            "decoded_change": self.decoded_change_,
+            "arithmetic_validation": self.arithmetic_validation_,
             "units": self.units_,
             "oob": self.oob_,
             "calibration": self.calibration_,
@@ -1513,6 +1639,10 @@ class PerturbationModel(BaseModel):
         # Saves before the anchors: no contexts recorded, every member keeps its whole head.
         model.contexts_ = list(config.get("contexts", []))
         model.correction_weights_ = [float(w) for w in config.get("correction_weights", [1.0] * k)]
+        # saves before the choice: the arithmetic rule in expression
+        model.arithmetic_space_ = config.get("arithmetic_space", "expression")
+        model.decoded_change_ = config.get("decoded_change", "log_ratio")
+        model.arithmetic_validation_ = config.get("arithmetic_validation", {})
         where = model.init_kwargs_.get("anchor")
         spaces = {"latent": ("anchor", model.anchors_, shape["latent_dim"])}
         if where == "expression":
@@ -1580,6 +1710,24 @@ def choose_correction(errors: np.ndarray) -> float:
     gain = errors[:, 0] - errors[:, best]
     se = gain.std(ddof=1) / np.sqrt(len(gain))
     return float(CORRECTION_GRID[best]) if gain.mean() > se else 0.0
+
+
+def _ln_change(ln_start, mu, mu0, scale, form: str = "log_ratio", ln0=None) -> torch.Tensor:
+    """The change ``(N, G)`` of each cell's log1p(CP10k) expression that a decoded change
+    of its expected counts ``mu0`` → ``mu`` makes. ``ln_start``: the cell's own
+    log-normalised expression; ``scale``: CP10k per count of the cell, ``(N, 1)``.
+
+    ``"log_ratio"``: the change of the decoded means' log-normalised values (``ln0``:
+    those of ``mu0``, when already computed). ``"counts"``: the change of the cell's
+    log-normalised counts when the change of the means is added to its counts (the
+    expected counts of ``counts="control_plus_change"``), so a gene the cell lacks moves
+    by what its new counts are worth, not by the ratio of two small means. Both are
+    exactly 0 where ``mu == mu0``.
+    """
+    if form == "counts":
+        start = torch.expm1(ln_start).clamp(min=0) / scale
+        return torch.log1p(scale * (start + mu - mu0).clamp(min=0)) - torch.log1p(scale * start)
+    return _lognorm_t(mu) - (_lognorm_t(mu0) if ln0 is None else ln0)
 
 
 def _round_counts(expected: torch.Tensor) -> torch.Tensor:

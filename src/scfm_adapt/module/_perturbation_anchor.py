@@ -28,6 +28,8 @@ from ._perturbation_response import dose_scale
 #: Ridge strengths (relative to the mean squared norm of the centred features) that the
 #: feature map chooses from by leave-one-out; the mean shift alone is always a candidate.
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+#: The sets of a request's parts whose shifts :meth:`LatentAnchor.forward` sums.
+PART_SETS = ("all", "arithmetic", "other")
 
 
 class LatentAnchor(nn.Module):
@@ -129,20 +131,36 @@ class LatentAnchor(nn.Module):
             alpha = torch.linalg.solve(kern + best * scale * eye, yc)
             self.feature_map.copy_(xc.T @ alpha)
 
+    def arithmetic_parts(self, context: torch.Tensor, part_idx: torch.Tensor) -> torch.Tensor:
+        """``(R, K)``: which parts of each request take their shift from other contexts
+        (rule 2: perturbed alone in training, but not in the request's context)."""
+        idx = part_idx.clamp(min=0)
+        ctx = context.clamp(min=0).unsqueeze(1).expand_as(idx)
+        in_ctx = (self.context_known[ctx, idx] > 0) & (context >= 0).unsqueeze(1)
+        return (part_idx >= 0) & (self.part_known[idx] > 0) & ~in_ctx
+
     def forward(
         self,
         context: torch.Tensor,
         part_idx: torch.Tensor,
         features: torch.Tensor,
         dose: torch.Tensor,
+        parts: str = "all",
     ) -> torch.Tensor:
         """Shifts ``(R, D)`` of requests: ``context`` ``(R,)`` (``-1``: a context without
         training units), ``part_idx`` ``(R, K)``, ``features`` ``(R, K, F)``, ``dose``
-        ``(R, K)``."""
+        ``(R, K)``. ``parts``: sum the shifts of ``"all"`` parts, of the
+        ``"arithmetic"`` ones only (parts that take their shift from other contexts,
+        rule 2), or of the ``"other"`` ones; the last two add up to the first."""
+        if parts not in PART_SETS:
+            raise ValueError(f"parts={parts!r}; choose one of {PART_SETS}.")
         valid = part_idx >= 0
         idx = part_idx.clamp(min=0)
         ctx = context.clamp(min=0).unsqueeze(1).expand_as(idx)
         in_ctx = (self.context_known[ctx, idx] > 0) & (context >= 0).unsqueeze(1)
+        if parts != "all":
+            arithmetic = self.arithmetic_parts(context, part_idx)
+            valid = valid & (arithmetic if parts == "arithmetic" else ~arithmetic)
         if features.shape[-1]:
             has = features.abs().sum(-1, keepdim=True) > 0
             from_features = self.feature_shift + (features - self.feature_mean) @ self.feature_map
