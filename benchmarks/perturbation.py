@@ -321,15 +321,17 @@ def run_task(
             extras.setdefault("correction_weights", {})[name] = list(model.correction_weights_)
         if kwargs.get("anchor") == "expression":  # the arithmetic rule's space, and why
             val = model.arithmetic_validation_
+            means = {
+                k: round(float(np.mean(val[k])), 3)
+                for k in ("expression", "log_ratio", "counts")
+                if val.get("units")
+            }
             extras.setdefault("arithmetic", {})[name] = (
                 model.arithmetic_space_,
-                len(val["units"]),
-                round(float(np.mean(val["expression"])), 3) if val["units"] else None,
-                round(float(np.mean(val["latent"])), 3) if val["units"] else None,
+                model.decoded_change_,
+                len(val.get("units", [])),
+                means,
             )
-        extras.setdefault("feature_map", {})[name] = {
-            space: bool(a.feature_map.abs().sum() > 0) for space, a in model.full_anchors_.items()
-        }
         # the log-normalised cells (layers["scfm_lognorm"]: each control cell plus its
         # predicted change, as the shift baselines' cells; with counts="decoded" the sampled
         # counts); an anchored model also scored on its sampled counts ("<name>_counts")
@@ -438,8 +440,8 @@ def main(argv=None) -> None:
                 f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s ({times}); "
                 f"OOB Pearson of the calibration {oob}; anchored members' correction "
                 f"weights {extras.get('correction_weights')}; GO feature map kept {fmap}; "
-                "arithmetic rule (space, left-out training units, their mean top-20 r in "
-                f"expression, in latent) {extras.get('arithmetic')}",
+                "arithmetic rule (space, decoded change, left-out training units, their "
+                f"mean top-20 r per candidate) {extras.get('arithmetic')}",
                 flush=True,
             )
         scores = pd.concat(all_scores, ignore_index=True)
