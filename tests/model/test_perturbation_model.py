@@ -516,3 +516,28 @@ def test_the_arithmetic_rule_taken_in_the_latent_is_the_decoded_latent_arithmeti
     assert m2.decoded_change_ == "counts"
     two = m2.predict_perturbation(ctrl, ["A"], covariates=cov, seed=0)
     np.testing.assert_allclose(two.layers["scfm_lognorm"], out.layers["scfm_lognorm"], atol=1e-5)
+
+
+def test_calibration_refits_each_members_anchor_without_the_unit(untrained_anchor):
+    """The intervals are calibrated with every member's anchors refitted without the
+    calibration unit, so that, as for a new request, no member has seen it."""
+    import torch
+
+    m, _ = untrained_anchor
+    reqs = [(tuple(p), tuple(d)) for _, p, d in m.units_]
+    u_idx, u_feat, u_dose = m._encode_requests(reqs)
+    u_ctx = m._context_index([c for c, _, _ in m.units_])
+    shifts = torch.randn(len(reqs), 3)
+    parts = list(m.vocab_)
+    fit = (u_ctx, u_idx, u_feat, u_dose)
+    i = next(j for j, (c, p, _) in enumerate(m.units_) if c == "ctx1" and list(p) == ["A"])
+    k = next(k for k in range(len(m.heads)) if i not in m.oob_[k])  # a member that saw it
+    ctx1, a = m.contexts_.index("ctx1"), m.vocab_["A"]
+    seen, _ = m._fit_anchor(k, m.units_, *fit, shifts, parts)
+    assert seen.context_known[ctx1, a] == 1
+    refit, _ = m._fit_anchor(k, m.units_, *fit, shifts, parts, drop=i)
+    assert refit.context_known[ctx1, a] == 0 and refit.part_known[a] == 1  # arithmetic
+    ctx0 = next(j for j, (c, p, _) in enumerate(m.units_) if c == "ctx0" and list(p) == ["A"])
+    req = (u_ctx[i : i + 1], u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])
+    if ctx0 not in m.oob_[k]:  # A's shift now comes from ctx0 alone
+        torch.testing.assert_close(refit(*req)[0], shifts[ctx0])

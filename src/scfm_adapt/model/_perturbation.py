@@ -791,6 +791,7 @@ class PerturbationModel(BaseModel):
             u_dose,
             calibration_cells,
             seed,
+            refit=(fit, shifts, ln_shifts, parts) if where else None,
         )
         self.is_trained_ = True
 
@@ -915,12 +916,15 @@ class PerturbationModel(BaseModel):
                 out[i] = torch.as_tensor(f)
         return out
 
-    def _fit_anchor(self, k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts):
-        """Member ``k``'s anchor, fitted on its in-bag units (``k=None``: on all), and the
-        shift it gives every training unit (zeros and ``None`` without ``anchor``)."""
+    def _fit_anchor(self, k, units, u_ctx, u_idx, u_feat, u_dose, shifts, parts, drop=None):
+        """Member ``k``'s anchor, fitted on its in-bag units (``k=None``: on all; without
+        unit ``drop`` too, unless it is the only one), and the shift it gives every
+        training unit (zeros and ``None`` without ``anchor``)."""
         if not self.init_kwargs_.get("anchor"):
             return None, torch.zeros_like(shifts)
-        inbag = torch.arange(len(units)) if k is None else _in_bag(len(units), self.oob_[k])
+        inbag = list(range(len(units))) if k is None else _in_bag(len(units), self.oob_[k])
+        if drop is not None and len(inbag) > 1:
+            inbag = [i for i in inbag if i != drop]
         inbag = torch.as_tensor(inbag)
         n_feat = 0 if self.features_ is None else self.features_.shape[1]
         anchor = LatentAnchor(shifts.shape[1], len(parts), len(self.contexts_), n_feat)
@@ -1076,8 +1080,19 @@ class PerturbationModel(BaseModel):
 
     @torch.inference_mode()
     def _calibrate(
-        self, cells, zs, units, unit_idx, ctrl_idx, u_idx, u_feat, u_dose, n_cells, seed
+        self, cells, zs, units, unit_idx, ctrl_idx, u_idx, u_feat, u_dose, n_cells, seed, refit=None
     ):
+        """Split-conformal calibration of the intervals on out-of-bag predictions, and the
+        OOD references.
+
+        A unit's centre is the mean prediction of the members that left it out. Its
+        spread is the members' disagreement as it is at prediction time, where no member
+        has seen the request: with anchors (``refit``: the anchors' training data), every
+        member's anchors are refitted without the unit first (closed form, cheap), so a
+        member that saw the unit does not vouch for it. Without that, the members that
+        saw a unit give its own shift, the spread of a calibration unit grows with its
+        error, and the intervals of new requests come out too narrow.
+        """
         rng = np.random.default_rng(seed)
         x_ln = _lognorm_t(cells["x"])
         true, centres, spreads = [], [], []
@@ -1090,17 +1105,31 @@ class PerturbationModel(BaseModel):
             conds = {k: v[ci] for k, v in cells["conditions"].items()}
             ratio = self._bias_ratio(cells, ci) if self.correct_bias_ else None
             request = (u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])
-            _, members = self._request_counts(
-                zs[ci],
-                cells["library"][ci],
-                conds,
-                cells["x"][ci],
-                ctx,
-                request,
-                ratio,
-                ensemble=False,
-                full=False,
-            )
+            own = (self.anchors_, self.expression_anchors_)
+            if refit is not None:  # each member's anchors without unit i
+                fit, shifts, ln_shifts, parts = refit
+                k_all = range(len(self.heads))
+                self.anchors_ = [
+                    self._fit_anchor(k, units, *fit, shifts, parts, drop=i)[0] for k in k_all
+                ]
+                if self.expression_anchors_:
+                    self.expression_anchors_ = [
+                        self._fit_anchor(k, units, *fit, ln_shifts, parts, drop=i)[0] for k in k_all
+                    ]
+            try:
+                _, members = self._request_counts(
+                    zs[ci],
+                    cells["library"][ci],
+                    conds,
+                    cells["x"][ci],
+                    ctx,
+                    request,
+                    ratio,
+                    ensemble=False,
+                    full=False,
+                )
+            finally:
+                self.anchors_, self.expression_anchors_ = own
             per_member = [(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in members]
             per_member = np.stack(per_member)
             oob = [m for m in range(len(self.heads)) if i in self.oob_[m]]
