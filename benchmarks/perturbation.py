@@ -186,7 +186,8 @@ def ceiling_scores(task: dict, seed: int = 0, reference=None) -> tuple[pd.DataFr
 
 #: PerturbationModel variants: name -> keyword arguments
 VARIANTS = {
-    "default": {},
+    "default": {},  # anchor="expression"
+    "heads": {"anchor": None},  # the heads alone, the default before the anchors
     "anchor": {"anchor": "latent"},
     "cpc": {"counts": "control_plus_change"},
     "anchor_cpc": {"anchor": "latent", "counts": "control_plus_change"},

@@ -419,8 +419,10 @@ def scfm_perturbation(task: dict, tokenizer: str, gf_dir, args, seed: int = 0):
     train = task["train"].copy()
     reset_seeds(seed)
     sfa.model.PerturbationModel.setup_anndata(train, **setup)
+    # the heads alone (the tokenizers were compared on them; the anchored default's
+    # anchor does not depend on the tokenizer)
     model = sfa.model.PerturbationModel(
-        train, gene_features=task["features"], **scfm_kwargs(tokenizer, gf_dir)
+        train, gene_features=task["features"], anchor=None, **scfm_kwargs(tokenizer, gf_dir)
     )
     # PerturbationModel.train(max_epochs=E) trains the backbone exactly like this, then the
     # heads; split in two calls so that the two parts are timed separately.

@@ -48,6 +48,9 @@ def pert_model():
 # ------------------------------------------------------------------ model
 def test_prediction_slots_and_shapes(pert_model):
     m, a = pert_model
+    # the default starts at the baselines in expression and builds cells from controls
+    assert m.init_kwargs_["anchor"] == "expression"
+    assert m.init_kwargs_["counts"] == "control_plus_change"
     ctrl = control_cells(a)
     out = m.predict_perturbation(ctrl, ["A", "A+B"], seed=0)
     assert out.shape == (2 * ctrl.n_obs, a.n_vars)

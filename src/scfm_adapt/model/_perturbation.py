@@ -89,15 +89,21 @@ class PerturbationModel(BaseModel):
     """Predict how cells respond to perturbations, including unseen ones and combinations.
 
     A token VAE (:class:`SCFM`; trained on the data's own cells, or a pretrained one adapted
-    with LoRA) encodes each cell into latent tokens. For a perturbation, an ensemble of
-    :class:`~scfm_adapt.module.ResponseHead` networks predicts a *delta* of each control
-    cell's latent: the perturbation is embedded as the dose-weighted sum of its parts'
-    embeddings (learned for parts seen in training, projected from gene features such as
-    GO for any gene), so ``"A+B" == "B+A"`` and unseen genes and combinations get
-    predictions. Heads are trained by matching, for every training (context,
-    perturbation) unit, the distribution of shifted control latents to the perturbed
-    cells' latents (mean + MMD). Shifted latents are decoded with the NB/ZINB decoder at
-    each control cell's library and sampled, so predictions are cells, not only a mean.
+    with LoRA) encodes each cell into latent tokens. A perturbation's response starts at
+    the simple models (``anchor="expression"``, the default): a part's own shift in the
+    context, its shift in the other contexts (in expression, or as the decoded latent
+    arithmetic where left-out training contexts say so), a combination as the sum of its
+    parts, an unseen gene by a ridge map of its features. On top, an ensemble of
+    :class:`~scfm_adapt.module.ResponseHead` networks (or :class:`~scfm_adapt.module.ResponseFlow`
+    DiTs) learns a correction of each control cell's latent that starts at zero: the
+    perturbation is embedded as the dose-weighted sum of its parts' embeddings (learned
+    for parts seen in training, projected from gene features such as GO for any gene), so
+    ``"A+B" == "B+A"`` and unseen genes and combinations get predictions. Heads are
+    trained by matching, for every training (context, perturbation) unit, the
+    distribution of shifted control latents to the perturbed cells' latents (mean + MMD);
+    the share of their correction the model keeps is chosen on the units each member left
+    out. Predicted cells are each control cell's counts plus the predicted change, so the
+    backbone's reconstruction error cancels; predictions are cells, not only a mean.
 
     Uncertainty: each ensemble member leaves out a share of the training units; the
     members that did not see a unit predict it, and the spread of their errors, relative
@@ -132,19 +138,20 @@ class PerturbationModel(BaseModel):
         Start every response at the simple models (:class:`~scfm_adapt.module.LatentAnchor`
         gives the rules): a part's own shift in the context, its shift in other contexts
         (arithmetic), a combination as the sum of its parts (additive), an unseen gene by
-        a ridge map of its features (linear), else the mean shift. ``"latent"`` applies
-        them to the backbone's latent; ``"expression"`` to the cells' log-normalised
-        expression (the shifts of the baselines themselves), with the heads' correction
-        added as a decoded change. With ``"expression"``, the arithmetic rule (a part in
-        a context where it was never perturbed) is taken where left-out training
-        contexts say it predicts better (``arithmetic_space_``, one-standard-error rule):
-        the mean expression shift, or the latent arithmetic decoded as a change of each
-        control cell (``arithmetic_validation_`` holds the scores). Either way the heads
-        learn a correction that starts at
-        zero, kept only as far as the training units each member left out say it helps
-        (``correction_weights_``, one share for the ensemble, :func:`choose_correction`):
-        untrained, such a model *is* the baseline.
-        ``None`` (default): the heads alone.
+        a ridge map of its features (linear), else the mean shift. ``"expression"``
+        (default) applies them to the cells' log-normalised expression (the shifts of the
+        baselines themselves), with the heads' correction added as a decoded change;
+        ``"latent"`` to the backbone's latent. With ``"expression"``, the arithmetic rule
+        (a part in a context where it was never perturbed) is taken where left-out
+        training contexts say it predicts better (``arithmetic_space_``,
+        ``decoded_change_``; one-standard-error rule): the mean expression shift, or the
+        latent arithmetic decoded as a change of each control cell
+        (``arithmetic_validation_`` holds the scores). Either way the heads learn a
+        correction that starts at zero, kept only as far as the training units each
+        member left out say it helps (``correction_weights_``, one share for the
+        ensemble, :func:`choose_correction`): untrained, such a model *is* the baseline.
+        ``None``: the heads alone (the default before the anchors; ``benchmarks/README.md``
+        compares the two).
     counts
         How predicted cells are built from their control cells: ``"decoded"`` samples the
         decoder at the shifted latent; ``"control_plus_change"`` adds the decoded *change*
@@ -185,7 +192,7 @@ class PerturbationModel(BaseModel):
         hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
-        anchor: str | None = None,
+        anchor: str | None = "expression",
         counts: str | None = None,
         response: str = "heads",
         registry: dict | None = None,
@@ -484,12 +491,14 @@ class PerturbationModel(BaseModel):
         ``counts="decoded"``: the decoder at the shifted latent (``lognorm``: the draw,
         log-normalised). Else the cells' own counts plus the decoded change: the
         decoded mean at the shifted latent minus at the unshifted one (the cell's own
-        latent; with ``anchor="expression"``, the latent shifted by the latent anchor, the
-        expression anchor having shifted the counts), rounded by :func:`_round_counts`;
-        ``lognorm`` is then the cell's log-normalised expression plus the expression
-        anchor's shift plus the decoded change of log-normalised expression, so that its
-        mean change is the anchor's shift exactly when the correction is 0 (the baselines'
-        cells, :func:`scfm_adapt.baselines.shifted_cells`, are built the same way).
+        latent; with ``anchor="expression"``, the latent shifted by the latent anchor of
+        the parts the expression anchor shifts, their change being in the counts
+        already), rounded by :func:`_round_counts`; ``lognorm`` is then the cell's
+        log-normalised expression plus the expression anchor's shift plus the decoded
+        change (:func:`_ln_change`, in the form ``decoded_change_``), so that its mean
+        change is the anchor's shift exactly when the correction is 0 and no part takes
+        the latent arithmetic (the baselines' cells,
+        :func:`scfm_adapt.baselines.shifted_cells`, are built the same way).
         """
         idx, feats, dose = request
         anchor, correction = self._member_parts(zs, idx, feats, dose, context, full)
@@ -1309,7 +1318,8 @@ class PerturbationModel(BaseModel):
             ``counts="decoded"``, ``X`` log-normalised); ``obs``: the perturbation
             column, the covariates, ``dose``,
             ``scfm_control_cell`` (the source cell), ``scfm_uncertainty`` (per cell: RMS
-            over genes of the members' disagreement on its log-normalised expression) and
+            over genes of the members' disagreement on its log-normalised expression,
+            each member with its own anchors) and
             ``ood_score`` (per request, see :meth:`ood_score`). ``varm["scfm_delta"]``,
             ``varm["scfm_delta_lower"]``, ``varm["scfm_delta_upper"]``: genes x
             perturbations DataFrames of the predicted mean change of log-normalised
@@ -1358,14 +1368,9 @@ class PerturbationModel(BaseModel):
                     zs, lib, conds, cells["x"][sel], ctx_all[sel], request, ratio
                 )
                 ctrl_mean = x_ln[sel].mean(0)
-                member_ln, member_delta = [], []
-                for mu_m, _, ln_m in members:
-                    member_ln.append(_lognorm_t(mu_m))
-                    member_delta.append((ln_m.mean(0) - ctrl_mean).numpy())
-                unc = torch.stack(member_ln).std(0).pow(2).mean(1).sqrt().numpy()
-                member_delta = np.stack(member_delta)
+                member_delta = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in members])
                 centre = member_delta.mean(0)
-                spread = member_delta.std(0)
+                own = members
                 if self.anchors_:
                     # the spread as calibrated: each member with its own anchors (fitted
                     # without its left-out units), so the anchor's uncertainty counts too
@@ -1380,8 +1385,13 @@ class PerturbationModel(BaseModel):
                         ensemble=False,
                         full=False,
                     )
-                    spread = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in own])
-                    spread = spread.std(0)
+                spread = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in own])
+                spread = spread.std(0)
+                # per cell: the members' disagreement on its expected expression (with
+                # anchors, each member's own: members that share one anchor and keep no
+                # correction would otherwise always agree)
+                member_ln = torch.stack([_lognorm_t(mu_m) for mu_m, _, _ in own])
+                unc = member_ln.std(0).pow(2).mean(1).sqrt().numpy()
                 half = q * (spread + self.gene_scale_ + 1e-3)
                 deltas.append(centre)
                 lows.append(centre - half)
@@ -1472,7 +1482,14 @@ class PerturbationModel(BaseModel):
                 )
             full = self.full_anchors_["latent"]
             shift = self._anchor_shift(full, idx, feats, dose_t, ctx[:1], 1)[0]
-        shift = shift.to(dev)
+        # with an expression anchor the explained change starts where its shift ends: at
+        # the latent shift of the parts it shifts in expression (all but those whose
+        # arithmetic is decoded from the latent, whose change differs from cell to cell)
+        ref = shift
+        if self.anchors_ and self.arithmetic_space_ == "latent":
+            full = self.full_anchors_["latent"]
+            ref = shift - self._anchor_shift(full, idx, feats, dose_t, ctx[:1], 1, "arithmetic")[0]
+        shift, ref = shift.to(dev), ref.to(dev)
         z_mean, z_std = self.z_mean_.to(dev), self.z_std_.to(dev)
         shape = (-1, module.n_tokens, module.token_dim)
 
@@ -1489,9 +1506,9 @@ class PerturbationModel(BaseModel):
             conds = module.conditions(tensors)
             lib = tensors["X"].sum(-1, keepdim=True)
             mu_p = module.decode(z_pert, lib, conds).mean
-            if expression:  # the change the heads add to the shifted expression (whose
+            if expression:  # the decoded change on top of the shifted expression (whose
                 # shift is the same for every cell of the context, so explains nothing)
-                z = ((zs + shift) * z_std + z_mean).view(shape)
+                z = ((zs + ref) * z_std + z_mean).view(shape)
             mu_c = module.decode(z, lib, conds).mean
             return _lognorm_t(mu_p) - _lognorm_t(mu_c)
 
@@ -1629,7 +1646,8 @@ class PerturbationModel(BaseModel):
             None if adata is None else backbone.adata,
             registry=registry,
             _backbone=backbone,
-            **config["init_kwargs"],
+            # saves from before the anchors record none: they are the heads alone
+            **{"anchor": None, **config["init_kwargs"]},
         )
         model.pretrained_ = bool(config["pretrained"])
         model.correct_bias_ = bool(config.get("correct_decoder_bias", False))
