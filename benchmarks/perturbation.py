@@ -333,6 +333,9 @@ def run_task(
                 len(val.get("units", [])),
                 means,
             )
+        extras.setdefault("feature_map", {})[name] = {
+            space: bool(a.feature_map.abs().sum() > 0) for space, a in model.full_anchors_.items()
+        }
         # the log-normalised cells (layers["scfm_lognorm"]: each control cell plus its
         # predicted change, as the shift baselines' cells; with counts="decoded" the sampled
         # counts); an anchored model also scored on its sampled counts ("<name>_counts")
