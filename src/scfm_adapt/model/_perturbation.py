@@ -999,8 +999,9 @@ class PerturbationModel(BaseModel):
                 mu0, mu1 = mean_at(zs[ci]), mean_at(zs[ci] + pred_lat[j])
                 scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
                 preds = {"expression": pred_expr[j]}
+                x_ln = _lognorm_t(x)
                 for form in DECODED_CHANGES:
-                    preds[form] = _ln_change(_lognorm_t(x), mu1, mu0, scale, form).mean(0)
+                    preds[form] = _ln_change(x_ln, mu1, mu0, scale, form).mean(0)
                 obs = ln_shifts[i]
                 top = obs.abs().argsort(descending=True)[:TOP_GENES]
                 scores["units"].append(f"{c}: {'+'.join(units[i][1])}")
@@ -1075,12 +1076,11 @@ class PerturbationModel(BaseModel):
             # the control cells (shifted by the expression anchor) plus the decoded change
             x = cells["x"][ci]
             scale = 1e4 / x.sum(-1, keepdim=True).clamp(min=1e-8)
-            ln = _lognorm_t(x)
-            ref = zs[ci]
+            ln, ref, start = _lognorm_t(x), zs[ci], 0.0
             if ln_unit_shift is not None:
-                ln, ref = ln + ln_unit_shift[i], zs[ci] + unit_ref[i]
+                start, ref = ln_unit_shift[i], zs[ci] + unit_ref[i]
+                ln = ln + start
             mu0 = mean_at(ref)
-            start = (ln - _lognorm_t(x)).mean(0)
             for j, w in enumerate(CORRECTION_GRID):
                 change = _ln_change(ln, mean_at(z0 + w * corr), mu0, scale, self.decoded_change_)
                 pred = start + change.mean(0)
@@ -1370,7 +1370,7 @@ class PerturbationModel(BaseModel):
                 ctrl_mean = x_ln[sel].mean(0)
                 member_delta = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in members])
                 centre = member_delta.mean(0)
-                own = members
+                own, spread = members, member_delta.std(0)
                 if self.anchors_:
                     # the spread as calibrated: each member with its own anchors (fitted
                     # without its left-out units), so the anchor's uncertainty counts too
@@ -1385,8 +1385,8 @@ class PerturbationModel(BaseModel):
                         ensemble=False,
                         full=False,
                     )
-                spread = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in own])
-                spread = spread.std(0)
+                    spread = np.stack([(ln.mean(0) - ctrl_mean).numpy() for _, _, ln in own])
+                    spread = spread.std(0)
                 # per cell: the members' disagreement on its expected expression (with
                 # anchors, each member's own: members that share one anchor and keep no
                 # correction would otherwise always agree)
