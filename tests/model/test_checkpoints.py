@@ -57,11 +57,53 @@ def test_saved_config_has_version_and_manifest_of_every_file(trained, tmp_path):
     path = trained.save(tmp_path / "m", save_anndata=True)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["format_version"] == _io.FORMAT_VERSION
-    assert set(cfg["files"]) == {"model.safetensors", "adata.h5ad"}
+    assert set(cfg["files"]) == {"model.safetensors", "adata.h5ad", "README.md"}
     for name, rec in cfg["files"].items():
         assert (path / name).stat().st_size == rec["bytes"]
     (path / "adata.h5ad").write_bytes((path / "adata.h5ad").read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"adata.h5ad has .* truncated"):
+        sfa.model.SCFM.load(path)
+
+
+def test_every_save_writes_a_model_card_that_describes_the_model_and_its_data(trained, tmp_path):
+    """README.md beside the weights: genes, the training data with its cell count and
+    the checksum of its counts (the same for dense and sparse copies), covariates,
+    likelihood, sizes, training time per stage, version and recorded evaluation; it is
+    in the manifest, and the card's record survives load and a second save."""
+    import scipy.sparse as sp
+
+    from scfm_adapt.model.base._card import counts_sha256
+
+    adata = make_adata()
+    data = trained.card_["training_data"]
+    assert [d["n_cells"] for d in data] == [adata.n_obs]
+    assert data[0]["counts_sha256"] == counts_sha256(adata.X)
+    dense = adata.X.toarray() if sp.issparse(adata.X) else adata.X
+    assert counts_sha256(dense) == counts_sha256(sp.csr_matrix(dense))
+    changed = dense.copy()
+    changed[0, 0] += 1
+    assert counts_sha256(changed) != counts_sha256(dense)
+    assert set(trained.card_["training_seconds"]) == {"vae", "prior"}
+    trained.record_evaluation(knn_accuracy=0.875, note="toy data")
+    with pytest.raises(TypeError, match="number or a string"):
+        trained.record_evaluation(bad=[1, 2])
+    path = trained.save(tmp_path / "m")
+    card = (path / "README.md").read_text()
+    cfg = json.loads((path / "config.json").read_text())
+    assert "README.md" in cfg["files"]
+    assert f"# SCFM (scfm_adapt {sfa.__version__})" in card
+    assert f"{adata.n_vars} genes, in this order" in card and str(adata.var_names[0]) in card
+    assert f"| {adata.n_obs} | {adata.n_vars} | `{data[0]['counts_sha256'][:16]}` |" in card
+    assert "`obs['batch']`" in card and "`obs['cell_type']`" in card
+    assert f"likelihood: {trained.module.gene_likelihood.upper()}" in card
+    n_weights = sum(v.numel() for v in trained.module.checkpoint_state().values())
+    assert f"weights: {n_weights:,} numbers" in card
+    assert "- vae: " in card and "- prior: " in card and "validation_loss" in card
+    assert "| knn_accuracy | 0.875 |" in card and "| note | toy data |" in card
+    again = sfa.model.SCFM.load(path).save(tmp_path / "again")
+    assert (again / "README.md").read_text() == card
+    (path / "README.md").write_text(card.replace("0.875", "0.995"))
+    with pytest.raises(CheckpointError, match=r"README\.md"):
         sfa.model.SCFM.load(path)
 
 

@@ -433,6 +433,66 @@ def test_the_flow_response_starts_at_the_anchor_samples_by_seed_and_round_trips(
         sfa.model.PerturbationModel(a, response="dit")
 
 
+def _flow_on(stage: str, flow_init: str = "auto", head_steps: int = 0):
+    import scvi
+
+    scvi.settings.seed = 0
+    a = make_perturbation_adata(n_genes=40)
+    sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", covariate_keys=["context"])
+    m = sfa.model.PerturbationModel(
+        a,
+        gene_features=None,
+        n_ensemble=2,
+        n_tokens=4,
+        token_dim=8,
+        dit_hidden=16,
+        dit_depth=1,
+        gene_likelihood="poisson",
+        response="flow",
+        flow_init=flow_init,
+    )
+    m.train(max_epochs=3, head_steps=head_steps, progress=False, calibration_cells=16, stage=stage)
+    return m, a
+
+
+def test_a_flow_starts_from_the_backbones_prior_where_it_has_one(tmp_path):
+    """``flow_init="auto"``: with a trained prior (the backbone trained with
+    ``stage="both"``) each member's DiT starts as a copy of it, and the untrained model
+    still predicts the anchor; a save keeps that structure; ``"prior"`` without a prior
+    is a named error."""
+    m, a = _flow_on("both")
+    assert m.flow_prior_ and "prior" in m.backbone.trained_stages_
+    prior = m.backbone.module.dit_ema
+    for h in m.heads:
+        assert torch_equal(h.dit.blocks[0].adaLN[1].weight, prior.blocks[0].adaLN[1].weight)
+        assert h.dit.x_embed.out_features == 16
+    ctrl = control_cells(a, "ctx1")
+    cov = {"context": "ctx1"}
+    out = m.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
+    table = sfa.baselines.PerturbationTable(a, "condition", "control", ["context"])
+    want = sfa.baselines.shifted_cells(
+        M.lognorm(ctrl), sfa.baselines.additive_delta(table, "A+B", "ctx1")
+    )
+    np.testing.assert_allclose(out.layers["scfm_lognorm"], want, atol=2e-4)
+    m.save(tmp_path / "m")
+    m2 = sfa.model.PerturbationModel.load(tmp_path / "m")
+    assert m2.flow_prior_
+    two = m2.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
+    np.testing.assert_allclose(out.layers["scfm_lognorm"], two.layers["scfm_lognorm"], atol=1e-5)
+    scratch, _ = _flow_on("both", flow_init="scratch")
+    assert not scratch.flow_prior_ and scratch.heads[0].dit.x_embed.out_features == 64
+    with pytest.raises(ValueError, match="trained prior"):
+        _flow_on("vae", flow_init="prior")
+    with pytest.raises(ValueError, match="flow_init="):
+        sfa.model.PerturbationModel(a, flow_init="pretrained")
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
 def test_the_arithmetic_rule_taken_in_the_latent_is_the_decoded_latent_arithmetic(tmp_path):
     """A part never perturbed in a context takes its shift from the other contexts: with
     ``arithmetic_space_ == "latent"`` as the decoded change of the latent arithmetic, while

@@ -125,3 +125,35 @@ def test_the_flow_learns_each_units_shift_and_a_seed_fixes_its_cells():
         other = torch.stack([flow(zs[:40], e[u]).mean(0) for u in range(3)])
     assert (moved - shifts).abs().mean() < 0.5 * shifts.abs().mean()
     assert torch.equal(moved, again) and not torch.equal(moved, other)
+
+
+def test_a_flow_from_the_prior_copies_it_and_still_starts_at_zero():
+    """``prior=``: the flow's DiT is a trainable copy of the backbone's prior (blocks,
+    token and time embeddings), its new perturbation embedding starts at zero so the
+    untrained velocity is exactly zero, and that embedding still gets a gradient."""
+    from scfm_adapt.module import ResponseFlow
+    from scfm_adapt.nn import DiT
+
+    torch.manual_seed(0)
+    prior = DiT(2, 2, hidden=16, depth=2, n_heads=2, categorical_sizes={"batch": 3})
+    with torch.no_grad():  # a "trained" prior: every weight non-zero
+        for p in prior.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    prior.requires_grad_(False)
+    flow = ResponseFlow(2, 2, 0, 3, emb_dim=8, n_steps=4, noise=0.0, prior=prior)
+    for name, p in prior.named_parameters():
+        if not name.startswith("cont_embed"):
+            assert torch.equal(flow.dit.get_parameter(name), p), name
+    assert flow.dit is not prior and all(p.requires_grad for p in flow.dit.parameters())
+    zs, _, _, req, _ = _data()
+    e = flow.embed(*req)
+    assert torch.all(flow(zs[:10], e[0].detach()) == 0)
+    t = torch.full((10,), 0.3)
+    v = flow.velocity(zs[:10], t, e[0].expand(10, -1))
+    assert torch.all(v == 0)
+    loss = (v - 1.0).pow(2).sum()
+    loss.backward()
+    assert flow.dit.cont_embed.proj.weight.grad.abs().sum() > 0
+    assert prior.blocks[0].adaLN[1].weight.grad is None  # the prior itself is untouched
+    with pytest.raises(ValueError, match="tokens"):
+        ResponseFlow(4, 2, 0, 3, emb_dim=8, prior=prior)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -297,6 +298,7 @@ class CellAnnotator(BaseModel):
         self.module.train()
         if self.strategy_ == "linear_probe":  # frozen features: no dropout inside
             self.module.backbone.eval()
+        start = time.perf_counter()
         self._run_training(
             what="CellAnnotator.train",
             clip=DEFAULT_GRADIENT_CLIP,
@@ -316,6 +318,7 @@ class CellAnnotator(BaseModel):
         )
         self.module.eval()
         self._calibrate(ood_quantile, batch_size)
+        self._record_training({"annotator": time.perf_counter() - start})
 
     @torch.inference_mode()
     def _outputs(self, adata: AnnData | None, indices=None, batch_size: int | None = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -68,6 +69,8 @@ DECODED_CHANGES = ("log_ratio", "counts")
 #: What learns the response on top of the anchor (see :class:`PerturbationModel`'s
 #: ``response``).
 RESPONSES = ("heads", "flow")
+#: Where a flow's DiT starts (see :class:`PerturbationModel`'s ``flow_init``).
+FLOW_INITS = ("auto", "prior", "scratch")
 #: How predicted cells are built (see :class:`PerturbationModel`'s ``counts``).
 COUNTS = ("decoded", "control_plus_change")
 #: Where the anchor lives (see :class:`PerturbationModel`'s ``anchor``).
@@ -168,6 +171,12 @@ class PerturbationModel(BaseModel):
         (anchored) control cell to the perturbed cells, so predictions are cells drawn
         from a learned distribution (its start noise is fixed by ``seed``). Either starts
         at zero: untrained, the prediction is the anchor's.
+    flow_init
+        Where a flow's DiT starts: ``"auto"`` (default), a copy of the backbone's trained
+        prior (its stage-2 DiT) when the backbone has one, else new weights; ``"prior"``
+        requires the prior (an error at :meth:`train` otherwise); ``"scratch"``, new
+        weights of width ``emb_dim`` and depth ``n_layers``. Either way the untrained flow
+        predicts the anchor exactly.
     **backbone_kwargs
         :class:`SCFM` arguments when the backbone is trained here.
 
@@ -195,6 +204,7 @@ class PerturbationModel(BaseModel):
         anchor: str | None = "expression",
         counts: str | None = None,
         response: str = "heads",
+        flow_init: str = "auto",
         registry: dict | None = None,
         _backbone: SCFM | None = None,
         **backbone_kwargs,
@@ -218,6 +228,8 @@ class PerturbationModel(BaseModel):
                 )
         if response not in RESPONSES:
             raise ValueError(f"response={response!r}; choose one of {RESPONSES}.")
+        if flow_init not in FLOW_INITS:
+            raise ValueError(f"flow_init={flow_init!r}; choose one of {FLOW_INITS}.")
         if anchor not in ANCHORS:
             raise ValueError(f"anchor={anchor!r}; choose one of {ANCHORS}.")
         if counts is None:
@@ -259,6 +271,7 @@ class PerturbationModel(BaseModel):
             "anchor": anchor,
             "counts": counts,
             "response": response,
+            "flow_init": flow_init,
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
@@ -275,6 +288,7 @@ class PerturbationModel(BaseModel):
         self.arithmetic_space_ = "expression"
         self.decoded_change_ = "log_ratio"  # how a decoded change enters (_ln_change)
         self.arithmetic_validation_: dict = {}
+        self.flow_prior_ = False  # whether the flow's DiTs started as copies of the prior
         self.history_: dict = {}
 
     @property
@@ -603,9 +617,11 @@ class PerturbationModel(BaseModel):
         resume: bool = False,
         **backbone_train_kwargs,
     ) -> None:
-        """Train the backbone (stage 1 only; skipped with ``train_backbone=False`` for a
-        backbone that is already trained), then the ensemble of response heads, then
-        calibrate the intervals and the OOD score.
+        """Train the backbone (stage 1 only, unless ``stage="both"`` is passed, which
+        also trains its prior, the start of a flow's DiT with ``flow_init="auto"``;
+        skipped with ``train_backbone=False`` for a backbone that is already trained),
+        then the ensemble of response heads, then calibrate the intervals and the OOD
+        score.
 
         Parameters
         ----------
@@ -635,7 +651,7 @@ class PerturbationModel(BaseModel):
             ``checkpoint_dir/response_heads``); ``resume=True`` continues an interrupted
             call (same arguments) to the result of an uninterrupted one.
         **backbone_train_kwargs
-            Passed to :meth:`SCFM.train` (``accelerator``, ``batch_size``, ...).
+            Passed to :meth:`SCFM.train` (``stage``, ``accelerator``, ``batch_size``, ...).
         """
         from scvi.model._utils import get_max_epochs_heuristic
         from tqdm.auto import tqdm
@@ -653,12 +669,25 @@ class PerturbationModel(BaseModel):
         if cells_per_unit is None:
             cells_per_unit = 32 if self._is_flow() else 64
         bb = self.backbone
+        start = time.perf_counter()
         if train_backbone or not bb.is_trained_:
             epochs = max_epochs or min(200, get_max_epochs_heuristic(bb.adata.n_obs))
             backbone_train_kwargs.setdefault("enable_progress_bar", progress)
             if root is not None:
                 backbone_train_kwargs.update(checkpoint_dir=root / "backbone", resume=resume)
-            bb.train(max_epochs=epochs, stage="vae", **backbone_train_kwargs)
+            backbone_train_kwargs.setdefault("stage", "vae")
+            bb.train(max_epochs=epochs, **backbone_train_kwargs)
+        seconds = {"backbone": time.perf_counter() - start}
+        if self._is_flow():
+            init = self.init_kwargs_.get("flow_init", "auto")
+            has_prior = "prior" in bb.trained_stages_
+            if init == "prior" and not has_prior:
+                raise ValueError(
+                    'flow_init="prior" needs a backbone with a trained prior: pass '
+                    "pretrained= a model trained with stage='both', or train(stage='both') "
+                    'to train the backbone\'s prior here; or use flow_init="auto".'
+                )
+            self.flow_prior_ = has_prior and init != "scratch"
         self.features_ = self._resolve_features()
         self._feature_index = (
             {} if self.features_ is None else {g: i for i, g in enumerate(self.features_.index)}
@@ -803,6 +832,8 @@ class PerturbationModel(BaseModel):
             refit=(fit, shifts, ln_shifts, parts) if where else None,
         )
         self.is_trained_ = True
+        seconds["response"] = time.perf_counter() - start - seconds["backbone"]
+        self._record_training(seconds)
 
     def _fit_member(
         self,
@@ -854,8 +885,16 @@ class PerturbationModel(BaseModel):
         if kw.get("response", "heads") == "flow":
             module = self.backbone.module
             emb = kw["emb_dim"]
+            prior = module.dit_ema if self.flow_prior_ else None
             return ResponseFlow(
-                module.n_tokens, module.token_dim, n_features, n_parts, emb, emb, kw["n_layers"]
+                module.n_tokens,
+                module.token_dim,
+                n_features,
+                n_parts,
+                emb,
+                emb,
+                kw["n_layers"],
+                prior=prior,
             )
         sizes = {k: kw[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
         return ResponseHead(latent_dim, n_features, n_parts, **sizes)
@@ -1572,6 +1611,7 @@ class PerturbationModel(BaseModel):
             "arithmetic_space": self.arithmetic_space_,
             "decoded_change": self.decoded_change_,
             "arithmetic_validation": self.arithmetic_validation_,
+            "flow_prior": self.flow_prior_,
             "units": self.units_,
             "oob": self.oob_,
             "calibration": self.calibration_,
@@ -1674,6 +1714,7 @@ class PerturbationModel(BaseModel):
             "context_scale": config["context_scale"],
         }
         shape = config["head_shape"]
+        model.flow_prior_ = bool(config.get("flow_prior", False))
         for m in range(k):
             h = model._new_head(shape["latent_dim"], shape["n_features"], shape["n_parts"])
             prefix = f"head{m}."

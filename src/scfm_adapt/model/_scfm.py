@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -438,6 +439,7 @@ class SCFM(
             # In place (nn.Module.compile): parameter names, and so checkpoints, are unchanged.
             for part in self.module.compile_targets():
                 part.compile()
+        seconds: dict[str, float] = {}
         for st in stages:
             if resume:
                 history = self._restore_finished_run(ckpt_root / st)
@@ -472,6 +474,7 @@ class SCFM(
                     "or stage, or call set_adapter(None) to train the base model."
                 )
             self.history_, self.is_trained_ = None, False
+            start = time.perf_counter()
             try:
                 steps = {"max_steps": prior_max_steps} if st == "prior" and prior_max_steps else {}
                 self._run_training(
@@ -498,9 +501,11 @@ class SCFM(
                 self.histories_[st] = self.history_ or {}
             if st not in self.trained_stages_:
                 self.trained_stages_.append(st)
+            seconds[st] = time.perf_counter() - start
         self.module.set_stage("vae")
         self.module.eval()
         self.is_trained_ = True
+        self._record_training(seconds)
 
     @property
     def history(self) -> dict[str, dict[str, pd.DataFrame]]:

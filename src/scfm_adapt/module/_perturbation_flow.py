@@ -7,13 +7,21 @@ output under the perturbation's embedding minus its output under the null embedd
 control): exactly zero for the control and for dose 0, and zero everywhere at
 initialisation (the DiT's output layer starts at zero), so an untrained flow leaves the
 anchored cell where it is. Classifier-free guidance is a scale of that difference.
+
+Where the backbone has a trained prior (its stage-2 DiT over the same tokens), the flow's
+DiT can start as a copy of it (``prior=``): the flow then begins from a network that
+already knows the geometry of the latent cells, and only the perturbation's embedding
+(zero at initialisation, so the velocity still starts at exactly zero) is new.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..nn import DiT
+from ..nn._embedding import ContinuousEmbedder
 from ._perturbation_response import ResponseHead, optimise
 
 
@@ -44,11 +52,15 @@ class ResponseFlow(ResponseHead):
         n_steps: int = 8,
         noise: float = 0.1,
         guidance: float = 1.0,
+        prior: DiT | None = None,
     ):
         super().__init__(n_tokens * token_dim, n_features, n_parts, emb_dim, 8, 1, 0.0)
         del self.net  # the DiT replaces the head's network
         self.n_tokens, self.token_dim = n_tokens, token_dim
         self.n_steps, self.noise, self.guidance = n_steps, noise, guidance
+        if prior is not None:
+            self.dit = _dit_from_prior(prior, n_tokens, token_dim, emb_dim)
+            return
         self.dit = DiT(
             n_tokens, token_dim, hidden=hidden, depth=depth, n_heads=n_heads, n_continuous=emb_dim
         )
@@ -81,6 +93,29 @@ class ResponseFlow(ResponseHead):
             t = torch.full((z.shape[0],), k * dt, device=z.device)
             x = x + dt * self.guidance * self.velocity(x, t, e)
         return x - start
+
+
+def _dit_from_prior(prior: DiT, n_tokens: int, token_dim: int, emb_dim: int) -> DiT:
+    """A trainable copy of the backbone's prior DiT whose continuous condition is the
+    perturbation's embedding (width ``emb_dim``).
+
+    The prior's categorical conditions stay, and the flow leaves them null (the prior's
+    unconditional mode, learned through classifier-free dropout). The new embedding's
+    projection starts at zero, so ``DiT(e) == DiT(null)`` and the velocity is exactly
+    zero at initialisation; it still gets a gradient, as the copied modulations are not
+    zero.
+    """
+    if (prior.n_tokens, prior.token_dim) != (n_tokens, token_dim):
+        raise ValueError(
+            f"The prior's tokens are {prior.n_tokens} x {prior.token_dim}, the flow's "
+            f"{n_tokens} x {token_dim}: a prior of another backbone cannot start this flow."
+        )
+    dit = copy.deepcopy(prior).requires_grad_(True).train()
+    hidden = dit.x_embed.out_features
+    dit.cont_embed = ContinuousEmbedder(emb_dim, hidden)
+    torch.nn.init.zeros_(dit.cont_embed.proj.weight)
+    torch.nn.init.zeros_(dit.cont_embed.proj.bias)
+    return dit
 
 
 def fit_response_flow(

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+#: The model card written beside them (:mod:`._card`).
+CARD = "README.md"
 
 
 # ------------------------------------------------------------------ JSON codec

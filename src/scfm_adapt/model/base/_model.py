@@ -44,7 +44,7 @@ from scvi.module.base import BaseModuleClass
 from ..._version import __version__
 from ...errors import CheckpointError, SCFMInputError, UnknownCategoryError
 from ...train import RNGState, guarded
-from ._checkpoint import read_checkpoint, write_checkpoint
+from ._checkpoint import CARD, read_checkpoint, write_checkpoint
 from ._inputs import (
     SHELL_OF,
     UNKNOWN_CATEGORY_FIX,
@@ -380,14 +380,66 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
         ``save_anndata`` also writes the training data as ``adata.h5ad``. An interrupted
         save leaves any earlier checkpoint at ``dir_path`` intact.
         """
+        from ._card import render_card
+
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
             **self._checkpoint_config(),
+            "card": self.card_,
         }
-        extra = {"adata.h5ad": self.adata.write_h5ad} if save_anndata else None
         state = self._checkpoint_state()
+        n_weights = sum(int(v.numel()) for v in state.values())
+        card = render_card(config, n_weights)
+        extra = {CARD: lambda path: path.write_text(card, encoding="utf-8")}
+        if save_anndata:
+            extra["adata.h5ad"] = self.adata.write_h5ad
         return write_checkpoint(dir_path, state, config, overwrite=overwrite, extra_files=extra)
+
+    # ------------------------------------------------------------------ model card
+    @property
+    def card_(self) -> dict:
+        """What the model card (``README.md`` of a saved folder, :mod:`._card`) records
+        beyond the config: ``training_data`` (one record per data set: cells, genes,
+        file, checksum), ``training_seconds`` per stage and ``evaluation`` figures."""
+        card = self.__dict__.get("_card")
+        if card is None:
+            card = self.__dict__["_card"] = {
+                "training_data": [],
+                "training_seconds": {},
+                "evaluation": {},
+            }
+        return card
+
+    def record_evaluation(self, **figures: float | str) -> None:
+        """Add figures of this model's own evaluation to its model card (saved with it),
+        e.g. ``model.record_evaluation(knn_accuracy_heldout_donors=0.91)``."""
+        for name, value in figures.items():
+            if isinstance(value, np.generic):
+                value = value.item()
+            if not isinstance(value, int | float | str):
+                raise TypeError(
+                    f"record_evaluation({name}=...) takes a number or a string, not "
+                    f"{type(value).__name__}."
+                )
+            self.card_["evaluation"][name] = value
+
+    def _record_training(self, seconds: dict[str, float], data=None) -> None:
+        """Note finished training stages on the model card: their wall times (added to
+        earlier runs of the same stage), and the data they read (``data``: a list of
+        :func:`._card.data_record` dicts; default: the model's AnnData)."""
+        from ._card import data_record
+
+        card = self.card_
+        for stage, sec in seconds.items():
+            card["training_seconds"][stage] = card["training_seconds"].get(stage, 0.0) + sec
+        if data is None and self.adata is not None:
+            try:
+                data = [data_record(self.adata, self._counts_matrix(self.adata))]
+            except (KeyError, ValueError, AttributeError):  # no single counts matrix
+                data = [{"name": "training data", "n_cells": int(self.adata.n_obs)}]
+        if data:
+            card["training_data"] = data
 
     @classmethod
     def load(
@@ -417,6 +469,9 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
             )
         try:
             model = cls._from_checkpoint(dir_path, state, config, adata)
+            card = config.get("card")
+            if card:  # saves before model cards have none
+                model.card_.update(card)
         except SCFMInputError:
             raise
         except _MISFIT as e:
