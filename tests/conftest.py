@@ -248,3 +248,22 @@ def control_cells(a, ctx: str = "ctx0"):
     """The control cells of context ``ctx`` of :func:`make_perturbation_adata`, a copy."""
     keep = (a.obs["condition"] == "control") & (a.obs["context"] == ctx)
     return a[keep.to_numpy()].copy()
+
+
+def write_panels(folder, n_cells=(30, 20, 25)):
+    """Three files of toy counts measuring overlapping gene panels of gene0..gene39:
+    0-29, 10-39 and every even gene, with a ``cell_type`` column."""
+    panels = {
+        "a": [f"gene{j}" for j in range(30)],
+        "b": [f"gene{j}" for j in range(10, 40)],
+        "c": [f"gene{j}" for j in range(0, 40, 2)],
+    }
+    paths, data = [], {}
+    for seed, ((name, genes), n) in enumerate(zip(panels.items(), n_cells)):
+        a = make_adata(n_cells=n, seed=seed)[:, genes].copy()
+        a.obs = a.obs[["cell_type"]]
+        path = folder / f"{name}.h5ad"
+        a.write_h5ad(path)
+        paths.append(path)
+        data[name] = a
+    return paths, data

@@ -1,4 +1,6 @@
-"""Command line: ``scfm-adapt quickstart`` pretrains SCFM on the built-in PBMC data."""
+"""Command line: ``scfm-adapt quickstart`` pretrains SCFM on the built-in PBMC data;
+``scfm-adapt pretrain FILE [FILE ...] --out DIR`` pretrains a reference on h5ad files with
+different genes (:func:`scfm_adapt.model.pretrain`)."""
 
 from __future__ import annotations
 
@@ -135,7 +137,33 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--max-epochs-prior", type=int, default=150, help="epochs of the DiT stage")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser(
+        "pretrain", help="pretrain a reference SCFM on h5ad files (different genes allowed)"
+    )
+    p.add_argument("files", nargs="+", type=Path, help="h5ad files of raw counts")
+    p.add_argument("--out", type=Path, required=True, help="folder of the run")
+    p.add_argument(
+        "--genes",
+        default="union",
+        help="'union', 'intersection', or a text file with one gene per line",
+    )
+    p.add_argument("--batch-key", default="dataset", help="obs column naming each file")
+    p.add_argument("--batch-labels", nargs="+", default=None, help="a name per file")
+    p.add_argument("--labels-key", default=None, help="obs column of cell labels, if any")
+    p.add_argument("--gene-ids", choices=["symbol", "ensembl"], default=None)
+    p.add_argument("--layer", default=None, help="layer of counts (default X)")
+    p.add_argument("--stage", choices=["both", "vae", "prior"], default="both")
+    p.add_argument("--max-epochs", type=int, default=None)
+    p.add_argument("--prior-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto", help="'auto', or a number (>1: DDP)")
+    p.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON of SCFM args")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        return _pretrain(args)
     if args.command == "quickstart":
         report = quickstart(
             args.out, args.max_epochs, args.max_epochs_prior, args.seed, not args.no_progress
@@ -151,6 +179,40 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(summary, indent=2))
         print(f"wrote {args.out}/pbmc68k_scfm.h5ad, umap_scfm.png, report.json, model/")
+    return 0
+
+
+def _pretrain(args) -> int:
+    from .model import pretrain
+
+    genes = args.genes
+    if genes not in ("union", "intersection"):
+        path = Path(genes)
+        if not path.exists():
+            raise SystemExit(f"--genes {genes!r}: not 'union', 'intersection' or a gene file.")
+        genes = [g.strip() for g in path.read_text().splitlines() if g.strip()]
+    train = {"batch_size": args.batch_size, "accelerator": args.accelerator}
+    train["devices"] = int(args.devices) if str(args.devices).isdigit() else args.devices
+    if args.prior_steps is not None:
+        train["prior_steps"] = args.prior_steps
+    model = pretrain(
+        args.files,
+        args.out,
+        genes=genes,
+        batch_key=args.batch_key,
+        batch_labels=args.batch_labels,
+        labels_key=args.labels_key,
+        gene_ids=args.gene_ids,
+        layer=args.layer,
+        stage=args.stage,
+        max_epochs=args.max_epochs,
+        resume=args.resume,
+        model_kwargs=args.model_kwargs,
+        train_kwargs=train,
+        progress=not args.no_progress,
+    )
+    print(model)
+    print(f"wrote {args.out}/model (model card: {args.out}/model/README.md)")
     return 0
 
 

@@ -67,7 +67,11 @@ def test_posterior_predictive_and_reconstruction(trained, adata):
 def test_save_load_round_trip_gives_identical_latent(trained_in_memory, adata, tmp_path):
     trained = trained_in_memory
     path = trained.save(tmp_path / "m")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     loaded = sfa.model.SCFM.load(path, adata=adata)
     np.testing.assert_array_equal(
         loaded.get_latent_representation(), trained.get_latent_representation()

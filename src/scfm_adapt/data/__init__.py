@@ -2,6 +2,9 @@
 
 from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
 from ._backed import is_backed, matrix_sums, read_backed, row_blocks
+from ._checksums import counts_sha256, file_sha256
+from ._combine import combine_h5ad
+from ._gene_panels import BATCH_GENE_MASKS, batch_mask_matrix, read_batch_gene_masks
 from ._geneformer import (
     GeneformerCheckpoint,
     load_geneformer,
@@ -40,12 +43,14 @@ from ._validation import (
 )
 
 __all__ = [
+    "BATCH_GENE_MASKS",
     "OBSERVED_KEY",
     "OTHER_GENES",
     "GeneOverlap",
     "GeneformerCheckpoint",
     "align_genes",
     "as_gene_graph",
+    "batch_mask_matrix",
     "canonical_perturbation",
     "check_counts",
     "check_genes",
@@ -53,7 +58,10 @@ __all__ = [
     "check_not_view",
     "check_obs_keys",
     "check_unique_names",
+    "combine_h5ad",
     "context_labels",
+    "counts_sha256",
+    "file_sha256",
     "gene_order",
     "gene_overlap",
     "get_matrix",
@@ -68,6 +76,7 @@ __all__ = [
     "parse_doses",
     "parts_and_doses",
     "read_backed",
+    "read_batch_gene_masks",
     "read_gmt",
     "resolve_gene_sets",
     "row_blocks",

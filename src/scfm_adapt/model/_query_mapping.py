@@ -22,6 +22,7 @@ class QueryMappingMixin(AdaptationMixin):
 
     # What this mixin needs from the model it is mixed into, beyond BaseModel:
     trained_stages_: list[str]
+    batch_gene_masks_: dict[str, list[int]] | None
     histories_: dict
     #: The gene overlap of the query with the reference (set by :meth:`load_query_data`).
     gene_overlap_: GeneOverlap
@@ -86,6 +87,8 @@ class QueryMappingMixin(AdaptationMixin):
             adata, source_registry=reference.registry_, extend_categories=True, **setup_args
         )
         model = cls(adata, **reference.init_kwargs_)
+        # the reference's gene panels of its own batches (the module carries them)
+        model.batch_gene_masks_ = reference.batch_gene_masks_
         module = copy.deepcopy(reference.module).cpu()
         sizes = model._registry_sizes()
         module.extend_categories(

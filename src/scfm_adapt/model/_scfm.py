@@ -22,12 +22,15 @@ from scvi.data.fields import (
 )
 
 from ..data import (
+    batch_mask_matrix,
     check_genes,
     check_layer_counts,
     check_not_view,
     check_obs_keys,
     check_unique_names,
     matrix_sums,
+    read_batch_gene_masks,
+    row_blocks,
 )
 from ..errors import CheckpointError, ModalityError, SCFMInputError
 from ..module import MODULE_KEYS, SCFMModule
@@ -219,6 +222,12 @@ class SCFM(
         if tokenizer != "latent":
             self.init_kwargs_["tokenizer"] = tokenizer
             self.init_kwargs_["tokenizer_options"] = tokenizer_options
+        # genes each batch lacks (data sets with different gene panels, see pretrain)
+        self.batch_gene_masks_: dict[str, list[int]] | None = None
+        if adata is not None and not is_mudata(adata):
+            self.batch_gene_masks_ = read_batch_gene_masks(
+                adata, self.registry_["setup_args"].get("batch_key")
+            )
         self.module = self._make_module()
         if fill:
             self._fill_tokenizer(fill)
@@ -241,9 +250,21 @@ class SCFM(
             **kwargs,
         )
         self._set_protein_mask(module)
+        self._set_batch_gene_masks(module)
         if extension:
             module.extend_categories(ext["batch"], ext["labels"], ext["cat_covs"])
         return module
+
+    def _batch_categories(self) -> list[str]:
+        state = self.registry_["field_registries"][REGISTRY_KEYS.BATCH_KEY]["state_registry"]
+        return [str(c) for c in state["categorical_mapping"]]
+
+    def _set_batch_gene_masks(self, module) -> None:
+        """Give the module the gene panel of each of its batches (``batch_gene_masks_``)."""
+        masks = getattr(self, "batch_gene_masks_", None)
+        batches = self._batch_categories()[: module.n_batch]
+        matrix = batch_mask_matrix(masks, batches, module.n_input)
+        module.set_batch_gene_mask(None if matrix is None else torch.as_tensor(matrix))
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -458,7 +479,8 @@ class SCFM(
                 # scvi-tools' default Adam eps (0.01) suits the VAE but all but stalls the
                 # DiT, whose gradients are small.
                 kwargs.setdefault("eps", 1e-8)
-            fresh = self.module.active_adapter is None and not self.module.masks_genes
+            # a query model (genes masked for all its cells) keeps the reference's shares
+            fresh = self.module.active_adapter is None and bool(self.module.gene_mask.all())
             if st == "vae" and fresh:
                 self._fit_gene_frac()
                 self._fit_modality_init()
@@ -515,14 +537,44 @@ class SCFM(
     @torch.no_grad()
     def _fit_gene_frac(self) -> None:
         """Record each gene's share of all counts (used to rescale cells missing genes)."""
-        lib, col = matrix_sums(self._counts_matrix(self.adata))  # a block at a time when backed
-        frac = torch.as_tensor(col / max(col.sum(), 1.0), dtype=torch.float32)
+        matrix = self._counts_matrix(self.adata)
+        if self.batch_gene_masks_:
+            lib, frac = self._gene_frac_by_panel(matrix)
+        else:
+            lib, col = matrix_sums(matrix)  # a block at a time when backed
+            frac = col / max(col.sum(), 1.0)
+        frac = torch.as_tensor(frac, dtype=torch.float32)
         self.module.ref_gene_frac.copy_(frac.to(self.module.ref_gene_frac.device))
         # Start the library model at the data's log-normal fit (its output bias).
         log_lib = np.log(np.maximum(lib[lib > 0], 1.0))  # cells lacking RNA (MuData) left out
         bias = self.module.decoder.lib_out.bias
         bias[0] = float(log_lib.mean())
         bias[1] = float(np.log(np.expm1(max(log_lib.std(), 1e-2))))
+
+    def _gene_frac_by_panel(self, matrix) -> tuple[np.ndarray, np.ndarray]:
+        """Library sizes, and each gene's share of counts among the cells that measure it
+        (data sets with different gene panels): a gene's counts over the libraries of the
+        batches that observe it, normalised to sum to 1. One pass, a block at a time."""
+        codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY))
+        codes = codes.ravel().astype(int)
+        batches = self._batch_categories()
+        observed = batch_mask_matrix(self.batch_gene_masks_, batches, matrix.shape[1])
+        col = np.zeros((len(batches), matrix.shape[1]))
+        lib_b = np.zeros(len(batches))
+        lib = np.zeros(matrix.shape[0])
+        for start, block in row_blocks(matrix):
+            n = block.shape[0]
+            r = np.asarray(block.sum(1), dtype=np.float64).ravel()
+            lib[start : start + n] = r
+            b = codes[start : start + n]
+            for k in np.unique(b):
+                rows = np.flatnonzero(b == k)
+                col[k] += np.asarray(block[rows].sum(0), dtype=np.float64).ravel()
+                lib_b[k] += r[rows].sum()
+        num = (col * observed).sum(0)
+        den = (lib_b[:, None] * observed).sum(0)
+        share = np.where(den > 0, num / np.maximum(den, 1.0), 0.0)
+        return lib, share / max(share.sum(), 1e-12)
 
     @torch.inference_mode()
     def _fit_latent_scale(self, batch_size: int) -> None:
@@ -805,6 +857,7 @@ class SCFM(
             "history": self.histories_,
             "extension": self.module.extension,
             "adaptation": self.module.adaptation_meta(),
+            "batch_gene_masks": self.batch_gene_masks_,
         }
 
     def _checkpoint_state(self) -> dict[str, torch.Tensor]:
@@ -838,9 +891,12 @@ class SCFM(
                 modality_var_names=config.get("modality_var_names"),
                 **config["init_kwargs"],
             )
+        model.batch_gene_masks_ = config.get("batch_gene_masks")
         extension = config.get("extension")
         if extension and any([extension["batch"], extension["labels"], *extension["cat_covs"]]):
             model.module = model._make_module(extension)
+        else:
+            model._set_batch_gene_masks(model.module)
         meta = config.get("adaptation", {})
         model.module.build_adapters(meta)
         adapt_tensors = model.module.pop_adaptation_tensors(state)
@@ -864,8 +920,11 @@ class SCFM(
             for n, s in m.adapter_specs.items()
         )
         extra = f"\n  adapters: {adapters}" if adapters else ""
-        if m.masks_genes:
+        if not bool(m.gene_mask.all()):
             extra += f"\n  query genes observed: {int(m.gene_mask.sum())} of {m.n_input}"
+        if m.batch_gene_mask is not None:
+            per = m.batch_gene_mask.sum(1).tolist()
+            extra += f"\n  genes observed per batch (gene panels): {per} of {m.n_input}"
         return (
             f"SCFM: {m.n_input} genes → {m.n_tokens} latent tokens × {m.token_dim}, "
             f"{m.gene_likelihood.upper()} likelihood, dispersion per {m.dispersion}\n"

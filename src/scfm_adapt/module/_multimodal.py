@@ -203,7 +203,7 @@ class MultimodalSCFMModule(SCFMModule):
         the others are masked, e.g. ``given=("rna",)`` to predict protein from RNA alone.
         """
         extra = extra or {}
-        x_norm, library = self.normalize(x)
+        x_norm, library = self.normalize(x, batch_index)
         inputs = {"rna": x_norm}
         present = {"rna": x.sum(-1) > 0}
         libraries = {}
@@ -295,7 +295,7 @@ class MultimodalSCFMModule(SCFMModule):
         batch = tensors[REGISTRY_KEYS.BATCH_KEY]
         log_p = generative_outputs[K.PX].log_prob(tensors[REGISTRY_KEYS.X_KEY])
         if self.masks_genes:
-            log_p = log_p * self.gene_mask.to(log_p.dtype)
+            log_p = log_p * self.cell_gene_mask(batch).to(log_p.dtype)
         recs = {"rna": -log_p.sum(-1) * observed["rna"]}
         for m, px in generative_outputs["px_mods"].items():
             lp = px.log_prob(tensors[MODALITY_KEYS[m]].to(log_p.dtype))

@@ -243,6 +243,10 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         # model); with ``gene_mask`` it rescales the library of cells missing some genes.
         self.register_buffer("ref_gene_frac", torch.full((n_input,), 1.0 / n_input))
         self.register_buffer("gene_mask", torch.ones(n_input, dtype=torch.bool))
+        # Genes each batch observes ((n_batch, G), or None: every batch observes every
+        # gene): data pretrained across files with different genes. Set by the model from
+        # its setup (saved in its config, so not part of the weights).
+        self.register_buffer("batch_gene_mask", None, persistent=False)
         self.px_r_extra: nn.Parameter | None = None
         # Categories added after pretraining (query mapping), to rebuild the shapes on load.
         self.extension = {"batch": 0, "labels": 0, "cat_covs": [0] * len(self.n_cats_per_cov)}
@@ -319,6 +323,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             if k and name in self.dit.cat_embed:
                 for net in (self.dit, self.dit_ema):
                     net.cat_embed[name].extend(k)
+        if n_new_batch and self.batch_gene_mask is not None:  # new batches: every gene
+            new = self.batch_gene_mask.new_ones(n_new_batch, self.n_input)
+            self.batch_gene_mask = torch.cat([self.batch_gene_mask, new])
         if n_new_batch:
             if self.dispersion == "gene-batch":
                 init = self.px_r.detach().mean(1, keepdim=True).expand(-1, n_new_batch)
@@ -347,18 +354,44 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             )
         self.gene_mask.copy_(observed)
 
+    def set_batch_gene_mask(self, observed: torch.Tensor | None) -> None:
+        """Mark, per batch, the genes its cells do not measure (``False``; shape
+        ``(n_batch, G)``): cells of data sets with different gene panels, aligned to one
+        vocabulary. Such genes are unobserved for that batch's cells, as with
+        :meth:`set_gene_mask` for all cells. ``None``: every batch observes every gene."""
+        if observed is None:
+            self.batch_gene_mask = None
+            return
+        observed = torch.as_tensor(observed, dtype=torch.bool, device=self.gene_mask.device)
+        if observed.shape != (self.n_batch, self.n_input):
+            raise ValueError(
+                f"batch gene mask has shape {tuple(observed.shape)}, expected "
+                f"({self.n_batch}, {self.n_input}): one row per batch, one column per gene."
+            )
+        self.batch_gene_mask = None if bool(observed.all()) else observed
+
     @property
     def masks_genes(self) -> bool:
-        return not bool(self.gene_mask.all())
+        return not bool(self.gene_mask.all()) or self.batch_gene_mask is not None
+
+    def cell_gene_mask(self, batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The genes observed in each cell: ``(G,)`` for all cells alike, or ``(B, G)`` when
+        batches observe different genes and ``batch_index`` is given."""
+        if self.batch_gene_mask is None or batch_index is None:
+            return self.gene_mask
+        return self.gene_mask & self.batch_gene_mask[batch_index.long().view(-1)]
 
     def reference_input(self) -> torch.Tensor:
         """Normalised expression ``(1, G)`` of the average pretraining cell (the pseudo-bulk
         of ``ref_gene_frac``): the baseline of attributions."""
         return torch.log1p(self.ref_gene_frac * 1e4)[None]
 
-    def observed_share(self) -> torch.Tensor:
-        """Pretraining share of all counts that falls on the observed (unmasked) genes."""
-        return (self.ref_gene_frac * self.gene_mask).sum().clamp(min=1e-6)
+    def observed_share(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pretraining share of all counts that falls on the observed (unmasked) genes:
+        a scalar, or ``(B, 1)`` for a per-cell ``mask`` (:meth:`cell_gene_mask`)."""
+        mask = self.gene_mask if mask is None else mask
+        share = (self.ref_gene_frac * mask).sum(-1, keepdim=mask.dim() > 1)
+        return share.clamp(min=1e-6)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -407,26 +440,30 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             out["continuous"] = conts.float()
         return out
 
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalize(
+        self, x: torch.Tensor, batch_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``log1p`` of counts scaled to 10,000 per cell, and the observed library size.
 
         With masked genes the library is divided by the pretraining share of the observed
         genes, so that the scale matches cells that have every gene, and masked genes are
-        zero (no signal into the encoder's linear map).
+        zero (no signal into the encoder's linear map). Per-batch masks apply where
+        ``batch_index`` is given.
         """
         if not self.masks_genes:
             library = x.sum(-1, keepdim=True)
             return torch.log1p(x / library.clamp(min=1.0) * 1e4), library
-        x = x * self.gene_mask.to(x.dtype)
+        mask = self.cell_gene_mask(batch_index)
+        x = x * mask.to(x.dtype)
         library = x.sum(-1, keepdim=True)  # of the observed genes only
-        share = self.observed_share()
+        share = self.observed_share(mask)
         x_norm = torch.log1p(x / (library / share).clamp(min=1.0) * 1e4)
         return x_norm, library
 
     @auto_move_data
     def inference(self, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1) -> dict:
         """Posterior over latent tokens ``(B, n_tokens, token_dim)`` and a sample of it."""
-        x_norm, library = self.normalize(x)
+        x_norm, library = self.normalize(x, batch_index)
         mean, var = self.encoder(x_norm)
         qz = Normal(mean, var.sqrt())
         z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
@@ -443,8 +480,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         z2, covs, lead, batch = self._decoder_inputs(z, conditions, transform_batch)
         scale, zi_logits = self.decoder(z2, covs)  # (S*B, G)
         scale = scale.view(*lead, -1)
-        if self.masks_genes:  # observed counts cover only the observed genes
-            share = (scale * self.gene_mask.to(scale.dtype)).sum(-1, keepdim=True)
+        if self.masks_genes:  # observed counts cover only the cell's observed genes
+            mask = self.cell_gene_mask(conditions.get("batch"))
+            share = (scale * mask.to(scale.dtype)).sum(-1, keepdim=True)
             rate = library * scale / share.clamp(min=1e-8)
         else:
             rate = library * scale
@@ -521,7 +559,8 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             x = tensors[REGISTRY_KEYS.X_KEY]
             log_p = generative_outputs[K.PX].log_prob(x)  # (B, G)
             if self.masks_genes:  # a masked gene is unobserved, not an observed zero
-                log_p = log_p * self.gene_mask.to(log_p.dtype)
+                mask = self.cell_gene_mask(tensors[REGISTRY_KEYS.BATCH_KEY])
+                log_p = log_p * mask.to(log_p.dtype)
             rec = -log_p.sum(-1)  # (B,)
             qz = inference_outputs[K.QZ]
             prior = Normal(torch.zeros_like(qz.loc), 1.0)
@@ -566,7 +605,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         With masked genes the observed library is rescaled to the full gene set first.
         """
         if self.masks_genes:
-            library = library / self.observed_share()
+            library = library / self.observed_share(self.cell_gene_mask(conditions.get("batch")))
         mu, sigma = self.decoder.library(z, self._decoder_covariates(conditions))
         return -Normal(mu, sigma).log_prob(library.clamp(min=1.0).log()).sum(-1)
 

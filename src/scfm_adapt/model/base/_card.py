@@ -10,44 +10,14 @@ its SHA-256 goes into the manifest like every other file of the folder.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
-from scipy import sparse
+
+from ...data import counts_sha256
 
 #: How many gene names the card lists before "... and N more".
 N_GENES_SHOWN = 20
-
-
-def counts_sha256(matrix, block_size: int = 16384) -> str:
-    """SHA-256 of a count matrix's values, the same for dense, sparse and backed storage.
-
-    Read a block of rows at a time (:func:`~scfm_adapt.data.row_blocks`): each block as
-    CSR with float32 values, int64 column indices and row lengths, so that two copies of
-    the same counts give the same digest however they are stored.
-    """
-    from ...data._backed import row_blocks
-
-    h = hashlib.sha256()
-    h.update(np.asarray(matrix.shape, dtype=np.int64).tobytes())
-    for _, block in row_blocks(matrix, block_size):
-        block = sparse.csr_matrix(block)
-        block.sum_duplicates()
-        block.eliminate_zeros()
-        block.sort_indices()
-        h.update(np.diff(block.indptr).astype(np.int64).tobytes())
-        h.update(block.indices.astype(np.int64).tobytes())
-        h.update(block.data.astype(np.float32).tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_record(adata, matrix, name: str | None = None) -> dict:

@@ -1,0 +1,187 @@
+"""Pretraining across files with different genes: per-batch gene panels in the model,
+``pretrain`` / ``scfm-adapt pretrain`` (model card, resume), and a query with 60% of the
+genes mapped onto the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+import scfm_adapt as sfa
+from conftest import TINY, make_adata, write_panels
+from scfm_adapt.data import BATCH_GENE_MASKS
+
+FAST = dict(enable_progress_bar=False, early_stopping=False, batch_size=32)
+
+
+def _panel_adata():
+    """In memory: two batches of toy counts, batch b1 measuring only genes 0-19."""
+    a = make_adata(n_cells=80, seed=1)
+    observed = np.arange(a.n_vars) < 20
+    x = a.X.toarray()
+    x[np.flatnonzero(a.obs["batch"] == "b1")[:, None], np.flatnonzero(~observed)] = 0
+    a.X = sparse.csr_matrix(x)
+    a.uns[BATCH_GENE_MASKS] = {"batch_key": "batch", "observed": {"b1": observed}}
+    return a, observed
+
+
+def test_a_batchs_missing_genes_are_unobserved_not_zero():
+    """Cells of a batch lacking genes: those genes' counts change neither their latent
+    nor their likelihood (masked in the encoder input, the library and the NB terms),
+    while the other batch's cells still see every gene."""
+    import scvi
+
+    scvi.settings.seed = 0
+    a, observed = _panel_adata()
+    sfa.model.SCFM.setup_anndata(a, batch_key="batch")
+    m = sfa.model.SCFM(a, **TINY)
+    mask = m.module.batch_gene_mask
+    assert mask is not None and mask.shape == (2, 40)
+    assert mask[0].all() and torch.equal(mask[1], torch.as_tensor(observed))
+    assert m.batch_gene_masks_ == {"b1": list(range(20, 40))}
+    m.train(max_epochs=2, stage="vae", **FAST)
+    b1 = np.flatnonzero(a.obs["batch"] == "b1")
+    b0 = np.flatnonzero(a.obs["batch"] == "b0")
+    z = m.get_latent_representation(a)
+    torch.manual_seed(0)
+    err = m.get_reconstruction_error(a, indices=b1)["reconstruction_loss"]
+    noisy = a.copy()
+    x = noisy.X.toarray()
+    rng = np.random.default_rng(0)
+    x[b1[:, None], np.flatnonzero(~observed)] = rng.integers(1, 50, (b1.size, 20))
+    x[b0[:5, None], np.arange(20, 25)] = 40  # b0 observes these genes
+    noisy.X = sparse.csr_matrix(x)
+    z2 = m.get_latent_representation(noisy)
+    np.testing.assert_allclose(z2[b1], z[b1], atol=1e-5)
+    assert np.abs(z2[b0[:5]] - z[b0[:5]]).max() > 1e-3
+    torch.manual_seed(0)
+    err2 = m.get_reconstruction_error(noisy, indices=b1)["reconstruction_loss"]
+    assert np.isfinite(err) and err2 == pytest.approx(err, rel=1e-5)
+    # the gene shares are fitted among the cells that measure each gene
+    frac = m.module.ref_gene_frac.numpy()
+    assert np.isclose(frac.sum(), 1.0, atol=1e-5) and (frac[20:] > 0).all()
+
+
+def test_panels_keyed_by_another_column_are_refused():
+    a, _ = _panel_adata()
+    a.uns[BATCH_GENE_MASKS]["batch_key"] = "donor"
+    sfa.model.SCFM.setup_anndata(a, batch_key="batch")
+    with pytest.raises(sfa.errors.SCFMInputError, match="batch_key='donor'"):
+        sfa.model.SCFM(a, **TINY)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    import scvi
+
+    scvi.settings.seed = 0
+    folder = tmp_path_factory.mktemp("pretrain")
+    paths, data = write_panels(folder)
+    out = folder / "run"
+    model = sfa.model.pretrain(
+        paths,
+        out,
+        labels_key="cell_type",
+        max_epochs=2,
+        model_kwargs=TINY,
+        train_kwargs={**FAST, "prior_steps": 4},
+        progress=False,
+    )
+    return model, paths, data, out
+
+
+def test_pretrain_writes_a_model_with_each_files_panel_and_card(pretrained):
+    model, paths, data, out = pretrained
+    assert model.adata.isbacked and model.adata.n_obs == 75
+    assert model.trained_stages_ == ["vae", "prior"]
+    mask = model.module.batch_gene_mask
+    assert mask.sum(1).tolist() == [30, 30, 20]  # files a, b, c in batch order
+    card = (out / "model" / "README.md").read_text()
+    for p, (name, a) in zip(paths, data.items()):
+        sha = sfa.data.file_sha256(p)
+        assert f"| {name} (`{p.resolve()}`) | {a.n_obs} | {a.n_vars} | `{sha[:16]}` |" in card
+    assert "`obs['dataset']` (a, b, c)" in card and "- vae: " in card
+    run = json.loads((out / "run.json").read_text())
+    assert run["files"] == [str(p.resolve()) for p in paths]
+    loaded = sfa.model.SCFM.load(out / "model")
+    assert torch.equal(loaded.module.batch_gene_mask, mask)
+    assert loaded.batch_gene_masks_ == model.batch_gene_masks_
+    z = model.get_latent_representation()
+    assert z.shape[0] == 75 and np.isfinite(z).all()
+
+
+def test_pretrain_resumes_and_refuses_a_changed_or_used_folder(pretrained):
+    model, paths, _, out = pretrained
+    z = model.get_latent_representation()
+    again = sfa.model.pretrain(
+        paths,
+        out,
+        labels_key="cell_type",
+        max_epochs=2,
+        model_kwargs=TINY,
+        train_kwargs={**FAST, "prior_steps": 4},
+        resume=True,
+        progress=False,
+    )
+    np.testing.assert_allclose(again.get_latent_representation(), z, atol=1e-5)
+    with pytest.raises(ValueError, match=r"differ: \['max_epochs'\]"):
+        sfa.model.pretrain(paths, out, labels_key="cell_type", max_epochs=3, resume=True,
+                           model_kwargs=TINY, train_kwargs={**FAST, "prior_steps": 4})  # fmt: skip
+    with pytest.raises(FileExistsError, match="resume=True"):
+        sfa.model.pretrain(paths, out, max_epochs=2)
+    with pytest.raises(FileNotFoundError, match="Nothing to resume"):
+        sfa.model.pretrain(paths, out.parent / "fresh", resume=True)
+
+
+def test_a_query_with_60_percent_of_the_genes_maps_onto_the_reference(pretrained):
+    model, *_ = pretrained
+    q = make_adata(n_cells=40, seed=7)[:, [f"gene{j}" for j in range(24)]].copy()
+    q.obs["dataset"] = "query"
+    q.obs = q.obs[["dataset", "cell_type"]]
+    query = sfa.model.SCFM.load_query_data(q, model, verbose=False)
+    assert "24 of 40" in str(query.gene_overlap_)
+    m = query.module
+    assert int(m.gene_mask.sum()) == 24 and m.n_batch == 4
+    assert m.batch_gene_mask.shape == (4, 40) and m.batch_gene_mask[3].all()
+    query.train(max_epochs=2, stage="vae", **FAST)
+    z = query.get_latent_representation()
+    assert z.shape[0] == 40 and np.isfinite(z).all()
+    # the genes the query lacks do not matter
+    q2 = query.adata.copy()
+    q2.X = sparse.csr_matrix(q2.X.toarray() + np.where(np.arange(40) >= 24, 7.0, 0.0))
+    np.testing.assert_allclose(query.get_latent_representation(q2), z, atol=1e-5)
+
+
+def test_the_command_line_pretrains(tmp_path):
+    from scfm_adapt.cli import main
+
+    paths, _ = write_panels(tmp_path)
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(f"gene{j}" for j in range(0, 40, 2)))
+    code = main(
+        [
+            "pretrain",
+            *map(str, paths),
+            "--out",
+            str(tmp_path / "run"),
+            "--genes",
+            str(genes),
+            "--stage",
+            "vae",
+            "--max-epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--model-kwargs",
+            json.dumps(TINY),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    loaded = sfa.model.SCFM.load(tmp_path / "run" / "model")
+    assert loaded.var_names_ == [f"gene{j}" for j in range(0, 40, 2)]
+    assert loaded.module.batch_gene_mask.sum(1).tolist() == [15, 15, 20]
