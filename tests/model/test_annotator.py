@@ -87,6 +87,37 @@ def test_unknown_type_is_flagged(pretrained):
     assert strict["is_ood"].sum() >= table["is_ood"].sum()
 
 
+def test_transfer_labels_to_a_query_with_other_genes_flags_a_new_type(pretrained):
+    """One call from a reference annotator to a query holding 70% of its genes (plus
+    genes it never saw): labels, confidences and "Unknown" in obs; a type the reference
+    never had is marked Unknown more often than the known ones; the annotator's own mask
+    is restored after the call."""
+    train = labelled(0, n=300, drop_type="type2")
+    test = labelled(1, n=300)
+    sfa.model.CellAnnotator.setup_anndata(train, labels_key="cell_type")
+    ann = sfa.model.CellAnnotator(train, pretrained=pretrained, strategy="linear_probe")
+    ann.train(max_epochs=30, lr=1e-2, **FAST)
+    query = test[:, [f"gene{j}" for j in range(12, 40)]].copy()  # 28 of 40 genes
+    query.var_names = [*query.var_names[:-2], "novel0", "novel1"]
+    truth = query.obs.pop("cell_type").to_numpy()
+    threshold = ann.calibration_["ood_threshold"]
+    sfa.tl.transfer_labels(query, ann)
+    labels = query.obs["scfm_label"].astype(str).to_numpy()
+    assert list(query.obs_names) == list(test.obs_names)
+    assert set(labels) <= {"type0", "type1", "Unknown"}
+    assert query.uns["scfm_label"]["gene_overlap"]["n_shared"] == 26
+    novel = truth == "type2"
+    unknown = labels == "Unknown"
+    assert unknown[novel].mean() > 2 * unknown[~novel].mean()
+    known = ~novel & ~unknown
+    assert (labels[known] == truth[known]).mean() > 0.8
+    assert bool(ann.module.backbone.gene_mask.all())  # the annotator is unchanged
+    assert ann.calibration_["ood_threshold"] == threshold
+    assert float(ann.module.ood_threshold) == pytest.approx(threshold)
+    with pytest.raises(sfa.errors.TooFewGenesError):
+        sfa.tl.transfer_labels(test[:, :10].copy(), ann)
+
+
 def test_annotate_writes_slots_and_round_trips(pretrained, tmp_path):
     train, test = labelled(0), labelled(1, n=50)
     sfa.model.CellAnnotator.setup_anndata(train, labels_key="cell_type")

@@ -6,7 +6,8 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +386,53 @@ class CellAnnotator(BaseModel):
             if lab.any()
             else float("nan"),
         }
+
+    @contextmanager
+    def observing(self, observed, batch_size: int = 256) -> Iterator[CellAnnotator]:
+        """Within the block, read only the genes ``observed`` (a boolean per gene of the
+        annotator; the others are masked, as for a query that lacks them).
+
+        Masking genes moves every cell's features, so the calibration (temperature, class
+        means, OOD threshold) is refitted on the annotator's own training and validation
+        cells seen through the same genes: a query cell is then compared with reference
+        cells as incomplete as itself, not flagged for the genes it lacks. Everything is
+        restored on exit. Without its training data (a model loaded without ``adata``)
+        the calibration cannot be refitted: a warning says so and the OOD flags of such a
+        query are not reliable.
+        """
+        observed = np.asarray(observed, dtype=bool)
+        bb = self.module.backbone
+        if observed.shape != tuple(bb.gene_mask.shape):
+            raise ValueError(
+                f"observed has {observed.size} entries; the annotator reads "
+                f"{bb.gene_mask.numel()} genes."
+            )
+        m = self.module
+        saved = {
+            "gene_mask": bb.gene_mask.clone(),
+            **{k: getattr(m, k).clone() for k in ("temperature", "class_means", "precision")},
+            "ood_threshold": m.ood_threshold.clone(),
+        }
+        calibration = dict(self.calibration_)
+        try:
+            bb.set_gene_mask(torch.as_tensor(observed) & saved["gene_mask"].cpu())
+            can_refit = self.adata is not None and self.train_indices is not None
+            if can_refit and not observed.all():
+                self._calibrate(calibration.get("ood_quantile", 0.99), batch_size)
+            elif not observed.all():
+                warnings.warn(
+                    "This annotator has no training data (loaded without adata): its "
+                    "calibration cannot be refitted on the genes a query lacks, so its OOD "
+                    "flags on such a query are not reliable. Load it with adata= its "
+                    "training data.",
+                    stacklevel=3,
+                )
+            yield self
+        finally:
+            bb.gene_mask.copy_(saved.pop("gene_mask"))
+            for k, v in saved.items():
+                getattr(m, k).copy_(v)
+            self.calibration_ = calibration
 
     # ------------------------------------------------------------------ prediction
     def predict_details(

@@ -1,6 +1,6 @@
 """Scanpy-style tools: ``f(adata, model, *, key_added=...)`` write results into slots."""
 
-from ._annotate import annotate
+from ._annotate import annotate, transfer_labels
 from ._augment import augment
 from ._embed import embed
 from ._infer_to_disk import infer_to_disk
@@ -14,4 +14,5 @@ __all__ = [
     "infer_to_disk",
     "normalize_expression",
     "predict_perturbation",
+    "transfer_labels",
 ]

@@ -81,3 +81,88 @@ def annotate(
         f"{key_added}_probs",
     )
     return adata if copy else None
+
+
+def transfer_labels(
+    query: AnnData,
+    annotator,
+    *,
+    key_added: str = SLOTS.label,
+    min_confidence: float | None = None,
+    min_gene_overlap: float = 0.5,
+    batch_size: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Transfer a reference's labels to a query data set, whatever its genes.
+
+    The query's genes are aligned to the annotator's (:func:`~scfm_adapt.data.align_genes`:
+    extra genes dropped, missing genes *masked* in the annotator's encoder for this call,
+    not read as zeros, and its calibration refitted on its own training cells seen
+    through the same genes, :meth:`~scfm_adapt.model.CellAnnotator.observing`), then
+    :func:`annotate` writes the labels: cells unlike every
+    reference type (the annotator's OOD flag) get its unlabeled category (``"Unknown"``)
+    instead of a forced label. Nothing is trained, so this is zero-shot; train a
+    :class:`~scfm_adapt.model.CellAnnotator` on a few labelled query cells
+    (``pretrained=`` the reference) where labels exist.
+
+    Parameters
+    ----------
+    query
+        AnnData of raw counts (in ``X``, or in the layer the annotator's backbone was set
+        up with); any genes, at least ``min_gene_overlap`` of the annotator's.
+    annotator
+        A trained :class:`~scfm_adapt.model.CellAnnotator` of the reference.
+    key_added, min_confidence, batch_size, copy
+        As in :func:`annotate`.
+
+    Returns
+    -------
+    ``None`` (or the copy), having written :func:`annotate`'s slots into ``query``, and
+    ``uns[key_added]["gene_overlap"]``: how many of the annotator's genes the query has.
+
+    Raises
+    ------
+    TooFewGenesError
+        When the query has fewer than ``min_gene_overlap`` of the annotator's genes.
+    """
+    import numpy as np
+
+    from ..data import OBSERVED_KEY, align_genes, gene_overlap
+
+    out = query.copy() if copy else query
+    genes = list(annotator.var_names_)
+    overlap = gene_overlap(query.var_names, genes)
+    aligned = query
+    if list(query.var_names) != genes:
+        layer = annotator.registry_["setup_args"].get("layer")
+        aligned = align_genes(query, genes, layer=layer, min_overlap=min_gene_overlap)
+    if OBSERVED_KEY in aligned.var:  # recalibrated on reference cells seen the same way
+        observed = np.asarray(aligned.var[OBSERVED_KEY].to_numpy(), dtype=bool)
+        with annotator.observing(observed, batch_size=batch_size or 256):
+            annotate(aligned, annotator, key_added=key_added, min_confidence=min_confidence,
+                     batch_size=batch_size)  # fmt: skip
+    else:
+        annotate(
+            aligned, annotator, key_added=key_added, min_confidence=min_confidence,
+            batch_size=batch_size,
+        )  # fmt: skip
+    if aligned is not out:
+        for k in (
+            key_added,
+            f"{key_added}_confidence",
+            f"{key_added}_ood_score",
+            f"{key_added}_is_ood",
+        ):
+            out.obs[k] = aligned.obs[k].to_numpy()
+        out.obsm[f"{key_added}_probs"] = aligned.obsm[f"{key_added}_probs"].set_axis(
+            out.obs_names, axis=0
+        )
+        out.uns[key_added] = aligned.uns[key_added]
+    out.uns[key_added]["gene_overlap"] = {
+        "n_reference": overlap.n_reference,
+        "n_shared": overlap.n_shared,
+        "fraction": overlap.fraction,
+    }
+    out.uns[key_added]["params"]["transfer"] = True
+    logger.info("Label transfer: %s.", overlap)
+    return out if copy else None
