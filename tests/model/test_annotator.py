@@ -118,6 +118,29 @@ def test_transfer_labels_to_a_query_with_other_genes_flags_a_new_type(pretrained
         sfa.tl.transfer_labels(test[:, :10].copy(), ann)
 
 
+def test_few_labels_on_a_query_with_fewer_genes_mask_the_missing_ones(pretrained, tmp_path):
+    """An annotator adapted on a query aligned to the reference genes reads the genes the
+    query lacks as unobserved: its mask is the query's panel (kept by a save) and their
+    counts do not change a prediction."""
+    from scfm_adapt.data import align_genes
+
+    q = labelled(0, n=120)[:, [f"gene{j}" for j in range(16, 40)]].copy()
+    q = align_genes(q, pretrained.var_names_)
+    sfa.model.CellAnnotator.setup_anndata(q, labels_key="cell_type")
+    ann = sfa.model.CellAnnotator(q, pretrained=pretrained, strategy="lora")
+    ann.train(max_epochs=3, lr=1e-2, **FAST)
+    mask = ann.module.backbone.gene_mask
+    assert mask.tolist() == [False] * 16 + [True] * 24
+    assert bool(pretrained.module.gene_mask.all())  # the reference is untouched
+    probs = ann.predict(q, soft=True).to_numpy()
+    noisy = q.copy()
+    noisy.X = noisy.X.toarray()
+    noisy.X[:, :16] = 9.0
+    np.testing.assert_allclose(ann.predict(noisy, soft=True).to_numpy(), probs, atol=1e-5)
+    ann.save(tmp_path / "ann")
+    assert sfa.model.CellAnnotator.load(tmp_path / "ann").module.backbone.gene_mask.equal(mask)
+
+
 def test_annotate_writes_slots_and_round_trips(pretrained, tmp_path):
     train, test = labelled(0), labelled(1, n=50)
     sfa.model.CellAnnotator.setup_anndata(train, labels_key="cell_type")

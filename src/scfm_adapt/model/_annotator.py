@@ -17,7 +17,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField
 
-from ..data import check_genes, check_layer_counts, check_not_view
+from ..data import OBSERVED_KEY, check_genes, check_layer_counts, check_not_view
 from ..errors import MissingKeyError, SCFMInputError, UnknownCategoryError
 from ..metrics import expected_calibration_error
 from ..module import AnnotatorModule, SCFMModule
@@ -55,7 +55,9 @@ class CellAnnotator(BaseModel):
     Parameters
     ----------
     adata
-        AnnData registered with :meth:`setup_anndata`, with the pretrained model's genes.
+        AnnData registered with :meth:`setup_anndata`, with the pretrained model's genes
+        (for data with other genes, :func:`~scfm_adapt.data.align_genes` first: the genes
+        it lacks, ``var["scfm_observed"] == False``, are then masked, not read as zeros).
     pretrained
         A trained :class:`SCFM`, or the folder it was saved to.
     strategy
@@ -125,6 +127,10 @@ class CellAnnotator(BaseModel):
                 # this layer works (benchmarks/README.md, annotation on CellBench).
                 adapt_kwargs.setdefault("target_modules", _annotator_targets(backbone.encoder))
             backbone.add_adapter(adapter_name, strategy, **adapt_kwargs)
+            if OBSERVED_KEY in adata.var:  # aligned to the pretrained genes (align_genes):
+                # the genes this data set lacks are unobserved, not zero counts
+                observed = np.asarray(adata.var[OBSERVED_KEY].to_numpy(), dtype=bool)
+                backbone.set_gene_mask(torch.as_tensor(observed) & backbone.gene_mask.cpu())
             self.var_names_ = list(pretrained.var_names_)
         else:
             backbone = _backbone
