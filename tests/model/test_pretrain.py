@@ -105,6 +105,8 @@ def test_pretrain_writes_a_model_with_each_files_panel_and_card(pretrained):
         sha = sfa.data.file_sha256(p)
         assert f"| {name} (`{p.resolve()}`) | {a.n_obs} | {a.n_vars} | `{sha[:16]}` |" in card
     assert "`obs['dataset']` (a, b, c)" in card and "- vae: " in card
+    nll = model.card_["evaluation"]["validation_reconstruction_nll"]
+    assert nll > 0 and f"| validation_reconstruction_nll | {nll:.4g} |" in card
     run = json.loads((out / "run.json").read_text())
     assert run["files"] == [str(p.resolve()) for p in paths]
     loaded = sfa.model.SCFM.load(out / "model")

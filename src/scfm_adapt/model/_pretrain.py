@@ -5,7 +5,7 @@ are combined on disk over one gene vocabulary (:func:`~scfm_adapt.data.combine_h
 each file a batch, the genes it lacks masked for its cells), an :class:`SCFM` is trained
 on the backed result (both stages by default, with epoch checkpoints, so an interrupted
 run resumes), and the model is saved with a model card that lists every file with its
-cells and SHA-256.
+cells and SHA-256 and the reconstruction NLL of the validation cells.
 """
 
 from __future__ import annotations
@@ -135,6 +135,12 @@ def pretrain(
         resume=resume,
         **kwargs,
     )
+    val = model.validation_indices
+    if val is not None and len(val) > 0:  # the model card's own evaluation: held-out cells
+        nll = model.get_reconstruction_error(indices=val)["reconstruction_loss"]
+        model.record_evaluation(
+            validation_cells=len(val), validation_reconstruction_nll=round(float(nll), 3)
+        )
     sources = adata.uns[SOURCES_KEY]
     model.card_["training_data"] = [
         {"name": label, **{k: _plain(v) for k, v in rec.items()}}
