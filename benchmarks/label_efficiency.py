@@ -114,8 +114,9 @@ def annotator(labelled, evaluation, key: str, reference, method: str, seed: int)
 
 
 def zero_shot(evaluation, key: str, reference, seed: int, folder: Path = REFERENCE) -> dict:
-    """The reference's own annotator (LoRA, on its labelled Kang control cells) applied to
-    the query by transfer_labels; "Unknown" and wrong labels count as errors."""
+    """The reference's own annotator (LoRA, on its labelled Kang control cells, read
+    through their file's gene panel) applied to the query by transfer_labels; "Unknown"
+    and wrong labels count as errors."""
     import anndata as ad
     import scvi
 
@@ -124,13 +125,9 @@ def zero_shot(evaluation, key: str, reference, seed: int, folder: Path = REFEREN
 
     scvi.settings.seed = seed
     data = ad.read_h5ad(folder / "data.h5ad", backed="r")
-    labelled = np.flatnonzero(data.obs["cell_type"].astype(str).to_numpy() != "Unknown")
-    train = data[labelled].to_memory()
+    train = sfa.data.select_panel(data, "kang_ctrl")  # its genes; the others masked
     data.file.close()
-    train.obs["cell_type"] = train.obs["cell_type"].astype(str).astype("category")
-    for col in list(train.obs.columns):
-        if col != "cell_type":
-            del train.obs[col]
+    train.obs = train.obs[["cell_type"]].astype(str).astype("category")
     sfa.model.CellAnnotator.setup_anndata(train, labels_key="cell_type")
     ann = sfa.model.CellAnnotator(train, pretrained=reference, strategy="lora", rank=8)
     ann.train(max_epochs=20, lr=1e-3, enable_progress_bar=False)

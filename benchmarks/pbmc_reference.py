@@ -12,9 +12,10 @@ Pretraining files (each one batch):
 - ``citeseq_pbmc10k_200cells`` and ``citeseq_pbmc5k_200cells``: their RNA counts.
 
 ``pbmc68k_reduced_counts`` (the other query) is not pretrained on. The gene vocabulary is
-the union of the two Kang files' genes and pbmc68k's gene *names* (no pbmc68k cells or
-labels are read for it): the reference is built to serve both queries, and a query that
-measured under half of it would be masked more than it is read. Every file measures part
+the union of the two Kang files' genes and those of pbmc68k's gene *names* that a
+pretraining file measures (no pbmc68k cells or labels are read for it): the reference is
+built to serve both queries, and a query that measured under half of it would be masked
+more than it is read. Every file measures part
 of the vocabulary; the genes it lacks are masked for its cells.
 
 The folder gets ``data.h5ad`` (the combined counts), ``checkpoints/``, ``run.json`` and
@@ -50,15 +51,22 @@ FILES = {
 QUERY_FILE = "pbmc68k_reduced_counts.h5ad"
 
 
-def vocabulary(data: Path) -> list[str]:
-    """The two Kang files' genes, then pbmc68k's genes they lack (names only)."""
+def _genes(path: Path) -> list[str]:
     import anndata as ad
     import h5py
 
+    with h5py.File(path, "r") as f:
+        return [str(g) for g in ad.io.read_elem(f["var"]).index]
+
+
+def vocabulary(data: Path) -> list[str]:
+    """The two Kang files' genes, then pbmc68k's genes they lack that a pretraining file
+    measures (names only: a gene no file measures could not be learned)."""
     genes: dict[str, None] = {}
-    for name in (FILES["kang_ctrl"], FILES["kang_ifnb"], QUERY_FILE):
-        with h5py.File(data / name, "r") as f:
-            genes.update(dict.fromkeys(str(g) for g in ad.io.read_elem(f["var"]).index))
+    for name in (FILES["kang_ctrl"], FILES["kang_ifnb"]):
+        genes.update(dict.fromkeys(_genes(data / name)))
+    measured = {g for name in FILES.values() for g in _genes(data / name)}
+    genes.update(dict.fromkeys(g for g in _genes(data / QUERY_FILE) if g in measured))
     return list(genes)
 
 

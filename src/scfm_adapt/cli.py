@@ -152,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels-key", default=None, help="obs column of cell labels, if any")
     p.add_argument("--gene-ids", choices=["symbol", "ensembl"], default=None)
     p.add_argument("--layer", default=None, help="layer of counts (default X)")
-    p.add_argument("--stage", choices=["both", "vae", "prior"], default="both")
+    p.add_argument("--stage", choices=["both", "vae"], default="both")
     p.add_argument("--max-epochs", type=int, default=None)
     p.add_argument("--prior-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="auto", help="'auto', or a number (>1: DDP)")
-    p.add_argument("--model-kwargs", type=json.loads, default=None, help="JSON of SCFM args")
+    p.add_argument("--model-kwargs", type=_json_object, default=None, help="JSON of SCFM args")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -180,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         print(f"wrote {args.out}/pbmc68k_scfm.h5ad, umap_scfm.png, report.json, model/")
     return 0
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"not JSON ({e.msg}); give an object such as '{{\"n_tokens\": 8}}' (quoted for "
+            "the shell)."
+        ) from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object of SCFM arguments, {...}.")
+    return value
 
 
 def _pretrain(args) -> int:

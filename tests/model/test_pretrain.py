@@ -187,3 +187,87 @@ def test_the_command_line_pretrains(tmp_path):
     loaded = sfa.model.SCFM.load(tmp_path / "run" / "model")
     assert loaded.var_names_ == [f"gene{j}" for j in range(0, 40, 2)]
     assert loaded.module.batch_gene_mask.sum(1).tolist() == [15, 15, 20]
+
+
+def test_gene_shares_are_unbiased_when_a_batch_measures_half_the_genes():
+    """Batch b1 measures genes 0-19 only: each gene's share of all counts is estimated
+    from the full libraries of the batches measuring it, so the shares of genes 0-19 are
+    not inflated by b1's smaller (observed) libraries."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(40, 5.0))
+    x = rng.poisson(4000 * p, (400, 40)).astype(np.float32)
+    batch = np.repeat(["b0", "b1"], 200)
+    x[200:, 20:] = 0
+    a = ad.AnnData(sparse.csr_matrix(x), obs=pd.DataFrame({"batch": batch}))
+    a.obs_names = [f"c{i}" for i in range(400)]
+    a.var_names = [f"gene{j}" for j in range(40)]
+    a.uns[BATCH_GENE_MASKS] = {"batch_key": "batch", "observed": {"b1": np.arange(40) < 20}}
+    sfa.model.SCFM.setup_anndata(a, batch_key="batch")
+    m = sfa.model.SCFM(a, **TINY)
+    m._fit_gene_frac()
+    frac = m.module.ref_gene_frac.numpy()
+    np.testing.assert_allclose(frac, p, rtol=0.05)
+
+
+def test_decoding_a_fixed_library_is_the_same_for_every_panel():
+    """Only an observed library is rescaled by the cell's panel; a fixed (or sampled)
+    library covers every gene whatever the batch."""
+    a, _ = _panel_adata()
+    sfa.model.SCFM.setup_anndata(a, batch_key="batch")
+    m = sfa.model.SCFM(a, **TINY).module
+    z = torch.randn(2, m.n_tokens, m.token_dim)
+    conds = {"batch": torch.tensor([0, 1])}
+    lib = torch.full((2, 1), 1000.0)
+    fixed = m.decode(z, lib, conds).mean
+    np.testing.assert_allclose(fixed.sum(-1).detach().numpy(), [1000.0, 1000.0], rtol=1e-4)
+    obs = m.cell_gene_mask(conds["batch"])
+    own = m.decode(z, lib, conds, observed=obs).mean
+    covered = (own * obs).sum(-1).detach().numpy()
+    np.testing.assert_allclose(covered, [1000.0, 1000.0], rtol=1e-4)
+    assert float(own[1].sum()) > 1000.0 * 1.01  # b1's library covers only its genes
+
+
+def test_a_query_combined_from_files_keeps_its_own_panels(pretrained, tmp_path):
+    """A query that is itself data combined from files with different genes: its new
+    batches get their own panels (carried through the alignment to the reference genes)."""
+    model, *_ = pretrained
+    paths, _ = write_panels(tmp_path, n_cells=(20, 20, 20))
+    q = sfa.data.combine_h5ad(
+        paths[:2], tmp_path / "q.h5ad", batch_labels=["q1", "q2"], progress=False
+    ).to_memory()
+    q.obs = q.obs[["dataset", "cell_type"]]
+    query = sfa.model.SCFM.load_query_data(q, model, verbose=False)
+    rows = query.module.batch_gene_mask
+    assert rows.shape == (5, 40)  # a, b, c, then q1, q2
+    assert rows[3].tolist() == [True] * 30 + [False] * 10  # q1 measures genes 0-29
+    assert rows[4].tolist() == [False] * 10 + [True] * 30  # q2 measures genes 10-39
+    assert set(query.batch_gene_masks_) == {"a", "b", "c", "q1", "q2"}
+
+
+def test_bad_pretraining_inputs_are_named(tmp_path, capsys):
+    from scfm_adapt.cli import main
+
+    paths, _ = write_panels(tmp_path)
+    with pytest.raises(sfa.errors.SCFMInputError, match="measured by no file"):
+        sfa.data.combine_h5ad(paths, tmp_path / "x.h5ad", genes=["gene10", "gene12", "nowhere"])
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(paths[0]), "--out", str(tmp_path / "r"), "--model-kwargs", "{x"])
+    assert "give an object such as" in capsys.readouterr().err
+
+
+def test_transfer_labels_with_copy_leaves_the_query_alone(tmp_path):
+    from conftest import make_adata as mk
+
+    ref = mk(n_cells=120, seed=4)
+    sfa.model.SCFM.setup_anndata(ref, batch_key="batch")
+    model = sfa.model.SCFM(ref, **TINY)
+    model.train(max_epochs=2, stage="vae", **FAST)
+    sfa.model.CellAnnotator.setup_anndata(ref, labels_key="cell_type")
+    ann = sfa.model.CellAnnotator(ref, pretrained=model, strategy="linear_probe")
+    ann.train(max_epochs=2, **FAST)
+    q = mk(n_cells=30, seed=5)
+    out = sfa.tl.transfer_labels(q, ann, copy=True)
+    assert "scfm_label" in out.obs and "scfm_label" not in q.obs and "scfm_label" not in q.uns

@@ -4,7 +4,12 @@ from ._align import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
 from ._backed import is_backed, matrix_sums, read_backed, row_blocks
 from ._checksums import counts_sha256, file_sha256
 from ._combine import combine_h5ad
-from ._gene_panels import BATCH_GENE_MASKS, batch_mask_matrix, read_batch_gene_masks
+from ._gene_panels import (
+    BATCH_GENE_MASKS,
+    batch_mask_matrix,
+    read_batch_gene_masks,
+    select_panel,
+)
 from ._geneformer import (
     GeneformerCheckpoint,
     load_geneformer,
@@ -82,6 +87,7 @@ __all__ = [
     "row_blocks",
     "safe_load_pickle",
     "select_gene_sets",
+    "select_panel",
     "set_graph",
     "split_perturbation",
     "write_random_geneformer",

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import TooFewGenesError
-
-OBSERVED_KEY = "scfm_observed"
+from ._gene_panels import BATCH_GENE_MASKS, OBSERVED_KEY
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,8 @@ def align_genes(
     Returns
     -------
     The aligned AnnData (``obs`` and ``obsm`` kept); the :class:`GeneOverlap` is in
-    ``uns["scfm_gene_overlap"]`` as a dict.
+    ``uns["scfm_gene_overlap"]`` as a dict, and the gene panels of data combined from files
+    with different genes (``uns["scfm_batch_gene_masks"]``) are carried over.
 
     Raises
     ------
@@ -118,6 +118,14 @@ def align_genes(
         "n_missing": len(overlap.missing),
         "n_extra": len(overlap.extra),
     }
+    panels = adata.uns.get(BATCH_GENE_MASKS)
+    if panels:  # each batch's gene panel, carried onto the reference genes
+        moved = {}
+        for batch, obs in panels.get("observed", {}).items():
+            row = np.zeros(len(ref), dtype=bool)
+            row[dst_cols] = np.asarray(obs, dtype=bool).ravel()[src_cols]
+            moved[batch] = row
+        out.uns[BATCH_GENE_MASKS] = {"batch_key": panels.get("batch_key"), "observed": moved}
     if layer is not None:
         out.layers[layer] = out.X.copy()
     return out

@@ -185,6 +185,14 @@ def combine_h5ad(
                 "it out."
             )
         panels[label] = observed
+    nobody = ~np.logical_or.reduce(list(panels.values()))
+    if nobody.any():
+        names = [vocab[i] for i in np.flatnonzero(nobody)[:5]]
+        raise SCFMInputError(
+            f"{int(nobody.sum())} of the {len(vocab)} genes are measured by no file (e.g. "
+            f"{names}): a model could never learn them. Leave them out of genes=, or add a "
+            "file that measures them."
+        )
     keys = obs_keys
     if keys is None:
         keys = [c for c in obs_tables[0].columns if all(c in o.columns for o in obs_tables)]
@@ -235,7 +243,7 @@ def combine_h5ad(
                             (block.data, dst[keep][block.indices], block.indptr),
                             shape=(block.shape[0], len(vocab)),
                         )
-                        block.sort_indices()
+                        block.sum_duplicates()  # two names of one gene (gene_ids=)
                         if x is None:
                             ad.io.write_elem(f, "X", block)
                             x = ad.io.sparse_dataset(f["X"])

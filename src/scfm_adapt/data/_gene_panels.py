@@ -24,6 +24,8 @@ from ..errors import SCFMInputError
 
 #: Where an AnnData carries the gene panel of each batch.
 BATCH_GENE_MASKS = "scfm_batch_gene_masks"
+#: ``var`` column marking the genes a data set measures (one panel for all its cells).
+OBSERVED_KEY = "scfm_observed"
 
 
 def read_batch_gene_masks(adata, batch_key: str | None) -> dict[str, list[int]] | None:
@@ -64,16 +66,40 @@ def batch_mask_matrix(
     masks: Mapping[str, list[int]] | None, batches: list[str], n_genes: int
 ) -> np.ndarray | None:
     """``(len(batches), n_genes)`` boolean: the genes each batch (in registry order)
-    observes; ``None`` without masks."""
+    observes; ``None`` without masks. Panels of batches not in ``batches`` (a subset of
+    the data without their cells) are not used."""
     if not masks:
         return None
-    unknown = set(masks) - {str(b) for b in batches}
-    if unknown:
-        raise SCFMInputError(
-            f"Gene panels are given for batches the model does not have: {sorted(unknown)}. "
-            "Set up the data with the batch key the panels belong to."
-        )
     out = np.ones((len(batches), n_genes), dtype=bool)
     for i, b in enumerate(batches):
         out[i, masks.get(str(b), [])] = False
+    return out
+
+
+def select_panel(adata, batch: str):
+    """The cells of one ``batch`` of data combined from files with different genes, as a
+    data set of its own (a copy in memory): ``var["scfm_observed"]`` is that batch's gene
+    panel, which a model built on it masks, as for a query aligned with
+    :func:`~scfm_adapt.data.align_genes`. For models that read one panel for all their
+    cells (:class:`~scfm_adapt.model.CellAnnotator`)."""
+    spec = adata.uns.get(BATCH_GENE_MASKS)
+    if not spec:
+        raise SCFMInputError(
+            f"adata has no uns[{BATCH_GENE_MASKS!r}]: every cell measures every gene, so "
+            "there is no panel to select; subset the cells directly."
+        )
+    key = spec["batch_key"]
+    cells = (adata.obs[key].astype(str) == str(batch)).to_numpy()
+    if not cells.any():
+        raise SCFMInputError(
+            f"No cells of batch {batch!r} in obs[{key!r}]; batches: "
+            f"{sorted(adata.obs[key].astype(str).unique())}."
+        )
+    sub = adata[cells]
+    out = sub.to_memory() if getattr(sub, "isbacked", False) else sub.copy()
+    observed = spec.get("observed", {}).get(str(batch))
+    out.var[OBSERVED_KEY] = (
+        np.ones(out.n_vars, dtype=bool) if observed is None else np.asarray(observed, bool)
+    )
+    del out.uns[BATCH_GENE_MASKS]
     return out

@@ -17,7 +17,14 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField
 
-from ..data import OBSERVED_KEY, check_genes, check_layer_counts, check_not_view
+from ..data import (
+    BATCH_GENE_MASKS,
+    OBSERVED_KEY,
+    check_genes,
+    check_layer_counts,
+    check_not_view,
+    read_batch_gene_masks,
+)
 from ..errors import MissingKeyError, SCFMInputError, UnknownCategoryError
 from ..metrics import expected_calibration_error
 from ..module import AnnotatorModule, SCFMModule
@@ -114,6 +121,14 @@ class CellAnnotator(BaseModel):
                 raise ValueError("Give the pretrained SCFM (a model or a folder) to adapt.")
             pretrained = SCFM.trained_model(pretrained, "pretrained")
             check_genes(adata.var_names, pretrained.var_names_, what="pretrained model")
+            panels = adata.uns.get(BATCH_GENE_MASKS)
+            if panels and read_batch_gene_masks(adata, panels["batch_key"]):
+                raise SCFMInputError(
+                    "These cells come from files that measure different genes "
+                    f"(uns[{BATCH_GENE_MASKS!r}]); an annotator reads one gene panel for all "
+                    "its cells. Annotate one file's cells at a time: "
+                    "sfa.data.select_panel(adata, batch) gives them with their panel."
+                )
             backbone = copy.deepcopy(pretrained.module).cpu()
             if adapter_name in backbone.adapter_specs:
                 raise ValueError(

@@ -42,7 +42,7 @@ def pathway_attributions(
     rows, gaps = [], []
     try:
         for tensors in batches:
-            x_norm, _ = module.normalize(tensors["X"].float())
+            x_norm, _ = module.normalize(tensors["X"].float(), tensors.get("batch"))
             inputs = enc.token_inputs(x_norm).detach()
             base = enc.token_inputs(module.reference_input()).detach().expand_as(inputs)
 

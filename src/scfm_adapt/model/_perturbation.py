@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -675,12 +676,31 @@ class PerturbationModel(BaseModel):
             backbone_train_kwargs.setdefault("enable_progress_bar", progress)
             if root is not None:
                 backbone_train_kwargs.update(checkpoint_dir=root / "backbone", resume=resume)
-            backbone_train_kwargs.setdefault("stage", "vae")
-            bb.train(max_epochs=epochs, **backbone_train_kwargs)
+            kw = dict(backbone_train_kwargs)
+            kw.setdefault("stage", "vae")
+            if kw["stage"] == "both" and "max_epochs_prior" not in kw:
+                # the prior's budget in optimiser steps (SCFM.train's prior_steps), not the
+                # backbone's epochs: as epochs of this data's minibatches
+                from ._scfm import PRIOR_STEPS
+
+                steps = kw.pop("prior_steps", PRIOR_STEPS)
+                per_epoch = math.ceil(0.9 * bb.adata.n_obs / kw.get("batch_size", 128))
+                kw["max_epochs_prior"] = max(1, math.ceil(steps / per_epoch))
+            bb.train(max_epochs=epochs, **kw)
         seconds = {"backbone": time.perf_counter() - start}
         if self._is_flow():
             init = self.init_kwargs_.get("flow_init", "auto")
             has_prior = "prior" in bb.trained_stages_
+            dit = bb.module.dit
+            if has_prior and dit.condition_names and dit.p_uncond <= 0:  # null never trained
+                if init == "prior":
+                    raise ValueError(
+                        'flow_init="prior": the backbone\'s prior was trained with '
+                        "p_uncond=0, so its unconditional mode, which the flow starts from, "
+                        'was never trained. Use flow_init="scratch", or a prior trained with '
+                        "p_uncond > 0."
+                    )
+                has_prior = False
             if init == "prior" and not has_prior:
                 raise ValueError(
                     'flow_init="prior" needs a backbone with a trained prior: pass '
@@ -1556,7 +1576,7 @@ class PerturbationModel(BaseModel):
             with torch.no_grad():
                 total = torch.zeros(len(names), device=dev)
                 for tensors in bb._batches(ctrl, None, batch_size):
-                    x_norm, _ = module.normalize(tensors["X"].float())
+                    x_norm, _ = module.normalize(tensors["X"].float(), tensors.get("batch"))
                     total += response(module.encoder.features(x_norm), tensors).sum(0)
             order = torch.argsort(total.abs(), descending=True, stable=True)[:n_top_genes]
             gene_idx = order.cpu()

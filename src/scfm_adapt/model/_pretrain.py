@@ -143,8 +143,7 @@ def pretrain(
         )
     sources = adata.uns[SOURCES_KEY]
     model.card_["training_data"] = [
-        {"name": label, **{k: _plain(v) for k, v in rec.items()}}
-        for label, rec in sources.items()
+        {"name": label, **{k: _plain(v) for k, v in rec.items()}} for label, rec in sources.items()
     ]
     model.save(out / MODEL_DIR, overwrite=True)
     logger.info("Saved the pretrained model to %s", out / MODEL_DIR)

@@ -87,8 +87,12 @@ class QueryMappingMixin(AdaptationMixin):
             adata, source_registry=reference.registry_, extend_categories=True, **setup_args
         )
         model = cls(adata, **reference.init_kwargs_)
-        # the reference's gene panels of its own batches (the module carries them)
-        model.batch_gene_masks_ = reference.batch_gene_masks_
+        # gene panels: the reference's batches', and the query's own (data sets combined
+        # with different genes, uns["scfm_batch_gene_masks"])
+        model.batch_gene_masks_ = {
+            **(reference.batch_gene_masks_ or {}),
+            **(model.batch_gene_masks_ or {}),
+        } or None
         module = copy.deepcopy(reference.module).cpu()
         sizes = model._registry_sizes()
         module.extend_categories(
@@ -98,6 +102,7 @@ class QueryMappingMixin(AdaptationMixin):
         )
         observed = adata.var[OBSERVED_KEY].to_numpy() if OBSERVED_KEY in adata.var else None
         module.set_gene_mask(None if observed is None else torch.as_tensor(np.asarray(observed)))
+        model._set_batch_gene_masks(module)
         model.module = module
         model.var_names_ = list(reference.var_names_)
         model.trained_stages_ = list(reference.trained_stages_)

@@ -250,9 +250,9 @@ class SCFM(
             **kwargs,
         )
         self._set_protein_mask(module)
-        self._set_batch_gene_masks(module)
         if extension:
             module.extend_categories(ext["batch"], ext["labels"], ext["cat_covs"])
+        self._set_batch_gene_masks(module)
         return module
 
     def _batch_categories(self) -> list[str]:
@@ -263,6 +263,10 @@ class SCFM(
         """Give the module the gene panel of each of its batches (``batch_gene_masks_``)."""
         masks = getattr(self, "batch_gene_masks_", None)
         batches = self._batch_categories()[: module.n_batch]
+        absent = sorted(set(masks or {}) - set(batches))
+        if absent:  # e.g. a subset of the data without some files' cells
+            logger.info("No cells of batches %s here: their gene panels are not used.", absent)
+            masks = {b: m for b, m in masks.items() if b in set(batches)}
         matrix = batch_mask_matrix(masks, batches, module.n_input)
         module.set_batch_gene_mask(None if matrix is None else torch.as_tensor(matrix))
 
@@ -552,9 +556,10 @@ class SCFM(
         bias[1] = float(np.log(np.expm1(max(log_lib.std(), 1e-2))))
 
     def _gene_frac_by_panel(self, matrix) -> tuple[np.ndarray, np.ndarray]:
-        """Library sizes, and each gene's share of counts among the cells that measure it
-        (data sets with different gene panels): a gene's counts over the libraries of the
-        batches that observe it, normalised to sum to 1. One pass, a block at a time."""
+        """Library sizes, and each gene's share of all counts among the cells that measure
+        it (data sets with different gene panels): a gene's counts over the full libraries
+        of the batches that observe it, a batch's full library being its observed one over
+        the share of counts its genes hold. One pass over the data, a block at a time."""
         codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY))
         codes = codes.ravel().astype(int)
         batches = self._batch_categories()
@@ -571,10 +576,20 @@ class SCFM(
                 rows = np.flatnonzero(b == k)
                 col[k] += np.asarray(block[rows].sum(0), dtype=np.float64).ravel()
                 lib_b[k] += r[rows].sum()
+        # a batch's library covers only its genes: its full library is lib_b / (the share
+        # of counts on its genes), which depends on the fractions; a few fixed-point steps
         num = (col * observed).sum(0)
-        den = (lib_b[:, None] * observed).sum(0)
-        share = np.where(den > 0, num / np.maximum(den, 1.0), 0.0)
-        return lib, share / max(share.sum(), 1e-12)
+        frac = np.full(matrix.shape[1], 1.0 / matrix.shape[1])
+        for _ in range(20):
+            covered = np.maximum((observed * frac).sum(1), 1e-12)  # (n_batch,)
+            den = ((lib_b / covered)[:, None] * observed).sum(0)
+            new = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
+            new /= max(new.sum(), 1e-12)
+            if np.abs(new - frac).max() < 1e-9:
+                frac = new
+                break
+            frac = new
+        return lib, frac
 
     @torch.inference_mode()
     def _fit_latent_scale(self, batch_size: int) -> None:

@@ -475,13 +475,21 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         library: torch.Tensor,
         conditions: dict[str, torch.Tensor],
         transform_batch: torch.Tensor | None = None,
+        observed: torch.Tensor | None = None,
     ) -> torch.distributions.Distribution:
-        """Count distribution of tokens ``z`` (any leading sample dims) at ``library``."""
+        """Count distribution of tokens ``z`` (any leading sample dims) at ``library``.
+
+        ``library`` covers the observed genes: those of the model's gene mask, or with
+        ``observed`` (``(B, G)``, :meth:`cell_gene_mask`) each cell's own. Pass
+        ``observed`` only where ``library`` is the cell's observed library (training,
+        reconstruction, posterior predictive samples); a fixed or sampled library is one of
+        every gene of the model, the same for every batch.
+        """
         z2, covs, lead, batch = self._decoder_inputs(z, conditions, transform_batch)
         scale, zi_logits = self.decoder(z2, covs)  # (S*B, G)
         scale = scale.view(*lead, -1)
-        if self.masks_genes:  # observed counts cover only the cell's observed genes
-            mask = self.cell_gene_mask(conditions.get("batch"))
+        mask = self.gene_mask if observed is None else observed
+        if observed is not None or not bool(self.gene_mask.all()):
             share = (scale * mask.to(scale.dtype)).sum(-1, keepdim=True)
             rate = library * scale / share.clamp(min=1e-8)
         else:
@@ -533,8 +541,11 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
 
     @auto_move_data
     def generative(self, z: torch.Tensor, library: torch.Tensor, conditions: dict) -> dict:
-        if self.stage == "vae":
-            return {K.PX: self.decode(z, library, conditions)}
+        if self.stage == "vae":  # the library is the cells' observed one
+            observed = None
+            if self.batch_gene_mask is not None:
+                observed = self.cell_gene_mask(conditions["batch"])
+            return {K.PX: self.decode(z, library, conditions, observed=observed)}
         x0 = z.detach() * self.latent_scale  # (B, T, d)
         t = self.schedule.sample_t(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
@@ -731,5 +742,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
         """Posterior predictive counts for the cells in ``tensors``, ``(S, B, G)`` or ``(B, G)``."""
         inf = self.inference(**self._get_inference_input(tensors), n_samples=n_samples)
-        px = self.decode(inf[K.Z], inf[K.LIBRARY], self.conditions(tensors))
+        conds = self.conditions(tensors)
+        observed = None if self.batch_gene_mask is None else self.cell_gene_mask(conds["batch"])
+        px = self.decode(inf[K.Z], inf[K.LIBRARY], conds, observed=observed)
         return px.sample()

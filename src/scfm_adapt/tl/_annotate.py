@@ -132,7 +132,7 @@ def transfer_labels(
     out = query.copy() if copy else query
     genes = list(annotator.var_names_)
     overlap = gene_overlap(query.var_names, genes)
-    aligned = query
+    aligned = out
     if list(query.var_names) != genes:
         layer = annotator.registry_["setup_args"].get("layer")
         aligned = align_genes(query, genes, layer=layer, min_overlap=min_gene_overlap)

@@ -4,8 +4,9 @@ A saved folder must tell a reader, without loading anything, what the model is a
 it was trained on: the genes, the training data (cells, genes, source file and a checksum
 of the counts), the covariates, the likelihood and sizes, the training time per stage, the
 library version and the figures of the model's own evaluation. The card is rendered from
-the checkpoint's config (``config["card"]`` holds what the config has nowhere else), and
-its SHA-256 goes into the manifest like every other file of the folder.
+the checkpoint's config (``config["card"]`` holds what the config has nowhere else). It is
+for people and is left out of the checksum manifest, so that editing it (as model hubs
+invite) never makes the model unloadable; the config stays the record.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from ...data import counts_sha256
 N_GENES_SHOWN = 20
 
 
-def data_record(adata, matrix, name: str | None = None) -> dict:
+def data_record(adata, matrix, name: str | None = None, checksum: bool = True) -> dict:
     """What the card says of one training data set: its cells and genes, the file it was
-    read from (backed AnnData) and the SHA-256 of its counts (:func:`counts_sha256`)."""
+    read from (backed AnnData) and the SHA-256 of its counts (:func:`counts_sha256`; with
+    ``checksum=False``, ``None`` for now: one pass over the data, taken at save)."""
     filename = getattr(adata, "filename", None)
     record = {
         "name": name or (Path(filename).name if filename else "AnnData in memory"),
         "n_cells": int(adata.n_obs),
         "n_genes": int(matrix.shape[1]),
-        "counts_sha256": counts_sha256(matrix),
+        "counts_sha256": counts_sha256(matrix) if checksum else None,
     }
     if filename:
         record["file"] = str(filename)
@@ -111,11 +113,11 @@ def render_card(config: dict, n_parameters: int) -> str:
     out += ["", "## Training data", ""]
     data = card.get("training_data") or []
     if data:
-        out.append("| data | cells | genes | counts SHA-256 |")
+        out.append("| data | cells | genes | SHA-256 (of the file; else of the counts) |")
         out.append("|---|---:|---:|---|")
         for d in data:
             where = f" (`{d['file']}`)" if d.get("file") else ""
-            sha = d.get("file_sha256") or d.get("counts_sha256", "")
+            sha = d.get("file_sha256") or d.get("counts_sha256") or "not taken"
             out.append(
                 f"| {d.get('name', '?')}{where} | {d.get('n_cells', '?')} | "
                 f"{d.get('n_genes', '?')} | `{sha[:16]}` |"

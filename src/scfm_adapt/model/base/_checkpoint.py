@@ -136,6 +136,7 @@ def write_checkpoint(
     config: dict,
     overwrite: bool = False,
     extra_files: dict[str, Callable[[Path], None]] | None = None,
+    unlisted_files: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Write ``state_dict`` and ``config`` into folder ``path`` atomically.
 
@@ -143,6 +144,8 @@ def write_checkpoint(
     an interrupted save leaves any previous checkpoint at ``path`` intact. ``extra_files``
     maps file names to writers (called with the file's path) for further files, e.g. the
     AnnData; every file's size and SHA-256 go into the config's manifest.
+    ``unlisted_files`` are written the same way but left out of the manifest: files for
+    people (the model card) that may be edited without making the checkpoint unloadable.
     """
     from safetensors.torch import save as st_save
 
@@ -156,6 +159,8 @@ def write_checkpoint(
         for name, writer in (extra_files or {}).items():
             writer(tmp / name)
             files[name] = _file_record(tmp / name)
+        for name, writer in (unlisted_files or {}).items():
+            writer(tmp / name)
         config = to_jsonable({**config, "format_version": FORMAT_VERSION, "files": files})
         config["config_sha256"] = _config_digest(config)
         _fsync_write(tmp / CONFIG, json.dumps(config, indent=1).encode())

@@ -382,6 +382,7 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
         """
         from ._card import render_card
 
+        self._card_checksums()
         config = {
             "model": type(self).__name__,
             "scfm_adapt_version": __version__,
@@ -391,10 +392,16 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
         state = self._checkpoint_state()
         n_weights = sum(int(v.numel()) for v in state.values())
         card = render_card(config, n_weights)
-        extra = {CARD: lambda path: path.write_text(card, encoding="utf-8")}
-        if save_anndata:
-            extra["adata.h5ad"] = self.adata.write_h5ad
-        return write_checkpoint(dir_path, state, config, overwrite=overwrite, extra_files=extra)
+        extra = {"adata.h5ad": self.adata.write_h5ad} if save_anndata else None
+        return write_checkpoint(
+            dir_path,
+            state,
+            config,
+            overwrite=overwrite,
+            extra_files=extra,
+            # the card is for people: edit it freely, the weights are checked without it
+            unlisted_files={CARD: lambda path: path.write_text(card, encoding="utf-8")},
+        )
 
     # ------------------------------------------------------------------ model card
     @property
@@ -434,12 +441,27 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
         for stage, sec in seconds.items():
             card["training_seconds"][stage] = card["training_seconds"].get(stage, 0.0) + sec
         if data is None and self.adata is not None:
-            try:
-                data = [data_record(self.adata, self._counts_matrix(self.adata))]
+            try:  # the checksum of the counts is taken at save (a pass over the data)
+                data = [data_record(self.adata, self._counts_matrix(self.adata), checksum=False)]
             except (KeyError, ValueError, AttributeError):  # no single counts matrix
                 data = [{"name": "training data", "n_cells": int(self.adata.n_obs)}]
         if data:
             card["training_data"] = data
+
+    def _card_checksums(self) -> None:
+        """Fill in the counts checksum of the training data the card lists, from the
+        model's data when it is still that data (same cells and genes)."""
+        from ...data import counts_sha256
+
+        for rec in self.card_["training_data"]:
+            if rec.get("counts_sha256", "") is not None or self.adata is None:
+                continue
+            try:
+                matrix = self._counts_matrix(self.adata)
+            except (KeyError, ValueError, AttributeError):
+                continue
+            if (self.adata.n_obs, matrix.shape[1]) == (rec.get("n_cells"), rec.get("n_genes")):
+                rec["counts_sha256"] = counts_sha256(matrix)
 
     @classmethod
     def load(
