@@ -16,6 +16,14 @@ from conftest import TINY, make_adata, write_panels
 from scfm_adapt.data import BATCH_GENE_MASKS
 
 FAST = dict(enable_progress_bar=False, early_stopping=False, batch_size=32)
+#: The arguments of the tiny pretraining run (the fixture's, and its resumption's).
+RUN = dict(
+    labels_key="cell_type",
+    max_epochs=2,
+    model_kwargs=TINY,
+    train_kwargs={**FAST, "prior_steps": 4},
+    progress=False,
+)
 
 
 def _panel_adata():
@@ -82,15 +90,7 @@ def pretrained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pretrain")
     paths, data = write_panels(folder)
     out = folder / "run"
-    model = sfa.model.pretrain(
-        paths,
-        out,
-        labels_key="cell_type",
-        max_epochs=2,
-        model_kwargs=TINY,
-        train_kwargs={**FAST, "prior_steps": 4},
-        progress=False,
-    )
+    model = sfa.model.pretrain(paths, out, **RUN)
     return model, paths, data, out
 
 
@@ -119,20 +119,10 @@ def test_pretrain_writes_a_model_with_each_files_panel_and_card(pretrained):
 def test_pretrain_resumes_and_refuses_a_changed_or_used_folder(pretrained):
     model, paths, _, out = pretrained
     z = model.get_latent_representation()
-    again = sfa.model.pretrain(
-        paths,
-        out,
-        labels_key="cell_type",
-        max_epochs=2,
-        model_kwargs=TINY,
-        train_kwargs={**FAST, "prior_steps": 4},
-        resume=True,
-        progress=False,
-    )
+    again = sfa.model.pretrain(paths, out, resume=True, **RUN)
     np.testing.assert_allclose(again.get_latent_representation(), z, atol=1e-5)
     with pytest.raises(ValueError, match=r"differ: \['max_epochs'\]"):
-        sfa.model.pretrain(paths, out, labels_key="cell_type", max_epochs=3, resume=True,
-                           model_kwargs=TINY, train_kwargs={**FAST, "prior_steps": 4})  # fmt: skip
+        sfa.model.pretrain(paths, out, resume=True, **{**RUN, "max_epochs": 3})
     with pytest.raises(FileExistsError, match="resume=True"):
         sfa.model.pretrain(paths, out, max_epochs=2)
     with pytest.raises(FileNotFoundError, match="Nothing to resume"):

@@ -43,6 +43,18 @@ def matrix_sums(matrix, block_size: int = 16384) -> tuple[np.ndarray, np.ndarray
     return rows, cols
 
 
+def existing_files(paths: Sequence[str | Path], who: str) -> list[Path]:
+    """``paths`` as :class:`~pathlib.Path`; an error naming what is missing (or that
+    nothing was given)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError(f"{who} needs at least one .h5ad path.")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"No such h5ad file(s): {missing}")
+    return paths
+
+
 def read_backed(
     paths: str | Path | Sequence[str | Path],
     out: str | Path | None = None,
@@ -71,12 +83,7 @@ def read_backed(
 
     if isinstance(paths, str | Path):
         paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("read_backed needs at least one .h5ad path.")
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"No such h5ad file(s): {missing}")
+    paths = existing_files(paths, "read_backed")
     if len(paths) == 1:
         return ad.read_h5ad(paths[0], backed="r")
     if out is None:

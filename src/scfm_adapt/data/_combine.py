@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import sparse
 
 from ..errors import SCFMInputError, TooFewGenesError
-from ._backed import row_blocks
+from ._backed import existing_files, row_blocks
 from ._checksums import file_sha256
 from ._gene_panels import BATCH_GENE_MASKS
 from ._validation import check_counts
@@ -140,14 +140,11 @@ def combine_h5ad(
     import h5py
     from tqdm.auto import tqdm
 
-    paths = [Path(f) for f in files]
-    if not paths:
-        raise SCFMInputError("No files given; pass one or more .h5ad files.")
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"No such h5ad file(s): {missing}")
-    labels = [p.name.removesuffix(".h5ad") for p in paths] if batch_labels is None else None
-    labels = labels or [str(b) for b in batch_labels]
+    paths = existing_files(files, "combine_h5ad")
+    if batch_labels is None:
+        labels = [p.name.removesuffix(".h5ad") for p in paths]
+    else:
+        labels = [str(b) for b in batch_labels]
     if len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise SCFMInputError(
             f"batch_labels must name each of the {len(paths)} files once; got {labels}. Two "
