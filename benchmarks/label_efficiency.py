@@ -12,7 +12,8 @@ Queries (never pretrained on, see ``pbmc_reference.py``):
 
 Each query is split once (stratified, seed 0) into a label pool and evaluation cells (half
 each). For every ``k`` and draw (seeds 0..draws-1), ``k`` labelled cells per type are drawn
-from the pool (all of a type's pool cells where it has fewer; ``all``: the whole pool), and
+from the pool (all of a type's pool cells where it has fewer; ``all``: the whole pool, each
+draw then a training seed), and
 every method learns from those cells only and is scored on the evaluation cells: accuracy,
 macro-F1, ECE (mean ± sd over draws) and seconds. Nothing is chosen on evaluation cells:
 the methods' settings are those of ``annotation.py`` (chosen on its training splits), and
@@ -153,13 +154,13 @@ def run(query: str, ks, draws: int, methods, reference, zero: bool, folder: Path
     hvgs = sfa.baselines.highly_variable_genes(pool)  # counts of the pool, not its labels
     truth = ev.obs[key].astype(str).to_numpy()
     rows = []
-    if zero:
+    for d in range(draws if zero else 0):  # the reference annotator's training seeds
         t0 = time.perf_counter()
-        z = zero_shot(ev, key, reference, 0, folder)
-        rows.append({"query": query, "k": "0", "draw": 0, "method": "scfm_ref_transfer",
+        z = zero_shot(ev, key, reference, d, folder)
+        rows.append({"query": query, "k": "0", "draw": d, "method": "scfm_ref_transfer",
                      **z, "seconds": time.perf_counter() - t0})  # fmt: skip
     for k in ks:
-        for d in range(draws if k != "all" else 1):
+        for d in range(draws):  # with k = "all" the same cells, other training seeds
             labelled = draw(pool, key, k, d)
             for method in methods:
                 t0 = time.perf_counter()

@@ -18,7 +18,8 @@ built to serve both queries, and a query that measured under half of it would be
 more than it is read. Every file measures part
 of the vocabulary; the genes it lacks are masked for its cells.
 
-The folder gets ``data.h5ad`` (the combined counts), ``checkpoints/``, ``run.json`` and
+The input files as pretrained on go to ``<out>_inputs/``; the folder gets ``data.h5ad``
+(the combined counts), ``checkpoints/``, ``run.json`` and
 ``model/`` (weights, config and the model card ``README.md``); the weights are never
 committed, this command rebuilds them. ``obs["cell_type"]`` of the combined data holds the
 Kang control cells' types (``cluster_id``; ``"Unknown"`` for the other files' cells), for
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,32 +80,32 @@ def build(out: Path, max_epochs: int, prior_steps: int, seed: int, progress: boo
     if data is None:
         raise SystemExit("The PBMC files are not found: set SCFM_ADAPT_DATA to ../shared/data.")
     scvi.settings.seed = seed
-    with tempfile.TemporaryDirectory() as tmp:
-        kang = ad.read_h5ad(data / FILES["kang_ctrl"])
-        keep = ~np.isin(kang.obs["sample_id"].astype(str), KANG_TEST_DONORS)
-        kang = kang[keep].copy()
-        kang.obs["cell_type"] = kang.obs["cluster_id"].astype(str)
-        paths = {"kang_ctrl": Path(tmp) / "kang_ctrl.h5ad"}
-        kang.write_h5ad(paths["kang_ctrl"])
-        for label in ("kang_ifnb", "citeseq_10k", "citeseq_5k"):
-            a = ad.read_h5ad(data / FILES[label])
-            a.obs = a.obs.iloc[:, :0].copy()
-            # labels: the Kang control types only; "Unknown" elsewhere (unlabelled cells)
-            a.obs["cell_type"] = "Unknown"
-            paths[label] = Path(tmp) / f"{label}.h5ad"
-            a.write_h5ad(paths[label])
-        t0 = time.perf_counter()
-        model = sfa.model.pretrain(
-            list(paths.values()),
-            out,
-            genes=vocabulary(data),
-            batch_labels=list(paths),
-            max_epochs=max_epochs,
-            train_kwargs={"prior_steps": prior_steps},
-            progress=progress,
-        )
-        seconds = time.perf_counter() - t0
-    return model, seconds
+    # the files as pretrained on, kept beside the run (its model card lists their SHA-256)
+    inputs = out.with_name(f"{out.name}_inputs")
+    inputs.mkdir(parents=True, exist_ok=True)
+    kang = ad.read_h5ad(data / FILES["kang_ctrl"])
+    kang = kang[~np.isin(kang.obs["sample_id"].astype(str), KANG_TEST_DONORS)].copy()
+    kang.obs["cell_type"] = kang.obs["cluster_id"].astype(str)
+    paths = {"kang_ctrl": inputs / "kang_ctrl.h5ad"}
+    kang.write_h5ad(paths["kang_ctrl"])
+    for label in ("kang_ifnb", "citeseq_10k", "citeseq_5k"):
+        a = ad.read_h5ad(data / FILES[label])
+        a.obs = a.obs.iloc[:, :0].copy()
+        # labels: the Kang control types only; "Unknown" elsewhere (unlabelled cells)
+        a.obs["cell_type"] = "Unknown"
+        paths[label] = inputs / f"{label}.h5ad"
+        a.write_h5ad(paths[label])
+    t0 = time.perf_counter()
+    model = sfa.model.pretrain(
+        list(paths.values()),
+        out,
+        genes=vocabulary(data),
+        batch_labels=list(paths),
+        max_epochs=max_epochs,
+        train_kwargs={"prior_steps": prior_steps},
+        progress=progress,
+    )
+    return model, time.perf_counter() - t0
 
 
 def main(argv=None) -> None:

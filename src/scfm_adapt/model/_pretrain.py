@@ -142,8 +142,11 @@ def pretrain(
             validation_cells=len(val), validation_reconstruction_nll=round(float(nll), 3)
         )
     sources = adata.uns[SOURCES_KEY]
+    order = [str(b) for b in adata.obs[batch_key].cat.categories]  # the files' order
     model.card_["training_data"] = [
-        {"name": label, **{k: _plain(v) for k, v in rec.items()}} for label, rec in sources.items()
+        {"name": label, **{k: _plain(v) for k, v in sources[label].items()}}
+        for label in order
+        if label in sources
     ]
     model.save(out / MODEL_DIR, overwrite=True)
     logger.info("Saved the pretrained model to %s", out / MODEL_DIR)
