@@ -83,6 +83,11 @@ def test_bad_inputs_get_named_errors(tmp_path):
     with pytest.raises(InvalidCountsError, match=r"half\.h5ad"):
         combine_h5ad([paths[1], tmp_path / "half.h5ad"], tmp_path / "o.h5ad", progress=False)
     assert not (tmp_path / "o.h5ad").exists() and not (tmp_path / ".o.h5ad.tmp").exists()
+    twice = data["b"].copy()
+    twice.var_names = ["gene10", *twice.var_names[:-1]]  # gene10 twice
+    twice.write_h5ad(tmp_path / "twice.h5ad")
+    with pytest.raises(SCFMInputError, match=r"twice\.h5ad names 1 gene\(s\) more than once"):
+        combine_h5ad([paths[0], tmp_path / "twice.h5ad"], tmp_path / "o.h5ad", progress=False)
     combine_h5ad(paths, tmp_path / "o.h5ad", progress=False).file.close()
     with pytest.raises(FileExistsError, match="overwrite"):
         combine_h5ad(paths, tmp_path / "o.h5ad", progress=False)
@@ -95,3 +100,35 @@ def test_counts_checksum_ignores_storage_but_not_values():
     y[3, 4] += 1
     assert counts_sha256(y) != counts_sha256(x)
     assert counts_sha256(x[:, :-1]) != counts_sha256(x)
+
+
+def test_ensembl_ids_are_mapped_to_symbols_and_collisions_refused(tmp_path, shared_data):
+    """gene_ids="symbol": a file naming genes by Ensembl id (versions dropped) lines up
+    with one naming them by symbol; two ids of one symbol are a named error."""
+    from scfm_adapt.datasets import go_gene_ids
+
+    table = go_gene_ids().dropna(subset=["ensembl", "symbol"])
+    table = table.drop_duplicates("ensembl").drop_duplicates("symbol").head(30)
+    sym, ens = list(table["symbol"]), list(table["ensembl"])
+    a = make_adata(n_cells=20, n_genes=30, seed=0)
+    a.var_names = sym
+    b = make_adata(n_cells=20, n_genes=30, seed=1)
+    b.var_names = [f"{e}.7" for e in ens]
+    a.write_h5ad(tmp_path / "sym.h5ad")
+    b.write_h5ad(tmp_path / "ens.h5ad")
+    paths = [tmp_path / "sym.h5ad", tmp_path / "ens.h5ad"]
+    out = combine_h5ad(paths, tmp_path / "o.h5ad", gene_ids="symbol", progress=False)
+    try:
+        assert list(out.var_names) == sym
+        np.testing.assert_array_equal(sparse.csr_matrix(out.X[20:]).toarray(), b.X.toarray())
+    finally:
+        out.file.close()
+    all_ids = go_gene_ids().dropna(subset=["ensembl", "symbol"])
+    many = all_ids[all_ids["symbol"].duplicated(keep=False)].drop_duplicates("ensembl")
+    pair = many.groupby("symbol")["ensembl"].apply(list)
+    pair = pair[pair.map(len) > 1].iloc[0][:2]
+    c = make_adata(n_cells=10, n_genes=2, seed=2)
+    c.var_names = pair
+    c.write_h5ad(tmp_path / "two.h5ad")
+    with pytest.raises(SCFMInputError, match="after mapping to gene_ids='symbol'"):
+        combine_h5ad([tmp_path / "two.h5ad"], tmp_path / "p.h5ad", gene_ids="symbol")

@@ -161,6 +161,14 @@ def combine_h5ad(
     for p in paths:
         obs, var = _read_obs_var(p)
         var = _map_ids(var, gene_ids, maps)
+        if var.has_duplicates:
+            dup = sorted(set(var[var.duplicated()]))
+            how = " after mapping to gene_ids=" + repr(gene_ids) if gene_ids else ""
+            raise SCFMInputError(
+                f"{p.name} names {len(dup)} gene(s) more than once{how} (e.g. {dup[:5]}). "
+                "Keep one column per gene first (sum or drop the duplicates), or pass "
+                "gene_ids=None to keep the file's own names."
+            )
         obs_tables.append(obs)
         genes_per_file.append(var)
     vocab = _vocabulary(genes_per_file, genes)
@@ -240,7 +248,6 @@ def combine_h5ad(
                             (block.data, dst[keep][block.indices], block.indptr),
                             shape=(block.shape[0], len(vocab)),
                         )
-                        block.sum_duplicates()  # two names of one gene (gene_ids=)
                         if x is None:
                             ad.io.write_elem(f, "X", block)
                             x = ad.io.sparse_dataset(f["X"])
