@@ -451,7 +451,14 @@ def _flow_on(stage: str, flow_init: str = "auto", head_steps: int = 0):
         response="flow",
         flow_init=flow_init,
     )
-    m.train(max_epochs=3, head_steps=head_steps, progress=False, calibration_cells=16, stage=stage)
+    m.train(
+        max_epochs=3,
+        head_steps=head_steps,
+        progress=False,
+        calibration_cells=16,
+        stage=stage,
+        prior_steps=8,
+    )
     return m, a
 
 
