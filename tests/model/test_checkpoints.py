@@ -73,7 +73,7 @@ def test_every_save_writes_a_model_card_that_describes_the_model_and_its_data(tr
     checksum manifest) leaves the model loadable."""
     import scipy.sparse as sp
 
-    from scfm_adapt.model.base._card import counts_sha256
+    from scfm_adapt.data import counts_sha256
 
     adata = make_adata()
     data = trained.card_["training_data"]

@@ -154,6 +154,9 @@ def test_a_flow_from_the_prior_copies_it_and_still_starts_at_zero():
     loss = (v - 1.0).pow(2).sum()
     loss.backward()
     assert flow.dit.cont_embed.proj.weight.grad.abs().sum() > 0
-    assert prior.blocks[0].adaLN[1].weight.grad is None  # the prior itself is untouched
+    before = prior.blocks[0].adaLN[1].weight.clone()
+    with torch.no_grad():  # a copy: training the flow never moves the prior
+        flow.dit.blocks[0].adaLN[1].weight.add_(1.0)
+    assert torch.equal(prior.blocks[0].adaLN[1].weight, before)
     with pytest.raises(ValueError, match="tokens"):
         ResponseFlow(4, 2, 0, 3, emb_dim=8, prior=prior)

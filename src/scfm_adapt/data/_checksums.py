@@ -22,9 +22,10 @@ def counts_sha256(matrix, block_size: int = 16384) -> str:
     h.update(np.asarray(matrix.shape, dtype=np.int64).tobytes())
     for _, block in row_blocks(matrix, block_size):
         block = sparse.csr_matrix(block)
-        block.sum_duplicates()
-        block.eliminate_zeros()
-        block.sort_indices()
+        if not block.has_canonical_format or (block.data == 0).any():
+            block = block.copy()  # canonical form in place, never on the caller's matrix
+            block.sum_duplicates()
+            block.eliminate_zeros()
         h.update(np.diff(block.indptr).astype(np.int64).tobytes())
         h.update(block.indices.astype(np.int64).tobytes())
         h.update(block.data.astype(np.float32).tobytes())

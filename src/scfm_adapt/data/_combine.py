@@ -240,14 +240,16 @@ def combine_h5ad(
                     matrix = a.X if layer is None else a.layers[layer]
                     dst = np.array([pos.get(g, -1) for g in var])
                     keep = np.flatnonzero(dst >= 0)
+                    dst_keep = dst[keep]  # each kept column's place in the vocabulary
                     for _, block in row_blocks(matrix, block_size):
                         block = sparse.csr_matrix(block, dtype=np.float32)
                         check_counts(block, where=f"{p.name} ({'X' if layer is None else layer})")
                         block = block[:, keep]
                         block = sparse.csr_matrix(
-                            (block.data, dst[keep][block.indices], block.indptr),
+                            (block.data, dst_keep[block.indices], block.indptr),
                             shape=(block.shape[0], len(vocab)),
                         )
+                        block.sort_indices()  # the vocabulary orders columns otherwise
                         if x is None:
                             ad.io.write_elem(f, "X", block)
                             x = ad.io.sparse_dataset(f["X"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -680,34 +679,21 @@ class PerturbationModel(BaseModel):
             kw.setdefault("stage", "vae")
             if kw["stage"] == "both" and "max_epochs_prior" not in kw:
                 # the prior's budget in optimiser steps (SCFM.train's prior_steps), not the
-                # backbone's epochs: as epochs of this data's minibatches
-                from ._scfm import PRIOR_STEPS
+                # backbone's epochs, as epochs of this data's minibatches
+                from ._scfm import PRIOR_STEPS, prior_epochs
 
-                steps = kw.pop("prior_steps", PRIOR_STEPS)
-                per_epoch = math.ceil(0.9 * bb.adata.n_obs / kw.get("batch_size", 128))
-                kw["max_epochs_prior"] = max(1, math.ceil(steps / per_epoch))
+                kw["max_epochs_prior"] = prior_epochs(
+                    bb.adata.n_obs,
+                    kw.pop("prior_steps", PRIOR_STEPS),
+                    kw.get("batch_size", 128),
+                    kw.get("devices", "auto"),
+                    kw.get("train_size", 0.9),
+                    kw.get("validation_size"),
+                )
             bb.train(max_epochs=epochs, **kw)
         seconds = {"backbone": time.perf_counter() - start}
         if self._is_flow():
-            init = self.init_kwargs_.get("flow_init", "auto")
-            has_prior = "prior" in bb.trained_stages_
-            dit = bb.module.dit
-            if has_prior and dit.condition_names and dit.p_uncond <= 0:  # null never trained
-                if init == "prior":
-                    raise ValueError(
-                        'flow_init="prior": the backbone\'s prior was trained with '
-                        "p_uncond=0, so its unconditional mode, which the flow starts from, "
-                        'was never trained. Use flow_init="scratch", or a prior trained with '
-                        "p_uncond > 0."
-                    )
-                has_prior = False
-            if init == "prior" and not has_prior:
-                raise ValueError(
-                    'flow_init="prior" needs a backbone with a trained prior: pass '
-                    "pretrained= a model trained with stage='both', or train(stage='both') "
-                    'to train the backbone\'s prior here; or use flow_init="auto".'
-                )
-            self.flow_prior_ = has_prior and init != "scratch"
+            self.flow_prior_ = self._flow_starts_from_prior()
         self.features_ = self._resolve_features()
         self._feature_index = (
             {} if self.features_ is None else {g: i for i, g in enumerate(self.features_.index)}
@@ -918,6 +904,27 @@ class PerturbationModel(BaseModel):
             )
         sizes = {k: kw[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
         return ResponseHead(latent_dim, n_features, n_parts, **sizes)
+
+    def _flow_starts_from_prior(self) -> bool:
+        """Whether the flow's DiTs start as copies of the backbone's prior (``flow_init``);
+        a named error where ``"prior"`` is asked for and the backbone has no usable one."""
+        init = self.init_kwargs_.get("flow_init", "auto")
+        dit = self.backbone.module.dit
+        has_prior = "prior" in self.backbone.trained_stages_
+        null_untrained = has_prior and dit.condition_names and dit.p_uncond <= 0
+        if init == "prior" and null_untrained:
+            raise ValueError(
+                'flow_init="prior": the backbone\'s prior was trained with p_uncond=0, so its '
+                "unconditional mode, which the flow starts from, was never trained. Use "
+                'flow_init="scratch", or a prior trained with p_uncond > 0.'
+            )
+        if init == "prior" and not has_prior:
+            raise ValueError(
+                'flow_init="prior" needs a backbone with a trained prior: pass pretrained= a '
+                "model trained with stage='both', or train(stage='both') to train the "
+                'backbone\'s prior here; or use flow_init="auto".'
+            )
+        return has_prior and not null_untrained and init != "scratch"
 
     def _is_flow(self) -> bool:
         return self.init_kwargs_.get("response", "heads") == "flow"

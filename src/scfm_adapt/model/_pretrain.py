@@ -87,6 +87,7 @@ def pretrain(
         "model_kwargs": model_kwargs or {},
         "train_kwargs": {k: v for k, v in (train_kwargs or {}).items() if _jsonable(v)},
     }
+    run = json.loads(json.dumps(run))  # as run.json holds it (tuples become lists)
     run_file = out / RUN_FILE
     if resume:
         if not run_file.exists():
@@ -94,8 +95,8 @@ def pretrain(
                 f"Nothing to resume in {out} (no {RUN_FILE}); run without resume=True first."
             )
         before = json.loads(run_file.read_text())
-        if before != json.loads(json.dumps(run)):
-            changed = sorted(k for k in run if before.get(k) != json.loads(json.dumps(run[k])))
+        if before != run:
+            changed = sorted(k for k in run if before.get(k) != run[k])
             raise ValueError(
                 f"resume=True continues the run in {out} with the same arguments; these "
                 f"differ: {changed}. Use another `out` for a new run."

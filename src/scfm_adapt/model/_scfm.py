@@ -69,6 +69,17 @@ def _device_count(devices) -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def prior_epochs(n_obs: int, prior_steps: int, batch_size: int, devices, train_size=0.9,
+                 validation_size=None) -> int:  # fmt: skip
+    """Epochs that hold ``prior_steps`` optimiser steps of the prior on ``n_obs`` cells
+    (its training split, over the devices given): the bound of a budget in steps."""
+    from scvi.dataloaders._data_splitting import validate_data_split
+
+    n_train, _ = validate_data_split(n_obs, train_size, validation_size)
+    per_epoch = math.ceil(n_train / (batch_size * _device_count(devices)))
+    return max(1, math.ceil(prior_steps / max(per_epoch, 1)))
+
+
 def _columns(names: np.ndarray, wanted: Sequence[str] | None, what: str) -> np.ndarray:
     """Positions of ``wanted`` among ``names`` (all when ``None``); KeyError on unknowns."""
     if wanted is None:
@@ -266,8 +277,7 @@ class SCFM(
         absent = sorted(set(masks or {}) - set(batches))
         if absent:  # e.g. a subset of the data without some files' cells
             logger.info("No cells of batches %s here: their gene panels are not used.", absent)
-            masks = {b: m for b, m in masks.items() if b in set(batches)}
-        matrix = batch_mask_matrix(masks, batches, module.n_input)
+        matrix = batch_mask_matrix(masks, batches, module.n_input)  # absent ones left out
         module.set_batch_gene_mask(None if matrix is None else torch.as_tensor(matrix))
 
     # ------------------------------------------------------------------ setup
@@ -431,7 +441,7 @@ class SCFM(
         max_epochs = max_epochs or get_max_epochs_heuristic(self.adata.n_obs)
         from scvi.dataloaders._data_splitting import validate_data_split
 
-        n_train, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
+        _, n_val = validate_data_split(self.adata.n_obs, train_size, validation_size)
         prior_max_steps = None
         if max_epochs_prior is None and epochs_given:
             max_epochs_prior = max_epochs
@@ -443,8 +453,9 @@ class SCFM(
                 )
             # Lightning stops at max_steps; the epochs only bound it. Each of n devices
             # sees 1/n of the cells per epoch, so the bound allows for the devices given.
-            per_epoch = math.ceil(n_train / (batch_size * _device_count(devices)))
-            max_epochs_prior = max(1, math.ceil(prior_steps / max(per_epoch, 1)))
+            max_epochs_prior = prior_epochs(
+                self.adata.n_obs, prior_steps, batch_size, devices, train_size, validation_size
+            )
             prior_max_steps = int(prior_steps)
         if n_val > 0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
@@ -585,10 +596,10 @@ class SCFM(
             den = ((lib_b / covered)[:, None] * observed).sum(0)
             new = np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
             new /= max(new.sum(), 1e-12)
-            if np.abs(new - frac).max() < 1e-9:
-                frac = new
-                break
+            converged = np.abs(new - frac).max() < 1e-9
             frac = new
+            if converged:
+                break
         return lib, frac
 
     @torch.inference_mode()

@@ -381,6 +381,11 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             return self.gene_mask
         return self.gene_mask & self.batch_gene_mask[batch_index.long().view(-1)]
 
+    def observed_panels(self, batch_index: torch.Tensor) -> torch.Tensor | None:
+        """Each cell's genes ``(B, G)`` where batches observe different genes (the
+        ``observed=`` of :meth:`decode` for an observed library), else ``None``."""
+        return None if self.batch_gene_mask is None else self.cell_gene_mask(batch_index)
+
     def reference_input(self) -> torch.Tensor:
         """Normalised expression ``(1, G)`` of the average pretraining cell (the pseudo-bulk
         of ``ref_gene_frac``): the baseline of attributions."""
@@ -542,9 +547,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
     @auto_move_data
     def generative(self, z: torch.Tensor, library: torch.Tensor, conditions: dict) -> dict:
         if self.stage == "vae":  # the library is the cells' observed one
-            observed = None
-            if self.batch_gene_mask is not None:
-                observed = self.cell_gene_mask(conditions["batch"])
+            observed = self.observed_panels(conditions["batch"])
             return {K.PX: self.decode(z, library, conditions, observed=observed)}
         x0 = z.detach() * self.latent_scale  # (B, T, d)
         t = self.schedule.sample_t(x0.shape[0], x0.device)
@@ -743,6 +746,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         """Posterior predictive counts for the cells in ``tensors``, ``(S, B, G)`` or ``(B, G)``."""
         inf = self.inference(**self._get_inference_input(tensors), n_samples=n_samples)
         conds = self.conditions(tensors)
-        observed = None if self.batch_gene_mask is None else self.cell_gene_mask(conds["batch"])
-        px = self.decode(inf[K.Z], inf[K.LIBRARY], conds, observed=observed)
+        px = self.decode(
+            inf[K.Z], inf[K.LIBRARY], conds, observed=self.observed_panels(conds["batch"])
+        )
         return px.sample()

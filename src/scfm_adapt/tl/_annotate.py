@@ -125,6 +125,8 @@ def transfer_labels(
     TooFewGenesError
         When the query has fewer than ``min_gene_overlap`` of the annotator's genes.
     """
+    import contextlib
+
     import numpy as np
 
     from ..data import OBSERVED_KEY, align_genes, gene_overlap
@@ -136,12 +138,11 @@ def transfer_labels(
     if list(query.var_names) != genes:
         layer = annotator.registry_["setup_args"].get("layer")
         aligned = align_genes(query, genes, layer=layer, min_overlap=min_gene_overlap)
+    reading = contextlib.nullcontext()
     if OBSERVED_KEY in aligned.var:  # recalibrated on reference cells seen the same way
         observed = np.asarray(aligned.var[OBSERVED_KEY].to_numpy(), dtype=bool)
-        with annotator.observing(observed, batch_size=batch_size or 256):
-            annotate(aligned, annotator, key_added=key_added, min_confidence=min_confidence,
-                     batch_size=batch_size)  # fmt: skip
-    else:
+        reading = annotator.observing(observed, batch_size=batch_size or 256)
+    with reading:
         annotate(
             aligned, annotator, key_added=key_added, min_confidence=min_confidence,
             batch_size=batch_size,
@@ -153,7 +154,7 @@ def transfer_labels(
             f"{key_added}_ood_score",
             f"{key_added}_is_ood",
         ):
-            out.obs[k] = aligned.obs[k].to_numpy()
+            out.obs[k] = aligned.obs[k].array  # categorical labels stay categorical
         out.obsm[f"{key_added}_probs"] = aligned.obsm[f"{key_added}_probs"].set_axis(
             out.obs_names, axis=0
         )

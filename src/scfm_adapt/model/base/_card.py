@@ -15,22 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data import counts_sha256
-
 #: How many gene names the card lists before "... and N more".
 N_GENES_SHOWN = 20
 
 
-def data_record(adata, matrix, name: str | None = None, checksum: bool = True) -> dict:
+def data_record(adata, matrix, name: str | None = None) -> dict:
     """What the card says of one training data set: its cells and genes, the file it was
-    read from (backed AnnData) and the SHA-256 of its counts (:func:`counts_sha256`; with
-    ``checksum=False``, ``None`` for now: one pass over the data, taken at save)."""
+    read from (backed AnnData), and a place for the SHA-256 of its counts (``None``: a pass
+    over the data, taken at save by :func:`~scfm_adapt.data.counts_sha256`)."""
     filename = getattr(adata, "filename", None)
     record = {
         "name": name or (Path(filename).name if filename else "AnnData in memory"),
         "n_cells": int(adata.n_obs),
         "n_genes": int(matrix.shape[1]),
-        "counts_sha256": counts_sha256(matrix) if checksum else None,
+        "counts_sha256": None,
     }
     if filename:
         record["file"] = str(filename)

@@ -442,7 +442,7 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
             card["training_seconds"][stage] = card["training_seconds"].get(stage, 0.0) + sec
         if data is None and self.adata is not None:
             try:  # the checksum of the counts is taken at save (a pass over the data)
-                data = [data_record(self.adata, self._counts_matrix(self.adata), checksum=False)]
+                data = [data_record(self.adata, self._counts_matrix(self.adata))]
             except (KeyError, ValueError, AttributeError):  # no single counts matrix
                 data = [{"name": "training data", "n_cells": int(self.adata.n_obs)}]
         if data:
