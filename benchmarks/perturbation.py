@@ -334,6 +334,8 @@ def run_task(
         extras[f"{name}_calibration_oob_pearson"] = model.calibration_["oob_pearson"]
         if anchored:
             extras.setdefault("correction_weights", {})[name] = list(model.correction_weights_)
+            if kwargs.get("response") == "flow":  # its guidance scale, chosen out of bag
+                extras.setdefault("guidance", {})[name] = model.guidance_
         if kwargs.get("anchor") == "expression":  # the arithmetic rule's space, and why
             val = model.arithmetic_validation_
             means = {
@@ -464,7 +466,8 @@ def main(argv=None) -> None:
             print(
                 f"  {task['name']}: done in {sum(extras['seconds'].values()):.0f} s ({times}); "
                 f"OOB Pearson of the calibration {oob}; anchored members' correction "
-                f"weights {extras.get('correction_weights')}; GO feature map kept {fmap}; "
+                f"weights {extras.get('correction_weights')}; flow guidance "
+                f"{extras.get('guidance')}; GO feature map kept {fmap}; "
                 "arithmetic rule (space, decoded change, left-out training units, their "
                 f"mean top-20 r per candidate) {extras.get('arithmetic')}",
                 flush=True,

@@ -27,6 +27,7 @@ from ..data import (
     parts_and_doses,
 )
 from ..errors import SCFMInputError, TrainingDivergedError
+from ..module import PART_POOLS as _MODULE_PART_POOLS
 from ..module import (
     LatentAnchor,
     ResponseFlow,
@@ -71,6 +72,11 @@ DECODED_CHANGES = ("log_ratio", "counts")
 RESPONSES = ("heads", "flow")
 #: Where a flow's DiT starts (see :class:`PerturbationModel`'s ``flow_init``).
 FLOW_INITS = ("auto", "prior", "scratch")
+#: How a perturbation's parts are read (see :class:`PerturbationModel`'s ``part_pool``).
+PART_POOLS = ("auto", *_MODULE_PART_POOLS)
+#: The classifier-free guidance scales a flow may take (chosen on the training units each
+#: member left out, with its correction's share).
+GUIDANCE_GRID = (1.0, 1.5, 2.0, 3.0)
 #: How predicted cells are built (see :class:`PerturbationModel`'s ``counts``).
 COUNTS = ("decoded", "control_plus_change")
 #: Where the anchor lives (see :class:`PerturbationModel`'s ``anchor``).
@@ -176,7 +182,16 @@ class PerturbationModel(BaseModel):
         prior (its stage-2 DiT) when the backbone has one, else new weights; ``"prior"``
         requires the prior (an error at :meth:`train` otherwise); ``"scratch"``, new
         weights of width ``emb_dim`` and depth ``n_layers``. Either way the untrained flow
-        predicts the anchor exactly.
+        predicts the anchor exactly. A flow is also conditioned (adaLN) on each cell's
+        training context, with a null context for contexts it never saw, and its guidance
+        scale is chosen from :data:`GUIDANCE_GRID` on the training units each member left
+        out (``guidance_``).
+    part_pool
+        How a perturbation's parts (with their doses) are read into one embedding:
+        ``"sum"``, their dose-weighted sum; ``"attention"``, that sum plus an attention
+        read-out of the set (:class:`~scfm_adapt.nn.PartAttentionPool`, zero at
+        initialisation), so a part's weight may depend on its partners; ``"auto"``
+        (default): attention for a flow, the sum for heads. Both are order-invariant.
     **backbone_kwargs
         :class:`SCFM` arguments when the backbone is trained here.
 
@@ -205,6 +220,7 @@ class PerturbationModel(BaseModel):
         counts: str | None = None,
         response: str = "heads",
         flow_init: str = "auto",
+        part_pool: str = "auto",
         registry: dict | None = None,
         _backbone: SCFM | None = None,
         **backbone_kwargs,
@@ -230,6 +246,10 @@ class PerturbationModel(BaseModel):
             raise ValueError(f"response={response!r}; choose one of {RESPONSES}.")
         if flow_init not in FLOW_INITS:
             raise ValueError(f"flow_init={flow_init!r}; choose one of {FLOW_INITS}.")
+        if part_pool not in PART_POOLS:
+            raise ValueError(f"part_pool={part_pool!r}; choose one of {PART_POOLS}.")
+        if part_pool == "auto":
+            part_pool = "attention" if response == "flow" else "sum"
         if anchor not in ANCHORS:
             raise ValueError(f"anchor={anchor!r}; choose one of {ANCHORS}.")
         if counts is None:
@@ -272,6 +292,7 @@ class PerturbationModel(BaseModel):
             "counts": counts,
             "response": response,
             "flow_init": flow_init,
+            "part_pool": part_pool,
         }
         self._features_arg = gene_features
         self.pretrained_ = pretrained is not None
@@ -289,6 +310,8 @@ class PerturbationModel(BaseModel):
         self.decoded_change_ = "log_ratio"  # how a decoded change enters (_ln_change)
         self.arithmetic_validation_: dict = {}
         self.flow_prior_ = False  # whether the flow's DiTs started as copies of the prior
+        self.flow_contexts_ = True  # whether a flow is conditioned on the context
+        self.guidance_ = 1.0  # a flow's classifier-free guidance scale (chosen in train)
         self.history_: dict = {}
 
     @property
@@ -821,7 +844,13 @@ class PerturbationModel(BaseModel):
                     )
                 )
         bar.close()
-        weight = choose_correction(np.concatenate(oob_errors)) if where else 1.0
+        weight = 1.0
+        if where:
+            guidances = GUIDANCE_GRID if self._is_flow() else (1.0,)
+            self.guidance_, weight = choose_guidance(np.concatenate(oob_errors), guidances)
+            for head in self.heads:
+                if isinstance(head, ResponseFlow):
+                    head.guidance = self.guidance_
         self.correction_weights_ = [weight] * k_members
 
         self._calibrate(
@@ -878,7 +907,8 @@ class PerturbationModel(BaseModel):
         data = (zs, inbag, controls, unit_idx, requests, unit_shift)
         try:
             if self._is_flow():
-                return fit_response_flow(head, *data, **args)
+                contexts = self._context_index([c for c, _, _ in units])
+                return fit_response_flow(head, *data, contexts=contexts, **args)
             return fit_response_head(head, *data, mmd_weight=mmd_weight, **args)
         except FloatingPointError as e:
             raise TrainingDivergedError(
@@ -900,9 +930,12 @@ class PerturbationModel(BaseModel):
                 emb,
                 emb,
                 kw["n_layers"],
+                guidance=self.guidance_,
                 prior=prior,
+                n_contexts=len(self.contexts_) if self.flow_contexts_ else 0,
+                part_pool=kw["part_pool"],
             )
-        sizes = {k: kw[k] for k in ("emb_dim", "hidden", "n_layers", "dropout")}
+        sizes = {k: kw[k] for k in ("emb_dim", "hidden", "n_layers", "dropout", "part_pool")}
         return ResponseHead(latent_dim, n_features, n_parts, **sizes)
 
     def _flow_starts_from_prior(self) -> bool:
@@ -946,9 +979,13 @@ class PerturbationModel(BaseModel):
             own = [self._anchor_shift(a, idx, feats, dose, context, n) for a in self.anchors_]
             anchors = torch.stack(own)
         flow = self._is_flow()
+
+        def correction(h, start, e):  # a flow also reads each cell's context
+            return h(start, e, context) if flow else h(start, e)
+
         corrections = torch.stack(
             [
-                w * h(zs + anchors[k] if flow else zs, h.embed(idx, feats, dose)[0])
+                w * correction(h, zs + anchors[k] if flow else zs, h.embed(idx, feats, dose)[0])
                 if w
                 else torch.zeros_like(zs)  # a member that keeps none of its correction
                 for k, (w, h) in enumerate(zip(self.correction_weights_, self.heads))
@@ -1100,10 +1137,12 @@ class PerturbationModel(BaseModel):
         n_cells,
         seed,
     ) -> np.ndarray:
-        """Errors ``(n_left_out, len(CORRECTION_GRID))`` of member ``k`` on the units it
-        left out, for each share of its head's correction: the squared error over genes of
-        the predicted mean change of log-normalised expression (the quantity the
-        benchmarks score, built as :meth:`_request_counts` builds predictions).
+        """Errors ``(n_left_out, n_guidance, len(CORRECTION_GRID))`` of member ``k`` on
+        the units it left out, for each share of its head's correction (and, for a flow,
+        each guidance scale of :data:`GUIDANCE_GRID`; one column else): the squared error
+        over genes of the predicted mean change of log-normalised expression (the
+        quantity the benchmarks score, built as :meth:`_request_counts` builds
+        predictions). A flow's start noise is the same for every scale.
 
         ``unit_shift``: the member's latent anchor of every training unit; ``unit_ref``:
         the latent shift its decoded change is measured from (with an expression anchor);
@@ -1111,12 +1150,14 @@ class PerturbationModel(BaseModel):
         observed changes.
         """
         oob = list(self.oob_[k])
+        flow = self._is_flow()
+        guidances = GUIDANCE_GRID if flow else (1.0,)
         if not oob:
-            return np.zeros((0, len(CORRECTION_GRID)))
+            return np.zeros((0, len(guidances), len(CORRECTION_GRID)))
         u_idx, u_feat, u_dose = requests
         mode = self.init_kwargs_.get("counts", "decoded")
         rng = np.random.default_rng(seed * 1000 + k)
-        errors = np.zeros((len(oob), len(CORRECTION_GRID)))
+        errors = np.zeros((len(oob), len(guidances), len(CORRECTION_GRID)))
         for row, i in enumerate(oob):
             ci = ctrl_idx[units[i][0]]
             ci = rng.choice(ci, size=min(n_cells, ci.size), replace=False)
@@ -1132,12 +1173,26 @@ class PerturbationModel(BaseModel):
 
             e = head.embed(u_idx[i : i + 1], u_feat[i : i + 1], u_dose[i : i + 1])[0]
             z0 = zs[ci] + unit_shift[i]
-            corr = head(z0 if self._is_flow() else zs[ci], e)
+            context = self._context_index([units[i][0]])
+
+            def correction(g, e=e, z0=z0, ci=ci, context=context, row=row):
+                if not flow:
+                    return head(zs[ci], e)
+                kept, head.guidance = head.guidance, g
+                try:  # the same start noise for every scale
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed * 1000 + k * 997 + row)
+                        return head(z0, e, context)
+                finally:
+                    head.guidance = kept
+
             if mode == "decoded":  # the decoded cells against the observed controls
                 base = -_lognorm_t(cells["x"][ci]).mean(0)
-                for j, w in enumerate(CORRECTION_GRID):
-                    pred = base + ln_mean(z0 + w * corr)
-                    errors[row, j] = float((pred - ln_shifts[i]).pow(2).mean())
+                for gi, g in enumerate(guidances):
+                    corr = correction(g)
+                    for j, w in enumerate(CORRECTION_GRID):
+                        pred = base + ln_mean(z0 + w * corr)
+                        errors[row, gi, j] = float((pred - ln_shifts[i]).pow(2).mean())
                 continue
             # the control cells (shifted by the expression anchor) plus the decoded change
             x = cells["x"][ci]
@@ -1147,10 +1202,13 @@ class PerturbationModel(BaseModel):
                 start, ref = ln_unit_shift[i], zs[ci] + unit_ref[i]
                 ln = ln + start
             mu0 = mean_at(ref)
-            for j, w in enumerate(CORRECTION_GRID):
-                change = _ln_change(ln, mean_at(z0 + w * corr), mu0, scale, self.decoded_change_)
-                pred = start + change.mean(0)
-                errors[row, j] = float((pred - ln_shifts[i]).pow(2).mean())
+            for gi, g in enumerate(guidances):
+                corr = correction(g)
+                for j, w in enumerate(CORRECTION_GRID):
+                    mu = mean_at(z0 + w * corr)
+                    change = _ln_change(ln, mu, mu0, scale, self.decoded_change_)
+                    pred = start + change.mean(0)
+                    errors[row, gi, j] = float((pred - ln_shifts[i]).pow(2).mean())
         return errors
 
     @torch.inference_mode()
@@ -1539,13 +1597,13 @@ class PerturbationModel(BaseModel):
         embeds = [h.embed(idx.to(dev), feats.to(dev), dose_t.to(dev))[0] for h in heads]
         weights = self.correction_weights_ or [1.0] * len(heads)
         shift = torch.zeros(())  # the anchors' shift: one per context, so one context here
+        ctx = self._context_index(context_labels(ctrl.obs, self.setup_["covariate_keys"]))
+        if (self.anchors_ or self._is_flow()) and len(torch.unique(ctx)) > 1:
+            raise SCFMInputError(
+                "adata_ctrl holds control cells of several contexts; pass covariates=... "
+                "to explain one context's response at a time."
+            )
         if self.anchors_:
-            ctx = self._context_index(context_labels(ctrl.obs, self.setup_["covariate_keys"]))
-            if len(torch.unique(ctx)) > 1:
-                raise SCFMInputError(
-                    "adata_ctrl holds control cells of several contexts; pass covariates=... "
-                    "to explain one context's response at a time."
-                )
             full = self.full_anchors_["latent"]
             shift = self._anchor_shift(full, idx, feats, dose_t, ctx[:1], 1)[0]
         # with an expression anchor the explained change starts where its shift ends: at
@@ -1564,10 +1622,11 @@ class PerturbationModel(BaseModel):
         def response(features, tensors):  # (B, G) predicted change of log1p CP10k
             z = module.encoder.head(features).chunk(2, -1)[0]  # (B, T, d) posterior mean
             zs = (z.flatten(1) - z_mean) / z_std
-            start = zs + shift if self._is_flow() else zs  # a flow starts at the anchor
-            delta = shift + torch.stack(
-                [w * h(start, e) for h, e, w in zip(heads, embeds, weights)]
-            ).mean(0)
+            if self._is_flow():  # a flow starts at the anchor, in the cells' context
+                moves = [h(zs + shift, e, ctx[:1].to(dev)) for h, e in zip(heads, embeds)]
+            else:
+                moves = [h(zs, e) for h, e in zip(heads, embeds)]
+            delta = shift + torch.stack([w * m for m, w in zip(moves, weights)]).mean(0)
             z_pert = ((zs + delta) * z_std + z_mean).view(shape)
             conds = module.conditions(tensors)
             lib = tensors["X"].sum(-1, keepdim=True)
@@ -1639,6 +1698,8 @@ class PerturbationModel(BaseModel):
             "decoded_change": self.decoded_change_,
             "arithmetic_validation": self.arithmetic_validation_,
             "flow_prior": self.flow_prior_,
+            "flow_contexts": self.flow_contexts_,
+            "guidance": self.guidance_,
             "units": self.units_,
             "oob": self.oob_,
             "calibration": self.calibration_,
@@ -1713,8 +1774,9 @@ class PerturbationModel(BaseModel):
             None if adata is None else backbone.adata,
             registry=registry,
             _backbone=backbone,
-            # saves from before the anchors record none: they are the heads alone
-            **{"anchor": None, **config["init_kwargs"]},
+            # saves from before the anchors record none: they are the heads alone; from
+            # before attention pooling, every part was summed
+            **{"anchor": None, "part_pool": "sum", **config["init_kwargs"]},
         )
         model.pretrained_ = bool(config["pretrained"])
         model.correct_bias_ = bool(config.get("correct_decoder_bias", False))
@@ -1742,6 +1804,11 @@ class PerturbationModel(BaseModel):
         }
         shape = config["head_shape"]
         model.flow_prior_ = bool(config.get("flow_prior", False))
+        # saves before these: flows without the context, guidance 1
+        model.flow_contexts_ = bool(config.get("flow_contexts", False))
+        model.guidance_ = float(config.get("guidance", 1.0))
+        # Saves before the anchors: no contexts recorded, every member keeps its whole head.
+        model.contexts_ = list(config.get("contexts", []))
         for m in range(k):
             h = model._new_head(shape["latent_dim"], shape["n_features"], shape["n_parts"])
             prefix = f"head{m}."
@@ -1751,8 +1818,6 @@ class PerturbationModel(BaseModel):
             )
             h.eval()
             model.heads.append(h)
-        # Saves before the anchors: no contexts recorded, every member keeps its whole head.
-        model.contexts_ = list(config.get("contexts", []))
         model.correction_weights_ = [float(w) for w in config.get("correction_weights", [1.0] * k)]
         # saves before the choice: the arithmetic rule in expression
         model.arithmetic_space_ = config.get("arithmetic_space", "expression")
@@ -1811,6 +1876,19 @@ def _registry_of_two_folders(backbone_registry: dict, setup: dict) -> dict:
         k: v for k, v in registry["field_registries"].items() if k in keep
     }
     return registry
+
+
+def choose_guidance(errors: np.ndarray, guidances) -> tuple[float, float]:
+    """``(guidance, share)`` from out-of-bag errors ``(n, len(guidances),
+    len(CORRECTION_GRID))``: the guidance scale whose best non-zero share has the least
+    mean error, then its share by :func:`choose_correction` (the one-standard-error rule
+    against the anchor alone). Where no share is kept the scale is moot: the first."""
+    if errors.shape[0] == 0:
+        return float(guidances[0]), 0.0
+    means = errors.mean(0)  # (n_guidance, n_shares)
+    g = int(np.argmin(means[:, 1:].min(1))) if errors.shape[2] > 1 else 0
+    share = choose_correction(errors[:, g])
+    return (float(guidances[g]) if share else float(guidances[0])), share
 
 
 def choose_correction(errors: np.ndarray) -> float:

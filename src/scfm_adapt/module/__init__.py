@@ -8,11 +8,18 @@ from ._lora import inject_lora, tuner_layers, unwrap_lora
 from ._multimodal import MultimodalSCFMModule
 from ._perturbation_anchor import LatentAnchor
 from ._perturbation_flow import ResponseFlow, fit_response_flow
-from ._perturbation_response import ResponseHead, dose_scale, fit_response_head, mmd2
+from ._perturbation_response import (
+    PART_POOLS,
+    ResponseHead,
+    dose_scale,
+    fit_response_head,
+    mmd2,
+)
 from ._scfm import SCFMModule
 
 __all__ = [
     "MODULE_KEYS",
+    "PART_POOLS",
     "STRATEGIES",
     "AdaptableMixin",
     "AdapterSpec",

@@ -7,6 +7,11 @@ import math
 import torch
 from torch import nn
 
+from ..nn import PartAttentionPool
+
+#: How a perturbation's parts are read into one embedding (see :class:`ResponseHead`).
+PART_POOLS = ("sum", "attention")
+
 
 def dose_scale(dose: torch.Tensor) -> torch.Tensor:
     """How strongly a part enters the perturbation embedding at ``dose``:
@@ -20,7 +25,9 @@ class ResponseHead(nn.Module):
     A part (a gene, a drug, a stimulus) is embedded as ``W f + r``: ``f`` its feature
     vector (e.g. GO features; zeros when it has none) and ``r`` a learned vector for parts
     seen in training (zero for unseen parts). A perturbation is the dose-weighted *sum* of
-    its parts' embeddings, so combinations are order-invariant. The delta of a cell with
+    its parts' embeddings (``part_pool="sum"``), or that sum plus an attention read-out
+    of the set (``"attention"``, :class:`~scfm_adapt.nn.PartAttentionPool`, which starts
+    as the sum): either way combinations are order-invariant. The delta of a cell with
     (standardised) latent ``z`` is ``net(z, e) - net(z, 0)``: exactly zero for the control
     (``e = 0``), and it depends on the cell's state.
     """
@@ -34,9 +41,15 @@ class ResponseHead(nn.Module):
         hidden: int = 256,
         n_layers: int = 2,
         dropout: float = 0.1,
+        part_pool: str = "sum",
     ):
         super().__init__()
+        if part_pool not in PART_POOLS:
+            raise ValueError(f"part_pool={part_pool!r}; choose one of {PART_POOLS}.")
         self.latent_dim, self.n_features, self.n_parts = latent_dim, n_features, n_parts
+        self.pool = None
+        if part_pool == "attention":
+            self.pool = PartAttentionPool(emb_dim, 4 if emb_dim % 4 == 0 else 1)
         self.proj = nn.Linear(n_features, emb_dim, bias=False) if n_features else None
         # row n_parts: every unseen part (kept at zero)
         self.part_embed = nn.Embedding(n_parts + 1, emb_dim, padding_idx=n_parts)
@@ -66,8 +79,10 @@ class ResponseHead(nn.Module):
         phi = self.part_embed(idx)
         if self.proj is not None:
             phi = phi + self.proj(features)
-        w = (dose_scale(dose) * mask).unsqueeze(-1)
-        return (phi * w).sum(1)
+        w = dose_scale(dose) * mask
+        if self.pool is not None:
+            return self.pool(phi, w, part_idx >= 0)
+        return (phi * w.unsqueeze(-1)).sum(1)
 
     def forward(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Latent delta ``(N, latent_dim)`` of standardised latents ``z`` under embeddings

@@ -11,6 +11,7 @@ from ._embedding import (
     ExtendableEmbedding,
     TimestepEmbedder,
 )
+from ._part_pool import PartAttentionPool
 from ._pathway_tokens import PathwayTokenEncoder
 from ._query_pool import PooledEncoder, QueryPool
 from ._rank_tokens import RankTokenEncoder
@@ -27,6 +28,7 @@ __all__ = [
     "DiTBlock",
     "ExtendableEmbedding",
     "FinalLayer",
+    "PartAttentionPool",
     "PathwayTokenEncoder",
     "PooledEncoder",
     "PosteriorEncoder",
