@@ -2,7 +2,8 @@
 
     python benchmarks/pbmc_reference.py            # once: the reference (excludes the queries)
     python benchmarks/label_efficiency.py [--queries kang8 pbmc68k] [--k 5 10 25 100 all]
-        [--draws 5] [--methods logreg_hvg knn_pca scfm_ref_probe scfm_ref_lora]
+        [--draws 5] [--methods logreg_hvg knn_pca scfm_ref_probe scfm_ref_lora
+        scanvi_scarches scarches_knn] [--zero-shot]
 
 Queries (never pretrained on, see ``pbmc_reference.py``):
 
@@ -23,9 +24,16 @@ counts, not their labels).
 Methods: ``logreg_hvg`` and ``knn_pca`` (the package's baselines), and a
 :class:`~scfm_adapt.model.CellAnnotator` adapted from the reference on the query's labelled
 cells, aligned to the reference genes (the genes the query lacks masked):
-``scfm_ref_probe`` (linear probe) and ``scfm_ref_lora`` (LoRA). ``--zero-shot`` adds k = 0
-on kang8: an annotator trained on the reference's own labelled cells (the 6 pretraining
-Kang control donors) and applied with ``sfa.tl.transfer_labels`` ("Unknown" counted wrong).
+``scfm_ref_probe`` (linear probe) and ``scfm_ref_lora`` (LoRA). The scArches rows
+(``_scarches.py``) start from a scVI reference trained on the same combined files as the
+PBMC reference: the query's cells (pool and evaluation cells, without labels, as scArches
+maps a query) are mapped onto it once per query; ``scanvi_scarches`` then trains SCANVI from
+the mapped model with the k labelled cells, ``scarches_knn`` a kNN on its latent.
+``--zero-shot`` adds k = 0 on kang8 (for the SCFM and scArches methods asked for): an
+annotator trained on the reference's own labelled cells (the 6 pretraining Kang control
+donors) and applied with ``sfa.tl.transfer_labels`` ("Unknown" counted wrong), and the
+reference SCANVI (trained on the same cells' labels) mapped to the evaluation cells
+(``scanvi_scarches_transfer``).
 """
 
 from __future__ import annotations
@@ -45,7 +53,15 @@ from _common import quiet
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCE = RESULTS / "pbmc_reference"
 KS = ("5", "10", "25", "100", "all")
-METHODS = ("logreg_hvg", "knn_pca", "scfm_ref_probe", "scfm_ref_lora")
+METHODS = (
+    "logreg_hvg",
+    "knn_pca",
+    "scfm_ref_probe",
+    "scfm_ref_lora",
+    "scanvi_scarches",
+    "scarches_knn",
+)
+SCARCHES = ("scanvi_scarches", "scarches_knn")
 #: CellAnnotator settings per method (annotation.py's, chosen on its training splits).
 ANNOTATOR = {
     "scfm_ref_probe": {"strategy": "linear_probe", "lr": 3e-3},
@@ -145,7 +161,13 @@ def zero_shot(evaluation, key: str, reference, seed: int, folder: Path = REFEREN
     }
 
 
-def run(query: str, ks, draws: int, methods, reference, zero: bool, folder: Path) -> pd.DataFrame:
+def run(
+    query: str, ks, draws: int, methods, reference, zero: bool, folder: Path, arches=None
+) -> pd.DataFrame:
+    """Every method's rows on one query (``arches``: the scArches reference pair of
+    :func:`_scarches.reference`, for its methods)."""
+    import anndata as ad
+
     import scfm_adapt as sfa
     from scfm_adapt.metrics import classification_metrics
 
@@ -153,11 +175,27 @@ def run(query: str, ks, draws: int, methods, reference, zero: bool, folder: Path
     hvgs = sfa.baselines.highly_variable_genes(pool)  # counts of the pool, not its labels
     truth = ev.obs[key].astype(str).to_numpy()
     rows = []
-    for d in range(draws if zero else 0):  # the reference annotator's training seeds
+    for d in range(draws if zero and reference is not None else 0):  # its training seeds
         t0 = time.perf_counter()
         z = zero_shot(ev, key, reference, d, folder)
         rows.append({"query": query, "k": "0", "draw": d, "method": "scfm_ref_transfer",
                      **z, "seconds": time.perf_counter() - t0})  # fmt: skip
+    mapped, map_seconds = None, 0.0
+    if arches is not None:
+        import _scarches
+
+        for d in range(draws if zero else 0):  # the reference SCANVI, mapped per seed
+            t0 = time.perf_counter()
+            proba, classes = _scarches.zero_shot(ev, arches[1], d)
+            s = classification_metrics(truth, proba, classes)
+            rows.append({"query": query, "k": "0", "draw": d,
+                         "method": "scanvi_scarches_transfer", "accuracy": s["accuracy"],
+                         "macro_f1": s["macro_f1"], "ece": s["ece"],
+                         "seconds": time.perf_counter() - t0})  # fmt: skip
+        if any(m in SCARCHES for m in methods):  # the query mapped once, without labels
+            t0 = time.perf_counter()
+            mapped = _scarches.map_query(ad.concat([pool, ev]), arches[0])
+            map_seconds = time.perf_counter() - t0
     for k in ks:
         for d in range(draws):  # with k = "all" the same cells, other training seeds
             labelled = draw(pool, key, k, d)
@@ -170,6 +208,13 @@ def run(query: str, ks, draws: int, methods, reference, zero: bool, folder: Path
                     k_nn = min(15, labelled.n_obs - 1)
                     r = sfa.baselines.knn_pca(labelled, ev, key, genes=hvgs, k=k_nn, seed=d)
                     proba, classes = r.proba, r.classes
+                elif method in SCARCHES:  # its seconds include the query's mapping
+                    t0 -= map_seconds
+                    names, y = labelled.obs_names, labelled.obs[key].astype(str)
+                    if method == "scanvi_scarches":
+                        proba, classes = _scarches.few_labels(mapped, names, y, ev.obs_names, d)
+                    else:
+                        proba, classes = _scarches.latent_knn(mapped, names, y, ev.obs_names)
                 else:
                     proba, classes = annotator(labelled, ev, key, reference, method, d)
                 s = classification_metrics(truth, proba, classes)
@@ -214,15 +259,23 @@ def main(argv=None) -> None:
     import scfm_adapt as sfa
 
     torch.set_num_threads(max(1, int(__import__("os").environ.get("OMP_NUM_THREADS", "2"))))
-    reference = None
-    if any(m.startswith("scfm") for m in args.methods) or args.zero_shot:
+    reference, arches = None, None
+    if any(m.startswith("scfm") for m in args.methods):
         if not (args.reference / "model").exists():
             raise SystemExit(f"No reference at {args.reference}; run pbmc_reference.py first.")
         reference = sfa.model.SCFM.load(args.reference / "model")
+    if any(m in SCARCHES for m in args.methods):
+        import _scarches
+
+        t0 = time.perf_counter()
+        arches = _scarches.reference(args.reference)
+        print(f"scArches reference (scVI + SCANVI): {time.perf_counter() - t0:.0f} s")
     frames = []
     for q in args.queries:
         zero = args.zero_shot and q == "kang8"
-        frames.append(run(q, args.k, args.draws, args.methods, reference, zero, args.reference))
+        frames.append(
+            run(q, args.k, args.draws, args.methods, reference, zero, args.reference, arches)
+        )
     df = pd.concat(frames)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)

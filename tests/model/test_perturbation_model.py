@@ -354,6 +354,21 @@ def test_the_correction_share_is_kept_only_when_it_beats_the_anchor_by_a_standar
     assert choose_correction(clear[:1]) == 0.0  # one left-out unit tells nothing
 
 
+def test_the_guidance_scale_is_the_one_whose_best_share_errs_least_out_of_bag():
+    from scfm_adapt.model._perturbation import CORRECTION_GRID, choose_guidance
+
+    rng = np.random.default_rng(0)
+    n, w = 30, len(CORRECTION_GRID)
+    grid = (1.0, 2.0, 3.0)
+    base = 1.0 + np.abs(np.asarray(CORRECTION_GRID) - 0.5)[None, :]
+    errors = np.stack([base + 0.3, base - 0.2, base], 1) + rng.normal(0, 0.01, (n, 3, w))
+    errors[:, :, 0] = 1.5  # share 0 (the anchor alone) is the same at every scale
+    assert choose_guidance(errors, grid) == (2.0, 0.5)
+    flat = np.full((n, 3, w), 1.0) + rng.normal(0, 0.01, (n, 3, w))
+    assert choose_guidance(flat, grid) == (1.0, 0.0)  # nothing kept: the scale is moot
+    assert choose_guidance(np.zeros((0, 3, w)), grid) == (1.0, 0.0)
+
+
 def test_control_plus_change_at_dose_zero_gives_back_the_control_cells(untrained_anchor):
     m, a = untrained_anchor
     ctrl = control_cells(a, "ctx1")
@@ -425,12 +440,23 @@ def test_the_flow_response_starts_at_the_anchor_samples_by_seed_and_round_trips(
     np.testing.assert_allclose(one.layers["scfm_lognorm"], same.layers["scfm_lognorm"], atol=1e-5)
     assert not np.allclose(one.layers["scfm_lognorm"], other.layers["scfm_lognorm"])
     assert np.abs(one.layers["scfm_lognorm"] - want).max() > 1e-3  # trained: it moves
+    # the flow reads the context and the parts by attention; its scale was chosen out of bag
+    assert m.heads[0].n_contexts == len(m.contexts_) == 2 and m.heads[0].pool is not None
+    assert m.guidance_ in sfa.model._perturbation.GUIDANCE_GRID
+    assert all(h.guidance == m.guidance_ for h in m.heads)
+    m.guidance_ = 2.0  # a scale other than the default survives the round trip
+    for h in m.heads:
+        h.guidance = 2.0
+    one = m.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
     m.save(tmp_path / "flow")
     m2 = sfa.model.PerturbationModel.load(tmp_path / "flow")
+    assert m2.guidance_ == 2.0 and m2.heads[0].guidance == 2.0
     two = m2.predict_perturbation(ctrl, "A+B", covariates=cov, seed=0)
     np.testing.assert_allclose(one.layers["scfm_lognorm"], two.layers["scfm_lognorm"], atol=1e-5)
     with pytest.raises(ValueError, match="response="):
         sfa.model.PerturbationModel(a, response="dit")
+    with pytest.raises(ValueError, match="part_pool="):
+        sfa.model.PerturbationModel(a, part_pool="max")
 
 
 def _flow_on(stage: str, flow_init: str = "auto", head_steps: int = 0):

@@ -160,3 +160,72 @@ def test_a_flow_from_the_prior_copies_it_and_still_starts_at_zero():
     assert torch.equal(prior.blocks[0].adaLN[1].weight, before)
     with pytest.raises(ValueError, match="tokens"):
         ResponseFlow(4, 2, 0, 3, emb_dim=8, prior=prior)
+
+
+def test_the_flow_reads_its_context_and_the_null_context_stands_for_unseen_ones():
+    """With ``n_contexts``: the velocity is still exactly zero untrained and at dose zero
+    in every context; once trained, contexts move cells differently, and an index of
+    ``-1`` or out of range is the null context."""
+    zs, _, _, req, _ = _data()
+    flow = _flow(n_contexts=2)
+    e = flow.embed(*req)
+    for c in (0, 1, -1):
+        assert torch.all(flow(zs[:10], e[0], torch.tensor([c])) == 0)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t = zs[:10], torch.full((10,), 0.5)
+    e0 = flow.embed(*req)[0].expand(10, -1)
+    v = {c: flow.velocity(x, t, e0, torch.full((10,), c)) for c in (0, 1, -1, 7)}
+    assert (v[0] - v[1]).abs().max() > 1e-4
+    assert torch.equal(v[-1], v[7])  # an unseen context: the null
+    torch.testing.assert_close(v[-1], flow.velocity(x, t, e0))  # no context given: the null
+    assert torch.all(flow.velocity(x, t, torch.zeros_like(e0), torch.zeros(10)) == 0)
+
+
+def test_a_flow_with_contexts_learns_a_response_that_differs_by_context():
+    """The same perturbation moves the cells of two contexts in opposite directions, from
+    the same control distribution: only the context tells them apart. A flow conditioned
+    on the context learns both shifts; without it, it can only learn their average."""
+    from scfm_adapt.module import fit_response_flow
+
+    g = torch.Generator().manual_seed(0)
+    cells = 60
+    ctrl = torch.randn(2 * cells, D, generator=g)
+    shift = torch.tensor([2.0, -1.0, 1.5, 0.0])
+    up = torch.randn(cells, D, generator=g) + shift
+    down = torch.randn(cells, D, generator=g) - shift
+    zs = torch.cat([ctrl, up, down])
+    control_cells = [np.arange(cells), np.arange(cells, 2 * cells)]
+    unit_cells = [np.arange(2 * cells, 3 * cells), np.arange(3 * cells, 4 * cells)]
+    req = (torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, 0), torch.ones(2, 1))
+    moved = {}
+    for n_contexts in (2, 0):
+        torch.manual_seed(0)
+        flow = _flow(n_contexts=n_contexts, noise=0.0)
+        fit_response_flow(
+            flow,
+            zs,
+            [0, 1],
+            control_cells,
+            unit_cells,
+            req,
+            torch.zeros(2, D),
+            steps=300,
+            cells_per_unit=16,
+            units_per_step=2,
+            lr=3e-3,
+            weight_decay=0.0,
+            grad_clip=10.0,
+            rng=np.random.default_rng(0),
+            contexts=torch.tensor([0, 1]),
+        )
+        flow.eval()
+        with torch.no_grad():
+            e = flow.embed(*req)[0]
+            moved[n_contexts] = [flow(ctrl[:cells], e, torch.tensor([c])).mean(0) for c in (0, 1)]
+    with_ctx, without = moved[2], moved[0]
+    assert (with_ctx[0] - shift).abs().mean() < 0.4 * shift.abs().mean()
+    assert (with_ctx[1] + shift).abs().mean() < 0.4 * shift.abs().mean()
+    assert torch.allclose(without[0], without[1])  # blind to the context
+    assert (without[0] - shift).abs().mean() > 0.7 * shift.abs().mean()

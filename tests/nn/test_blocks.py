@@ -71,3 +71,29 @@ def test_token_encoder_and_decoder_shapes():
     scale, logits = dec(mean, [torch.tensor([0, 1, 0, 1])])
     assert scale.shape == logits.shape == (4, 50)
     assert torch.allclose(scale.sum(-1), torch.ones(4))
+
+
+def test_part_attention_pool_starts_as_the_sum_and_stays_a_set_function():
+    """Untrained: the dose-weighted sum exactly. With any weights: order-invariant, zero
+    at dose zero, a lone part a linear map of it, and a pair *not* the sum of its parts'
+    read-outs (the weights of the parts depend on each other)."""
+    from scfm_adapt.nn import PartAttentionPool
+
+    torch.manual_seed(0)
+    pool = PartAttentionPool(8, n_heads=2)
+    phi = torch.randn(3, 2, 8)
+    w = torch.tensor([[1.0, 0.5], [1.0, 0.0], [0.0, 0.0]])
+    valid = torch.tensor([[True, True], [True, False], [True, True]])
+    torch.testing.assert_close(pool(phi, w, valid), (phi * w.unsqueeze(-1)).sum(1))
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out = pool(phi, w, valid)
+    swapped = pool(phi.flip(1), w.flip(1), valid.flip(1))
+    torch.testing.assert_close(out, swapped)
+    assert torch.all(out[2] == 0)  # every dose zero
+    a = pool(phi[:1, :1], w[:1, :1], valid[:1, :1])  # each part alone
+    b = pool(phi[:1, 1:], w[:1, 1:], valid[:1, 1:])
+    assert (out[0] - (a + b)[0]).abs().max() > 1e-3
+    padding_only = pool(phi[:1], torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
+    assert torch.all(padding_only == 0) and torch.isfinite(padding_only).all()

@@ -687,6 +687,7 @@ class PerturbationModel(BaseModel):
                 "continue it, or another checkpoint_dir."
             )
         self.correct_bias_ = bool(correct_decoder_bias)
+        self.guidance_ = 1.0  # chosen again below, after the members are trained
         if head_steps is None:
             head_steps = 300 if self._is_flow() else 1500
         if cells_per_unit is None:
