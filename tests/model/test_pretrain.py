@@ -129,6 +129,29 @@ def test_pretrain_resumes_and_refuses_a_changed_or_used_folder(pretrained):
         sfa.model.pretrain(paths, out.parent / "fresh", resume=True)
 
 
+def test_an_interrupted_pretrain_resumes_to_the_uninterrupted_model(pretrained, tmp_path):
+    """Killed in the last epoch (the first checkpointed, no model saved): ``resume=True`` with
+    the same arguments continues from the checkpoint to the model of the run that was never
+    interrupted, whatever the seed at resumption."""
+    import scvi
+
+    from conftest import Crash, CrashAfter
+
+    model, paths, _, _ = pretrained
+    out = tmp_path / "run"
+    scvi.settings.seed = 0
+    crash = {**RUN, "train_kwargs": {**RUN["train_kwargs"], "callbacks": [CrashAfter(1)]}}
+    with pytest.raises(Crash):
+        sfa.model.pretrain(paths, out, **crash)
+    assert not (out / "model").exists() and any((out / "checkpoints").rglob("*.ckpt"))
+    scvi.settings.seed = 123  # the checkpoint decides, not the seed
+    resumed = sfa.model.pretrain(paths, out, resume=True, **RUN)
+    np.testing.assert_allclose(
+        resumed.get_latent_representation(), model.get_latent_representation(), atol=1e-5
+    )
+    assert (out / "model" / "README.md").exists()
+
+
 def test_a_query_with_60_percent_of_the_genes_maps_onto_the_reference(pretrained):
     model, *_ = pretrained
     q = make_adata(n_cells=40, seed=7)[:, [f"gene{j}" for j in range(24)]].copy()
