@@ -13,7 +13,8 @@ with 100 cells per label per batch), not tuned here.
   reference has and the query lacks are padded with zeros.
 - :func:`few_labels`: SCANVI from the mapped query model, its k labelled pool cells
   labelled and every other cell unlabelled; probabilities of the evaluation cells.
-- :func:`latent_knn`: kNN on the mapped latent (scArches' own label transfer).
+- :func:`latent_knn`: kNN on the mapped latent (scArches' own label transfer);
+  :func:`embedding_knn` the same on any embedding (the SCFM reference's, for its row).
 - :func:`zero_shot`: the reference SCANVI mapped to the query and its classifier applied.
 """
 
@@ -105,10 +106,15 @@ def few_labels(qm, labelled_names, labels, evaluation_names, seed: int):
 
 def latent_knn(qm, labelled_names, labels, evaluation_names, k: int = 15):
     """kNN (distance-weighted) on the mapped latent: ``(proba, classes)``."""
+    z = qm.get_latent_representation()
+    return embedding_knn(z, qm.adata.obs_names, labelled_names, labels, evaluation_names, k)
+
+
+def embedding_knn(z, names, labelled_names, labels, evaluation_names, k: int = 15):
+    """kNN (distance-weighted) on an embedding ``z`` of the cells ``names``: the
+    labelled cells' labels, probabilities of the evaluation cells ``(proba, classes)``."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    z = qm.get_latent_representation()
-    names = qm.adata.obs_names
     train = z[names.get_indexer(labelled_names)]
     knn = KNeighborsClassifier(n_neighbors=min(k, len(train) - 1), weights="distance")
     knn.fit(train, np.asarray(labels).astype(str))

@@ -60,3 +60,22 @@ def test_the_scarches_rows_map_a_query_and_predict_its_labels(monkeypatch, tmp_p
     proba, classes = _scarches.zero_shot(query[20:], scanvi_ref)
     known = set(ref.obs.loc[ref.obs["dataset"] == "kang_ctrl", "cell_type"].astype(str))
     assert proba.shape == (40, len(known)) and set(classes) == known
+
+
+def test_the_scfm_query_embedding_maps_a_new_batch_without_labels(monkeypatch, tiny_saved):
+    """``scfm_ref_knn``'s embedding: the query's cells (no labels, 80% of the genes) mapped
+    onto the reference as a new batch, one embedding row per cell, then the shared kNN."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    le = load_benchmark("label_efficiency")
+    import _scarches
+
+    monkeypatch.setattr(le, "QUERY_EPOCHS", 1)
+    reference, _ = tiny_saved
+    query = make_adata(n_cells=40, seed=3)[:, 8:].copy()
+    query.obs_names = [f"q{i}" for i in range(40)]
+    z, names = le.scfm_query_embedding(query, reference)
+    assert z.shape[0] == 40 and list(names) == list(query.obs_names)
+    assert np.isfinite(z).all() and z.std(0).max() > 0
+    y = query.obs["cell_type"][:15].astype(str)
+    proba, classes = _scarches.embedding_knn(z, names, names[:15], y, names[15:], k=5)
+    assert proba.shape == (25, len(set(y))) and set(classes) == set(y)
