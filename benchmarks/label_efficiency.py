@@ -24,7 +24,10 @@ counts, not their labels).
 Methods: ``logreg_hvg`` and ``knn_pca`` (the package's baselines), and a
 :class:`~scfm_adapt.model.CellAnnotator` adapted from the reference on the query's labelled
 cells, aligned to the reference genes (the genes the query lacks masked):
-``scfm_ref_probe`` (linear probe) and ``scfm_ref_lora`` (LoRA). The scArches rows
+``scfm_ref_probe`` (linear probe), ``scfm_ref_lora`` (LoRA) and ``scfm_ref_full`` (every
+weight). ``scfm_scratch_lora`` is the same LoRA annotator on an SCFM trained from scratch
+on the query's own cells (pool and evaluation cells, without labels, ``SCRATCH_EPOCHS``
+with early stopping, as ``annotation.py`` pretrains): what the reference adds. The scArches rows
 (``_scarches.py``) start from a scVI reference trained on the same combined files as the
 PBMC reference: the query's cells (pool and evaluation cells, without labels, as scArches
 maps a query) are mapped onto it once per query; ``scanvi_scarches`` then trains SCANVI from
@@ -62,6 +65,8 @@ METHODS = (
     "knn_pca",
     "scfm_ref_probe",
     "scfm_ref_lora",
+    "scfm_ref_full",
+    "scfm_scratch_lora",
     "scanvi_scarches",
     "scarches_knn",
     "scfm_ref_knn",
@@ -71,7 +76,11 @@ SCARCHES = ("scanvi_scarches", "scarches_knn")
 ANNOTATOR = {
     "scfm_ref_probe": {"strategy": "linear_probe", "lr": 3e-3},
     "scfm_ref_lora": {"strategy": "lora", "lr": 1e-3, "rank": 8},
+    "scfm_ref_full": {"strategy": "full", "lr": 5e-4},
+    "scfm_scratch_lora": {"strategy": "lora", "lr": 1e-3, "rank": 8},
 }
+#: Epochs of the SCFM trained from scratch on the query (annotation.py's pretraining).
+SCRATCH_EPOCHS = 60
 #: Optimiser steps an annotator gets at least (few labelled cells make short epochs).
 MIN_STEPS = 300
 MIN_GENE_OVERLAP = 0.35
@@ -159,6 +168,23 @@ def annotator(labelled, evaluation, key: str, reference, method: str, seed: int)
     return probs.to_numpy(), list(probs.columns)
 
 
+def scratch_model(cells, seed: int = 0):
+    """An SCFM trained on ``cells`` alone (no labels), stage 1, as annotation.py does."""
+    import scvi
+
+    import scfm_adapt as sfa
+
+    scvi.settings.seed = seed
+    a = cells.copy()
+    a.obs = a.obs.iloc[:, :0].copy()
+    sfa.model.SCFM.setup_anndata(a)
+    model = sfa.model.SCFM(a)
+    model.train(
+        max_epochs=SCRATCH_EPOCHS, stage="vae", early_stopping=True, enable_progress_bar=False
+    )
+    return model
+
+
 def zero_shot(evaluation, key: str, reference, seed: int, folder: Path = REFERENCE) -> dict:
     """The reference's own annotator (LoRA, on its labelled Kang control cells, read
     through their file's gene panel) applied to the query by transfer_labels; "Unknown"
@@ -225,6 +251,11 @@ def run(
             t0 = time.perf_counter()
             mapped = _scarches.map_query(ad.concat([pool, ev]), arches[0])
             map_seconds = time.perf_counter() - t0
+    scratch, scratch_seconds = None, 0.0
+    if "scfm_scratch_lora" in methods:  # the query's own SCFM, without labels
+        t0 = time.perf_counter()
+        scratch = scratch_model(ad.concat([pool, ev]))
+        scratch_seconds = time.perf_counter() - t0
     scfm_z, scfm_seconds = None, 0.0
     if "scfm_ref_knn" in methods:  # the same cells onto the SCFM reference
         t0 = time.perf_counter()
@@ -254,6 +285,9 @@ def run(
                     z, obs = scfm_z
                     names, y = labelled.obs_names, labelled.obs[key].astype(str)
                     proba, classes = _scarches.embedding_knn(z, obs, names, y, ev.obs_names)
+                elif method == "scfm_scratch_lora":  # its seconds include the pretraining
+                    t0 -= scratch_seconds
+                    proba, classes = annotator(labelled, ev, key, scratch, method, d)
                 else:
                     proba, classes = annotator(labelled, ev, key, reference, method, d)
                 s = classification_metrics(truth, proba, classes)

@@ -62,9 +62,10 @@ def test_the_scarches_rows_map_a_query_and_predict_its_labels(monkeypatch, tmp_p
     assert proba.shape == (40, len(known)) and set(classes) == known
 
 
-def test_the_scfm_query_embedding_maps_a_new_batch_without_labels(monkeypatch, tiny_saved):
+def test_the_scfm_query_rows_use_the_querys_cells_without_labels(monkeypatch, tiny_saved):
     """``scfm_ref_knn``'s embedding: the query's cells (no labels, 80% of the genes) mapped
-    onto the reference as a new batch, one embedding row per cell, then the shared kNN."""
+    onto the reference as a new batch, one embedding row per cell, then the shared kNN;
+    ``scfm_scratch_lora``'s backbone trained on the query alone."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     le = load_benchmark("label_efficiency")
     import _scarches
@@ -79,3 +80,8 @@ def test_the_scfm_query_embedding_maps_a_new_batch_without_labels(monkeypatch, t
     y = query.obs["cell_type"][:15].astype(str)
     proba, classes = _scarches.embedding_knn(z, names, names[:15], y, names[15:], k=5)
     assert proba.shape == (25, len(set(y))) and set(classes) == set(y)
+    # scfm_scratch_lora's backbone: the query's cells alone, without their labels
+    monkeypatch.setattr(le, "SCRATCH_EPOCHS", 1)
+    scratch = le.scratch_model(query)
+    assert scratch.is_trained_ and scratch.var_names_ == list(query.var_names)
+    assert scratch.registry_["setup_args"].get("labels_key") is None
