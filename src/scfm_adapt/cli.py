@@ -224,6 +224,10 @@ def _pretrain(args) -> int:
         train_kwargs=train,
         progress=not args.no_progress,
     )
+    from .model._pretrain import ddp_worker
+
+    if ddp_worker():  # a DDP worker: the first process saves and reports
+        return 0
     print(model)
     print(f"wrote {args.out}/model (model card: {args.out}/model/README.md)")
     return 0

@@ -284,3 +284,35 @@ def test_transfer_labels_with_copy_leaves_the_query_alone(tmp_path):
     q = mk(n_cells=30, seed=5)
     out = sfa.tl.transfer_labels(q, ann, copy=True)
     assert "scfm_label" in out.obs and "scfm_label" not in q.obs and "scfm_label" not in q.uns
+
+
+def test_several_devices_name_the_ddp_strategy_scvi_tools_samples_by():
+    from scfm_adapt.model._scfm import _data_parallel_strategy
+
+    assert _data_parallel_strategy("cpu", 2) == "ddp"
+    assert _data_parallel_strategy("cpu", "2") == "ddp"
+    assert _data_parallel_strategy("auto", [0, 1]) == "ddp"
+    assert _data_parallel_strategy("cpu", 1) is None
+    assert _data_parallel_strategy("cpu", "auto") is None
+
+
+@pytest.mark.slow
+def test_pretrain_on_two_cpu_processes_with_ddp(tmp_path):
+    """``scfm-adapt pretrain --devices 2``: Lightning starts a second process that runs the
+    command again; it reuses the prepared folder, trains beside the first, and only the
+    first evaluates, saves and reports."""
+    import subprocess
+    import sys
+
+    paths, _ = write_panels(tmp_path, n_cells=(120, 80, 100))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scfm_adapt.cli", "pretrain", *map(str, paths), "--out",
+           str(out), "--max-epochs", "2", "--prior-steps", "4", "--batch-size", "32",
+           "--accelerator", "cpu", "--devices", "2", "--no-progress",
+           "--model-kwargs", json.dumps({"n_tokens": 4, "token_dim": 4})]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # the second process neither saves nor reports
+    model = sfa.model.SCFM.load(out / "model")
+    assert model.trained_stages_ == ["vae", "prior"] and (out / "model" / "README.md").exists()
+    assert model.module.batch_gene_mask.sum(1).tolist() == [30, 30, 20]

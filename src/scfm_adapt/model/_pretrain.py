@@ -6,6 +6,11 @@ each file a batch, the genes it lacks masked for its cells), an :class:`SCFM` is
 on the backed result (both stages by default, with epoch checkpoints, so an interrupted
 run resumes), and the model is saved with a model card that lists every file with its
 cells and SHA-256 and the reconstruction NLL of the validation cells.
+
+With ``devices > 1`` Lightning's DDP starts the other processes by running the same
+script again once training begins (its subprocess launcher, ``LOCAL_RANK`` set): such a
+worker reuses the folder the first process has prepared (its run record, combined file and
+data split), trains beside it, and leaves the evaluation and the save to it.
 """
 
 from __future__ import annotations
@@ -89,7 +94,10 @@ def pretrain(
     }
     run = json.loads(json.dumps(run))  # as run.json holds it (tuples become lists)
     run_file = out / RUN_FILE
-    if resume:
+    worker = ddp_worker()
+    if worker:  # the first process has checked and written the folder
+        pass
+    elif resume:
         if not run_file.exists():
             raise FileNotFoundError(
                 f"Nothing to resume in {out} (no {RUN_FILE}); run without resume=True first."
@@ -105,11 +113,12 @@ def pretrain(
         raise FileExistsError(
             f"{out} is not empty; pass resume=True to continue its run, or another folder."
         )
-    out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(run, indent=1))
+    if not worker:
+        out.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(run, indent=1))
 
     data_path = out / DATA_FILE
-    if resume and data_path.exists():
+    if (resume or worker) and data_path.exists():
         import anndata as ad
 
         adata = ad.read_h5ad(data_path, backed="r")
@@ -136,6 +145,8 @@ def pretrain(
         resume=resume,
         **kwargs,
     )
+    if worker:  # the first process evaluates and saves
+        return model
     val = model.validation_indices
     if val is not None and len(val) > 0:  # the model card's own evaluation: held-out cells
         nll = model.get_reconstruction_error(indices=val)["reconstruction_loss"]
@@ -152,6 +163,12 @@ def pretrain(
     model.save(out / MODEL_DIR, overwrite=True)
     logger.info("Saved the pretrained model to %s", out / MODEL_DIR)
     return model
+
+
+def ddp_worker() -> bool:
+    """Whether this process is a DDP worker that Lightning started (``LOCAL_RANK`` > 0
+    before training: its subprocess launcher sets it for the processes it starts)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
 
 
 def _jsonable(v) -> bool:

@@ -69,6 +69,28 @@ def _device_count(devices) -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def _data_parallel_strategy(accelerator, devices) -> str | None:
+    """The DDP strategy to name when training on several devices (``None`` for one).
+
+    Lightning picks DDP by itself for several devices, but scvi-tools chooses its
+    distributed batch sampler from the strategy *named* in the trainer arguments: unnamed,
+    Lightning wraps scvi-tools' batch sampler in its own and each process gets batches of
+    batches. In a notebook the DDP that Lightning allows is ``"ddp_notebook"``.
+    """
+    explicit = isinstance(devices, list | tuple) or (
+        isinstance(devices, int | str) and str(devices).strip().isdigit()
+    )
+    if explicit:
+        several = _device_count(devices) > 1
+    else:  # "auto" / -1: every visible GPU, unless training on the CPU
+        several = accelerator != "cpu" and torch.cuda.device_count() > 1
+    if not several:
+        return None
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+    return "ddp_notebook" if _IS_INTERACTIVE else "ddp"
+
+
 def prior_epochs(n_obs: int, prior_steps: int, batch_size: int, devices, train_size=0.9,
                  validation_size=None) -> int:  # fmt: skip
     """Epochs that hold ``prior_steps`` optimiser steps of the prior on ``n_obs`` cells
@@ -468,6 +490,10 @@ class SCFM(
         if pin_memory:
             ds_kwargs = dict(trainer_kwargs.pop("datasplitter_kwargs", None) or {})
             trainer_kwargs["datasplitter_kwargs"] = {"pin_memory": True, **ds_kwargs}
+        if "strategy" not in trainer_kwargs:
+            strategy = _data_parallel_strategy(accelerator, devices)
+            if strategy is not None:
+                trainer_kwargs["strategy"] = strategy
         ckpt_root, _ = self._checkpointed(
             checkpoint_dir, resume, train_size, validation_size, trainer_kwargs
         )
