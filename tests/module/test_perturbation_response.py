@@ -77,6 +77,16 @@ def _flow(**kw):
     return ResponseFlow(2, 2, 0, 3, **args)  # latents of 2 tokens of width 2 (D = 4)
 
 
+def _fit_flow(flow, zs, units, control_cells, unit_cells, req, **kw):
+    """300 flow-matching steps on ``units`` (no anchor shift); the loss curve."""
+    from scfm_adapt.module import fit_response_flow
+
+    args = dict(steps=300, cells_per_unit=16, units_per_step=len(units), lr=3e-3)
+    args.update(weight_decay=0.0, grad_clip=10.0, rng=np.random.default_rng(0), **kw)
+    shift = torch.zeros(len(units), zs.shape[1])
+    return fit_response_flow(flow, zs, units, control_cells, unit_cells, req, shift, **args)
+
+
 def test_an_untrained_flow_moves_nothing_and_dose_zero_never_moves():
     zs, _, _, req, _ = _data()
     flow = _flow()
@@ -92,27 +102,11 @@ def test_an_untrained_flow_moves_nothing_and_dose_zero_never_moves():
 
 
 def test_the_flow_learns_each_units_shift_and_a_seed_fixes_its_cells():
-    from scfm_adapt.module import fit_response_flow
 
     torch.manual_seed(0)
     zs, cc, uc, req, shifts = _data()
     flow = _flow()
-    losses = fit_response_flow(
-        flow,
-        zs,
-        [0, 1, 2],
-        cc,
-        uc,
-        req,
-        torch.zeros(3, D),
-        steps=300,
-        cells_per_unit=16,
-        units_per_step=3,
-        lr=3e-3,
-        weight_decay=0.0,
-        grad_clip=10.0,
-        rng=np.random.default_rng(0),
-    )
+    losses = _fit_flow(flow, zs, [0, 1, 2], cc, uc, req)
     assert losses[-1] < 0.5 * losses[0]
     flow.eval()
     with torch.no_grad():
@@ -187,7 +181,6 @@ def test_a_flow_with_contexts_learns_a_response_that_differs_by_context():
     """The same perturbation moves the cells of two contexts in opposite directions, from
     the same control distribution: only the context tells them apart. A flow conditioned
     on the context learns both shifts; without it, it can only learn their average."""
-    from scfm_adapt.module import fit_response_flow
 
     g = torch.Generator().manual_seed(0)
     cells = 60
@@ -203,23 +196,7 @@ def test_a_flow_with_contexts_learns_a_response_that_differs_by_context():
     for n_contexts in (2, 0):
         torch.manual_seed(0)
         flow = _flow(n_contexts=n_contexts, noise=0.0)
-        fit_response_flow(
-            flow,
-            zs,
-            [0, 1],
-            control_cells,
-            unit_cells,
-            req,
-            torch.zeros(2, D),
-            steps=300,
-            cells_per_unit=16,
-            units_per_step=2,
-            lr=3e-3,
-            weight_decay=0.0,
-            grad_clip=10.0,
-            rng=np.random.default_rng(0),
-            contexts=torch.tensor([0, 1]),
-        )
+        _fit_flow(flow, zs, [0, 1], control_cells, unit_cells, req, contexts=torch.tensor([0, 1]))
         flow.eval()
         with torch.no_grad():
             e = flow.embed(*req)[0]
