@@ -316,3 +316,16 @@ def test_pretrain_on_two_cpu_processes_with_ddp(tmp_path):
     model = sfa.model.SCFM.load(out / "model")
     assert model.trained_stages_ == ["vae", "prior"] and (out / "model" / "README.md").exists()
     assert model.module.batch_gene_mask.sum(1).tolist() == [30, 30, 20]
+
+
+def test_a_student_keeps_the_teachers_gene_panels(pretrained):
+    """Distilling on cells whose file no longer records the panels (``uns`` dropped): the
+    student still leaves each batch's unmeasured genes unobserved, as its teacher does."""
+    model, _, _, _ = pretrained
+    cells = model.adata.to_memory()
+    cells.uns.pop(BATCH_GENE_MASKS, None)
+    student = sfa.model.distill(
+        model, cells, max_epochs=1, encoder_hidden=8, decoder_hidden=16, **FAST
+    )
+    assert student.batch_gene_masks_ == model.batch_gene_masks_
+    assert torch.equal(student.module.batch_gene_mask, model.module.batch_gene_mask)

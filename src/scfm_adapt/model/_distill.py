@@ -191,6 +191,12 @@ def distill(
         kwargs.pop("tokenizer_options")
         logger.info("The student of a Geneformer-backed teacher reads cells with 'latent' tokens.")
     student = SCFM(data, **kwargs)
+    # the teacher's batch gene panels (from its checkpoint or a query mapping), beside any
+    # in data.uns: a gene a batch never measured stays unobserved for the student too
+    panels = {**(teacher.batch_gene_masks_ or {}), **(student.batch_gene_masks_ or {})}
+    if panels:
+        student.batch_gene_masks_ = panels
+        student._set_batch_gene_masks(student.module)
     with torch.no_grad():
         _copy_data_state(teacher, student)
         has_prior = _copy_prior(teacher, student)
