@@ -338,6 +338,8 @@ def main(argv=None) -> None:
             raise SystemExit(f"No reference at {args.reference}; run pbmc_reference.py first.")
         reference = sfa.model.SCFM.load(args.reference / "model")
     if any(m in SCARCHES for m in args.methods):
+        if not (args.reference / "data.h5ad").exists():
+            raise SystemExit(f"No data.h5ad in {args.reference}; run pbmc_reference.py first.")
         t0 = time.perf_counter()
         arches = _scarches.reference(args.reference)
         print(f"scArches reference (scVI + SCANVI): {time.perf_counter() - t0:.0f} s")

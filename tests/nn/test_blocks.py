@@ -75,8 +75,8 @@ def test_token_encoder_and_decoder_shapes():
 
 def test_part_attention_pool_starts_as_the_sum_and_stays_a_set_function():
     """Untrained: the dose-weighted sum exactly. With any weights: order-invariant, zero
-    at dose zero, a lone part a linear map of it, and a pair *not* the sum of its parts'
-    read-outs (the weights of the parts depend on each other)."""
+    at dose zero, and a pair *not* the sum of its parts' read-outs (the weights of the
+    parts depend on each other)."""
     from scfm_adapt.nn import PartAttentionPool
 
     torch.manual_seed(0)

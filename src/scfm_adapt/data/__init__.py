@@ -7,6 +7,7 @@ from ._combine import combine_h5ad
 from ._gene_panels import (
     BATCH_GENE_MASKS,
     batch_mask_matrix,
+    merge_batch_gene_masks,
     read_batch_gene_masks,
     select_panel,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "map_genes_to_vocab",
     "matrix_sums",
     "memberships",
+    "merge_batch_gene_masks",
     "pair_modalities",
     "parse_doses",
     "parts_and_doses",

@@ -62,6 +62,17 @@ def read_batch_gene_masks(adata, batch_key: str | None) -> dict[str, list[int]] 
     return out or None
 
 
+def merge_batch_gene_masks(
+    *masks: Mapping[str, list[int]] | None,
+) -> dict[str, list[int]] | None:
+    """The panels of several sources in one dict (a later source's batch wins), or
+    ``None`` when none has any: a reference's panels beside a query's own."""
+    out: dict[str, list[int]] = {}
+    for m in masks:
+        out.update(m or {})
+    return out or None
+
+
 def batch_mask_matrix(
     masks: Mapping[str, list[int]] | None, batches: list[str], n_genes: int
 ) -> np.ndarray | None:

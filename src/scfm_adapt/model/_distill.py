@@ -13,7 +13,7 @@ from scvi.dataloaders import DataSplitter
 from scvi.model._utils import get_max_epochs_heuristic, use_distributed_sampler
 from scvi.train import TrainingPlan, TrainRunner
 
-from ..data import gene_order
+from ..data import gene_order, merge_batch_gene_masks
 from ..errors import GeneMismatchError
 from ..module import DistillationModule
 from ..train import guarded
@@ -193,7 +193,7 @@ def distill(
     student = SCFM(data, **kwargs)
     # the teacher's batch gene panels (from its checkpoint or a query mapping), beside any
     # in data.uns: a gene a batch never measured stays unobserved for the student too
-    panels = {**(teacher.batch_gene_masks_ or {}), **(student.batch_gene_masks_ or {})}
+    panels = merge_batch_gene_masks(teacher.batch_gene_masks_, student.batch_gene_masks_)
     if panels:
         student.batch_gene_masks_ = panels
         student._set_batch_gene_masks(student.module)

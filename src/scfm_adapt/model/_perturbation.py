@@ -183,7 +183,8 @@ class PerturbationModel(BaseModel):
         requires the prior (an error at :meth:`train` otherwise); ``"scratch"``, new
         weights of width ``emb_dim`` and depth ``n_layers``. Either way the untrained flow
         predicts the anchor exactly. A flow is also conditioned (adaLN) on each cell's
-        training context, with a null context for contexts it never saw, and its guidance
+        training context, with a null context for contexts it was not trained on (such as
+        a held-out cell type known only by its control cells), and its guidance
         scale is chosen from :data:`GUIDANCE_GRID` on the training units each member left
         out (``guidance_``).
     part_pool
@@ -688,6 +689,7 @@ class PerturbationModel(BaseModel):
             )
         self.correct_bias_ = bool(correct_decoder_bias)
         self.guidance_ = 1.0  # chosen again below, after the members are trained
+        self.flow_contexts_ = True  # a flow retrained here reads the context
         if head_steps is None:
             head_steps = 300 if self._is_flow() else 1500
         if cells_per_unit is None:
@@ -818,6 +820,7 @@ class PerturbationModel(BaseModel):
                     weight_decay=weight_decay,
                     mmd_weight=mmd_weight,
                     seed=seed,
+                    unit_contexts=u_ctx,
                 )
                 if saved is not None:
                     state = {**head.state_dict(), "rng_state": torch.get_rng_state()}
@@ -890,8 +893,10 @@ class PerturbationModel(BaseModel):
         weight_decay,
         mmd_weight,
         seed,
+        unit_contexts=None,
     ) -> list[float]:
-        """Train ensemble member ``k`` on its in-bag units; returns its loss curve."""
+        """Train ensemble member ``k`` on its in-bag units; returns its loss curve
+        (``unit_contexts``: each unit's index in ``contexts_``, read by a flow)."""
         # each unit's control cells: those of its context
         controls = [ctrl_idx[c] for c, _, _ in units]
         args = dict(
@@ -908,8 +913,7 @@ class PerturbationModel(BaseModel):
         data = (zs, inbag, controls, unit_idx, requests, unit_shift)
         try:
             if self._is_flow():
-                contexts = self._context_index([c for c, _, _ in units])
-                return fit_response_flow(head, *data, contexts=contexts, **args)
+                return fit_response_flow(head, *data, contexts=unit_contexts, **args)
             return fit_response_head(head, *data, mmd_weight=mmd_weight, **args)
         except FloatingPointError as e:
             raise TrainingDivergedError(
@@ -1181,8 +1185,8 @@ class PerturbationModel(BaseModel):
                     return head(zs[ci], e)
                 kept, head.guidance = head.guidance, g
                 try:  # the same start noise for every scale
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(seed * 1000 + k * 997 + row)
+                    with torch.random.fork_rng(devices=[]):  # the CPU generator only
+                        torch.random.default_generator.manual_seed(seed * 1000 + k * 997 + row)
                         return head(z0, e, context)
                 finally:
                     head.guidance = kept

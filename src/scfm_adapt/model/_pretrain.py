@@ -95,8 +95,13 @@ def pretrain(
     run = json.loads(json.dumps(run))  # as run.json holds it (tuples become lists)
     run_file = out / RUN_FILE
     worker = ddp_worker()
-    if worker:  # the first process has checked and written the folder
-        pass
+    if worker:  # the first process has checked and written the folder before training
+        if not (run_file.exists() and (out / DATA_FILE).exists()):
+            raise RuntimeError(
+                f"This process (LOCAL_RANK={os.environ.get('LOCAL_RANK')}) is a data-parallel "
+                f"worker, but {out} holds no prepared run: start pretrain once, with "
+                "devices > 1, and let Lightning start the workers (not torchrun)."
+            )
     elif resume:
         if not run_file.exists():
             raise FileNotFoundError(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap
+from ..data import OBSERVED_KEY, GeneOverlap, align_genes, gene_overlap, merge_batch_gene_masks
 from ._adapters import AdaptationMixin
 
 logger = logging.getLogger(__name__)
@@ -89,10 +89,9 @@ class QueryMappingMixin(AdaptationMixin):
         model = cls(adata, **reference.init_kwargs_)
         # gene panels: the reference's batches', and the query's own (data sets combined
         # with different genes, uns["scfm_batch_gene_masks"])
-        model.batch_gene_masks_ = {
-            **(reference.batch_gene_masks_ or {}),
-            **(model.batch_gene_masks_ or {}),
-        } or None
+        model.batch_gene_masks_ = merge_batch_gene_masks(
+            reference.batch_gene_masks_, model.batch_gene_masks_
+        )
         module = copy.deepcopy(reference.module).cpu()
         sizes = model._registry_sizes()
         module.extend_categories(

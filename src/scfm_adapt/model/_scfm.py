@@ -86,9 +86,10 @@ def _data_parallel_strategy(accelerator, devices) -> str | None:
         several = accelerator != "cpu" and torch.cuda.device_count() > 1
     if not several:
         return None
-    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+    import sys
 
-    return "ddp_notebook" if _IS_INTERACTIVE else "ddp"
+    interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)  # Lightning's own test
+    return "ddp_notebook" if interactive else "ddp"
 
 
 def prior_epochs(n_obs: int, prior_steps: int, batch_size: int, devices, train_size=0.9,

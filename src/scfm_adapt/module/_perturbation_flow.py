@@ -12,7 +12,8 @@ anchored cell where it is. Classifier-free guidance is a scale of that differenc
 The context (cell type, line, donor: one category per training context) conditions both
 branches through adaLN as well, so the same perturbation may move cells of different
 contexts differently; it is replaced by its null category for a share of the training
-units (classifier-free dropout), and a context never seen in training takes the null.
+units (classifier-free dropout), and a context the flow never trained on (never seen, or
+seen only through its control cells, as a held-out cell type) takes the null.
 
 Where the backbone has a trained prior (its stage-2 DiT over the same tokens), the flow's
 DiT can start as a copy of it (``prior=``): the flow then begins from a network that
@@ -100,6 +101,20 @@ class ResponseFlow(ResponseHead):
             # (unconditional) modulation is unchanged
             torch.nn.init.zeros_(ctx.table.weight)
             self.dit.cat_embed[self.CONTEXT] = ctx
+
+    @torch.no_grad()
+    def null_untrained_contexts(self, trained) -> None:
+        """Give every context not in ``trained`` (indices whose units the flow was trained
+        on) the null context's embedding: a context seen only through its control cells,
+        or only in left-out units, reads as one the flow never saw, not as an untrained
+        row."""
+        if not self.n_contexts:
+            return
+        emb = self.dit.cat_embed[self.CONTEXT]
+        table = emb.table.weight  # rows 0..n_contexts - 1, then the null
+        for i in range(self.n_contexts):
+            if i not in trained:
+                table[i] = table[emb.null_index]
 
     def _context_condition(self, context: torch.Tensor | None, n: int) -> dict:
         """The DiT's context condition for ``n`` cells (``-1`` or ``None``: the null)."""
@@ -194,7 +209,9 @@ def fit_response_flow(
     squared distances; the loss is the squared error of the velocity at a random point of
     the straight path between them against the path's direction. ``contexts``: every
     unit's context index (for a flow with ``n_contexts``), replaced by the null for a
-    share ``flow.p_uncond_context`` of the drawn units. Other arguments as
+    share ``flow.p_uncond_context`` of the drawn units; after training, the contexts of
+    none of ``units`` take the null's embedding
+    (:meth:`ResponseFlow.null_untrained_contexts`). Other arguments as
     :func:`~scfm_adapt.module.fit_response_head`. Returns the loss every 50 steps."""
     from scipy.optimize import linear_sum_assignment
 
@@ -221,4 +238,7 @@ def fit_response_flow(
         v = flow.velocity(xt.reshape(u * b, d), t.reshape(-1), e.repeat_interleave(b, 0), ctx)
         return (v.view(u, b, d) - (x1 - x0)).pow(2).mean()
 
-    return optimise(flow, loss_of_a_step, steps, lr, weight_decay, grad_clip, on_step)
+    losses = optimise(flow, loss_of_a_step, steps, lr, weight_decay, grad_clip, on_step)
+    if flow.n_contexts and contexts is not None:
+        flow.null_untrained_contexts({int(c) for c in contexts[torch.as_tensor(units)] if c >= 0})
+    return losses
