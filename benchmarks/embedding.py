@@ -117,6 +117,7 @@ class Config:
     mixing_k: int = 50
     n_pcs: int = 50
     n_top_genes: int = 2000
+    scfm_kwargs: dict = field(default_factory=dict)
 
 
 # =========================================================================== data
@@ -222,7 +223,7 @@ def fit_scfm(cfg: Config, adata: Any, train_mask: np.ndarray) -> tuple[np.ndarra
     scvi.settings.seed = cfg.seed
     adata_train = adata[train_mask].copy()
     sfa.model.SCFM.setup_anndata(adata_train, batch_key=BATCH_KEY)
-    model = sfa.model.SCFM(adata_train)
+    model = sfa.model.SCFM(adata_train, **cfg.scfm_kwargs)
     kwargs = {**_train_kwargs(cfg), "precision": cfg.precision}
     stages, test_indices = [], []
     with track_peak_memory() as mem:
@@ -618,6 +619,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument(
+        "--scfm-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON of SCFM constructor arguments, e.g. '{\"encoder_rank\": null}'",
+    )
+    p.add_argument(
         "--precision",
         default=d.precision,
         help="Lightning precision of SCFM's training, e.g. 32 or bf16-mixed "
@@ -653,6 +660,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         accelerator=args.accelerator,
         threads=args.threads,
         seed=args.seed,
+        scfm_kwargs=args.scfm_kwargs,
     )
 
 

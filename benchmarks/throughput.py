@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -57,8 +58,18 @@ LARGE = {
     "dit_depth": 8,
     "dit_heads": 8,
 }
-CONFIGS = {"scvi": None, "scfm": {}, "scfm_batch512": {}, "scfm_large": LARGE}
+CONFIGS = {
+    "scvi": None,
+    "scfm": {},
+    "scfm_full_map": {"encoder_rank": None},  # the gene map before issue 25
+    "scfm_batch512": {},
+    "scfm_large": LARGE,
+    "scfm_large_compile": LARGE,
+    "scfm_compile": {},
+}
+DEFAULT_MODELS = ["scvi", "scfm", "scfm_full_map", "scfm_batch512", "scfm_large"]
 BATCH = {"scfm_batch512": 512}  # defaults to --batch-size
+TRAIN_KW = {"scfm_large_compile": {"compile": True}, "scfm_compile": {"compile": True}}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -156,7 +167,7 @@ def worker_real(name: str, args) -> dict:
         "enable_progress_bar": False,
         "early_stopping": False,
     }
-    large = name == "scfm_large"
+    large = name.startswith("scfm_large")
     epochs = args.epochs_large if large else args.epochs
     bf16 = (args.bf16 and name != "scvi") or (args.device == "cuda" and large)
     precision = "bf16-mixed" if bf16 else None
@@ -181,7 +192,7 @@ def worker_real(name: str, args) -> dict:
         total = 0.0
         for stage in ("vae", "prior"):
             t = time.perf_counter()
-            model.train(max_epochs=epochs, stage=stage, **common)
+            model.train(max_epochs=epochs, stage=stage, **common, **TRAIN_KW.get(name, {}))
             sync()
             s = time.perf_counter() - t
             total += s
@@ -198,19 +209,49 @@ def worker_real(name: str, args) -> dict:
     embed = lambda: model.get_latent_representation(batch_size=args.infer_batch_size)
     rec["embed_s"] = _median_seconds(embed, 3, sync)
     rec["embed_cells_per_s"] = throughput(1, n, rec["embed_s"])
+    # At scvi-tools' inference batch (128), the default before issue 25.
+    embed = lambda: model.get_latent_representation(batch_size=128)
+    rec["embed128_cells_per_s"] = throughput(1, n, _median_seconds(embed, 3, sync))
     rec["peak_rss_mib"] = peak_rss_mib()
     if args.device == "cuda":
         rec["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return rec
 
 
-def synthetic_h5ad(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> dict:
-    """Write NB counts (10 cell types, log-normal gene means and depths) as a backed-ready
-    h5ad, 20,000 cells at a time (never the whole matrix in memory)."""
+def _write_h5ad(path: Path, chunks, obs, n_genes: int) -> int:
+    """Write the CSR ``chunks`` (rows in order) and ``obs`` as a backed-ready h5ad, one
+    chunk in memory at a time, atomically (a temporary file renamed); the number of
+    non-zero counts written."""
     import anndata as ad
     import h5py
     import pandas as pd
     from anndata.io import sparse_dataset, write_elem
+
+    tmp = path.with_name(path.name + ".tmp")
+    nnz = 0
+    with h5py.File(tmp, "w") as f:
+        x = None
+        for chunk in chunks:
+            nnz += chunk.nnz
+            if x is None:
+                write_elem(f, "X", chunk)
+                x = sparse_dataset(f["X"])
+            else:
+                x.append(chunk)
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(f, key, {})
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    tmp.replace(path)
+    ad.read_h5ad(path, backed="r").file.close()  # readable
+    return nnz
+
+
+def synthetic_h5ad(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> dict:
+    """Write NB counts (10 cell types, log-normal gene means and depths) as a backed-ready
+    h5ad, 20,000 cells at a time (never the whole matrix in memory)."""
+    import pandas as pd
     from scipy import sparse
 
     rng = np.random.default_rng(seed)
@@ -222,34 +263,143 @@ def synthetic_h5ad(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> dic
     depth_mean = 2500 * (n_genes / 2000) ** 0.35
     theta = 2.0
     types = rng.integers(0, 10, n_cells)
-    nnz = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        x = None
+
+    def chunks():
         for start in range(0, n_cells, 20_000):
             t = types[start : start + 20_000]
             depth = rng.lognormal(np.log(depth_mean), 0.5, len(t))
             mu = programs[t] * depth[:, None]
             counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
-            chunk = sparse.csr_matrix(counts)
-            nnz += chunk.nnz
-            if x is None:
-                write_elem(f, "X", chunk)
-                x = sparse_dataset(f["X"])
-            else:
-                x.append(chunk)
-        obs = pd.DataFrame(
-            {"cell_type": pd.Categorical([f"type{i}" for i in types])},
-            index=[f"c{i}" for i in range(n_cells)],
-        )
-        write_elem(f, "obs", obs)
-        write_elem(f, "var", pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
-        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
-            write_elem(f, key, {})
-        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    tmp.replace(path)
-    ad.read_h5ad(path, backed="r").file.close()  # readable
+            yield sparse.csr_matrix(counts)
+
+    obs = pd.DataFrame(
+        {"cell_type": pd.Categorical([f"type{i}" for i in types])},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    nnz = _write_h5ad(path, chunks(), obs, n_genes)
     return {"density": nnz / (n_cells * n_genes)}
+
+
+def synthetic_h5ad_gib(path: Path, gib: float, n_genes: int, pool: int = 50_000) -> dict:
+    """A backed-ready h5ad of at least ``gib`` GiB of counts: NB cells as in
+    :func:`synthetic_h5ad` (a pool of ``pool`` of them), written 50,000 rows at a time,
+    each row a random cell of the pool. The pool keeps writing I/O-bound; the rows are in
+    random order, as an atlas concatenated from many files is not."""
+    import anndata as ad
+    import pandas as pd
+
+    pool_path = path.with_name(path.stem + "_pool.h5ad")
+    synthetic_h5ad(pool_path, pool, n_genes)
+    cells = ad.read_h5ad(pool_path).X.tocsr()
+    pool_path.unlink()
+    bytes_per_cell = cells.nnz / pool * 12  # float32 values + int64 gene indices
+    n_cells = int(math.ceil(gib * 2**30 / bytes_per_cell / 50_000) * 50_000)
+    rng = np.random.default_rng(1)
+
+    def chunks():
+        for start in range(0, n_cells, 50_000):
+            chunk = cells[rng.integers(0, pool, min(50_000, n_cells - start))]
+            # int64 offsets: the whole file holds more than 2**31 values (set after
+            # construction: scipy would pick int32 for one chunk).
+            chunk.indptr = chunk.indptr.astype(np.int64)
+            chunk.indices = chunk.indices.astype(np.int64)
+            yield chunk
+
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_cells)])
+    nnz = _write_h5ad(path, chunks(), obs, n_genes)
+    return {"n_cells": n_cells, "density": nnz / (n_cells * n_genes)}
+
+
+def _vae_epoch_kwargs(args) -> dict:
+    """``train`` arguments of one VAE epoch on every cell, no validation or early stop."""
+    return {
+        "max_epochs": 1,
+        "stage": "vae",
+        "train_size": 1.0,
+        "batch_size": args.batch_size,
+        "enable_progress_bar": False,
+        "early_stopping": False,
+        "accelerator": "gpu" if args.device == "cuda" else "cpu",
+        "devices": 1,
+    }
+
+
+def _drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only), so that a run starts cold."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+class _StepClock:
+    """A Lightning callback that records the time at the end of every training batch."""
+
+    def __new__(cls):
+        from lightning.pytorch import Callback
+
+        class Clock(Callback):
+            def __init__(self):
+                self.times: list[float] = []
+
+            def on_train_batch_end(self, *args, **kwargs):
+                self.times.append(time.perf_counter())
+
+        return Clock()
+
+
+def worker_ooc(spec: str, args) -> dict:
+    """Train the VAE stage of SCFM defaults for ``--ooc-seconds`` from the large file:
+    ``memory`` (its first ``--ooc-memory-cells`` rows loaded into memory), ``backed`` (the
+    whole file on disk, the package's block loader), ``backed_block<N>`` (the same with
+    blocks of N rows) or ``backed_rows`` (scvi-tools' loader, one random row at a time).
+    Steady-state cells/s counts the batches after the first quarter of the time."""
+    import anndata as ad
+    import torch
+    from scvi.dataloaders import AnnDataLoader, DataSplitter
+
+    import scfm_adapt as sfa
+
+    mode, _, path = spec.partition(":")
+    loader_kw = {}
+    if mode.startswith("backed_block"):  # e.g. backed_block256: another block size
+        loader_kw = {"block_size": int(mode.removeprefix("backed_block"))}
+    quiet()
+    torch.set_num_threads(args.threads)
+    backed = ad.read_h5ad(path, backed="r")
+    adata = ad.AnnData(backed.X[: args.ooc_memory_cells]) if mode == "memory" else backed
+    rec = {"mode": mode, "n_cells": adata.n_obs, "n_genes": adata.n_vars}
+    rec["file_gib"] = Path(path).stat().st_size / 2**30
+    scfm = sfa.model.SCFM
+    if mode == "backed_rows":  # scvi-tools' own loader and splitter
+        scfm = type("SCFMRows", (sfa.model.SCFM,), {})
+        scfm._data_loader_cls, scfm._data_splitter_cls = AnnDataLoader, DataSplitter
+    t = time.perf_counter()
+    scfm.setup_anndata(adata)
+    model = scfm(adata)
+    rec["setup_s"] = time.perf_counter() - t
+    # The setup's count check read the whole file: empty the page cache again, so that
+    # training starts with none of it in memory.
+    rec["cold_start"] = _drop_page_cache()
+    clock = _StepClock()
+    t = time.perf_counter()
+    model.train(
+        **_vae_epoch_kwargs(args),
+        max_time={"seconds": args.ooc_seconds},
+        callbacks=[clock],
+        datasplitter_kwargs=loader_kw,
+    )
+    rec["train_s"] = time.perf_counter() - t
+    times = np.asarray(clock.times) - t
+    steady = times[times > args.ooc_seconds / 4]
+    if len(steady) < 2:  # an epoch shorter than the warm-up: every step counts
+        steady = times
+    rec["n_steps"] = len(times)
+    rec["steady_cells_per_s"] = (len(steady) - 1) * args.batch_size / (steady[-1] - steady[0])
+    rec["peak_rss_mib"] = peak_rss_mib()
+    return rec
 
 
 def worker_scale(path: str, args) -> dict:
@@ -269,16 +419,7 @@ def worker_scale(path: str, args) -> dict:
     rec["setup_s"] = time.perf_counter() - t
     model = scfm(adata)
     t = time.perf_counter()
-    model.train(
-        max_epochs=1,
-        stage="vae",
-        train_size=1.0,
-        batch_size=args.batch_size,
-        enable_progress_bar=False,
-        early_stopping=False,
-        accelerator="gpu" if args.device == "cuda" else "cpu",
-        devices=1,
-    )
+    model.train(**_vae_epoch_kwargs(args))
     rec["epoch_s"] = time.perf_counter() - t
     rec["train_cells_per_s"] = throughput(1, adata.n_obs, rec["epoch_s"])
     rec["peak_rss_train_mib"] = peak_rss_mib()
@@ -362,6 +503,7 @@ def report_real(peak: dict, recs: dict) -> str:
                 fmt(r.get("prior_cells_per_s"), ",.0f"),
                 fmt(r["embed_cells_per_s"], ",.0f"),
                 f"{r['embed_cells_per_s'] / scvi['embed_cells_per_s']:.2f}x" if scvi else "n/a",
+                fmt(r.get("embed128_cells_per_s"), ",.0f"),
                 f"{train_flops / 1e6:.1f}",
                 f"{r['flops_embed_cell'] / 1e6:.2f}",
                 f"{100 * achieved / (peak[key] * 1e12):.1f}% ({key})",
@@ -377,6 +519,7 @@ def report_real(peak: dict, recs: dict) -> str:
         "DiT cells/s",
         "embed cells/s",
         "× scVI",
+        "embed cells/s at batch 128",
         "train MFLOP/cell",
         "embed MFLOP/cell",
         "train MFU",
@@ -420,9 +563,9 @@ def main() -> None:
         "--sections",
         nargs="+",
         default=["real", "steps", "scale"],
-        choices=["real", "steps", "scale"],
+        choices=["real", "steps", "scale", "ooc"],
     )
-    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(CONFIGS))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--epochs-large", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=128)
@@ -432,6 +575,10 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16-mixed for every SCFM run")
     p.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--genes", type=int, nargs="+", default=[2_000, 5_000, 20_000])
+    p.add_argument("--ooc-gib", type=float, default=30.0, help="size of the out-of-core file")
+    p.add_argument("--ooc-seconds", type=float, default=180.0, help="training time per mode")
+    p.add_argument("--ooc-memory-cells", type=int, default=200_000)
+    p.add_argument("--ooc-modes", nargs="+", default=["memory", "backed", "backed_rows"])
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")))
     p.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -442,13 +589,16 @@ def main() -> None:
         kind, _, what = args.worker.partition(":")
         if kind == "steps":
             rec = worker_steps(args)
+        elif kind == "ooc":
+            rec = worker_ooc(what, args)
         elif kind == "real":
             rec = worker_real(what, args)
         else:
             rec = worker_scale(what, args)
         if kind == "real":
             rec["precision_bf16"] = bool(
-                (args.bf16 and what != "scvi") or (args.device == "cuda" and what == "scfm_large")
+                (args.bf16 and what != "scvi")
+                or (args.device == "cuda" and what.startswith("scfm_large"))
             )
         write_json(args.worker_out, rec)
         return
@@ -469,7 +619,16 @@ def main() -> None:
         passthrough = [
             f"--{k.replace('_', '-')}={v}"
             for k, v in vars(args).items()
-            if k in ("epochs", "epochs_large", "batch_size", "infer_batch_size", "threads")
+            if k
+            in (
+                "epochs",
+                "epochs_large",
+                "batch_size",
+                "infer_batch_size",
+                "threads",
+                "ooc_seconds",
+                "ooc_memory_cells",
+            )
             or (k == "device")
         ]
         flags = ["--bf16"] if args.bf16 else []
@@ -521,6 +680,41 @@ def main() -> None:
         results["scale"] = recs
         print("\n## Scaling: SCFM defaults, one VAE epoch from a backed h5ad\n")
         print(report_scale(recs))
+
+    if "ooc" in args.sections:
+        path = work / f"nb_{args.ooc_gib:g}gib.h5ad"
+        meta_path = path.with_suffix(".json")
+        if not (path.exists() and meta_path.exists()):
+            t = time.perf_counter()
+            meta = synthetic_h5ad_gib(path, args.ooc_gib, args.genes[0])
+            meta["write_s"] = time.perf_counter() - t
+            meta_path.write_text(json.dumps(meta))
+        meta = json.loads(meta_path.read_text())
+        print(f"\nOut-of-core file: {json.dumps(meta)}", flush=True)
+        recs = []
+        for mode in args.ooc_modes:
+            recs.append(isolated(f"ooc:{mode}:{path}"))
+            print(f"  {json.dumps(recs[-1])}", flush=True)
+        results["ooc"] = {"file": meta, "runs": recs}
+        mem = next((r for r in recs if r["mode"] == "memory"), None)
+        rows = [
+            [
+                r["mode"],
+                f"{r['n_cells']:,}",
+                f"{r['file_gib']:.1f}",
+                f"{r['setup_s']:.0f}",
+                f"{r['n_steps']:,}",
+                fmt(r["steady_cells_per_s"], ",.0f"),
+                f"{r['steady_cells_per_s'] / mem['steady_cells_per_s']:.2f}x" if mem else "n/a",
+                "yes" if r["cold_start"] else "no",
+                fmt(r["peak_rss_mib"], ",.0f"),
+            ]
+            for r in recs
+        ]
+        head = ["data", "cells", "file GiB", "setup s", "steps", "steady cells/s", "× memory"]
+        head = [*head, "cold start"]
+        print(f"\n## Out of core: VAE stage for {args.ooc_seconds:.0f} s\n")
+        print(markdown_table([*head, "peak RSS MiB"], rows))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, results)

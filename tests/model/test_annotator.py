@@ -207,3 +207,14 @@ def test_annotation_on_real_data(shared_data):
     best = test.obsm["scfm_label_probs"].idxmax(axis=1)
     assert accuracy_score(y, best) > 0.85
     assert test.obs["scfm_label_is_ood"].mean() < 0.1
+
+
+def test_annotator_lora_reaches_both_factors_of_a_factorised_gene_map():
+    from scfm_adapt.model._annotator import _annotator_targets
+    from scfm_adapt.nn import TokenEncoder
+
+    sizes = dict(n_tokens=8, token_dim=4, hidden=16, depth=1, n_heads=2)
+    low = _annotator_targets(TokenEncoder(400, rank=32, **sizes))
+    assert {"gene_down", "gene_to_tokens", "attn.qkv"} <= set(low)
+    full = _annotator_targets(TokenEncoder(400, rank=None, **sizes))
+    assert "gene_to_tokens" in full and "gene_down" not in full

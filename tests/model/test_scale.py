@@ -259,3 +259,36 @@ def test_interrupted_infer_to_disk_leaves_no_file_and_no_trust(
     other = adata.copy()
     sfa.tl.infer_to_disk(other, trained, path, chunk_size=40, progress=False)
     assert not trained._checked(other)  # the skip of the checks ended with the call
+
+
+def test_backed_loader_reads_blocks_and_keeps_each_cell_with_its_fields(adata, backed):
+    from scfm_adapt.data._block_loader import BlockDataset, BlockSampler
+
+    _setup(adata)
+    _setup(backed)
+    disk = sfa.model.SCFM(backed, **TINY)
+    # Small blocks and fetches: many fetches, each next one read by the prefetch thread.
+    loader = disk._make_data_loader(
+        adata=backed, batch_size=16, shuffle=True, block_size=4, fetch_size=32
+    )
+    assert isinstance(loader.dataset, BlockDataset)
+    assert isinstance(loader.sampler, BlockSampler)
+    batches = list(loader)
+    got = np.concatenate(
+        [np.hstack([b["X"].numpy(), b["batch"].numpy(), b["labels"].numpy()]) for b in batches]
+    )
+    manager = sfa.model.SCFM(adata, **TINY).adata_manager
+    want = np.hstack(
+        [
+            adata.X.toarray(),
+            manager.get_from_registry("batch"),
+            manager.get_from_registry("labels"),
+        ]
+    )
+    # Every cell exactly once per epoch, with its own batch and label.
+    sort = lambda a: a[np.lexsort(a.T[::-1])]
+    np.testing.assert_array_equal(sort(got), sort(want.astype(got.dtype)))
+    assert loader.dataset._pool is not None  # the next fetches were read ahead
+    # In memory it is scvi-tools' loader unchanged.
+    mem = sfa.model.SCFM(adata, **TINY)._make_data_loader(adata=adata, batch_size=16)
+    assert not isinstance(mem.dataset, BlockDataset)

@@ -138,3 +138,43 @@ def test_posterior_predictive_sample_is_counts():
     x = m.sample(_tensors(), n_samples=3)
     assert x.shape == (3, 32, 30)
     assert torch.equal(x, x.round()) and (x >= 0).all()
+
+
+def test_per_gene_nb_log_prob_and_gradients_equal_scvi_tools():
+    from scvi.distributions import NegativeBinomial
+
+    from scfm_adapt.module._likelihood import GeneNegativeBinomial
+
+    gen = torch.Generator().manual_seed(0)
+    mu = (torch.rand(16, 30, generator=gen, dtype=torch.float64) * 10 + 0.01).requires_grad_()
+    log_theta = torch.randn(30, generator=gen, dtype=torch.float64).requires_grad_()
+    x = torch.poisson(mu.detach(), generator=gen)
+    ours = GeneNegativeBinomial(mu=mu, theta=log_theta.exp()).log_prob(x)
+    ref = NegativeBinomial(mu=mu, theta=log_theta.exp()).log_prob(x)
+    torch.testing.assert_close(ours, ref)
+    g_ours = torch.autograd.grad(ours.sum(), (mu, log_theta))
+    g_ref = torch.autograd.grad(ref.sum(), (mu, log_theta))
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_saved_before_encoder_rank_rebuilds_with_one_full_gene_map():
+    torch.manual_seed(0)
+    old = SCFMModule(400, encoder_rank=None, **TINY)
+    config = old.config()
+    del config["hparams"]["encoder_rank"]  # as written before the option existed
+    new = SCFMModule.rebuild(config)
+    new.load_state_dict(old.state_dict())  # strict: same shapes
+    assert new.encoder.gene_down is None
+    # A new module factorises the gene map where that saves work.
+    assert SCFMModule(400, encoder_rank=8, **TINY).encoder.gene_down.in_features == 400
+    assert SCFMModule(1287).encoder.gene_down.out_features == 128  # the default rank
+
+
+def test_posterior_mean_equals_the_inference_mean():
+    torch.manual_seed(0)
+    m = SCFMModule(400, n_batch=2, encoder_rank=8, **TINY).eval()
+    t = _tensors(g=400)
+    with torch.no_grad():
+        qz = m.inference(t[R.X_KEY], t[R.BATCH_KEY])["qz"]
+        torch.testing.assert_close(m.posterior_mean(t[R.X_KEY], t[R.BATCH_KEY]), qz.loc)

@@ -1,5 +1,6 @@
 """Pure torch blocks: shapes, identity at init, null conditions."""
 
+import pytest
 import torch
 
 from scfm_adapt.nn import (
@@ -97,3 +98,30 @@ def test_part_attention_pool_starts_as_the_sum_and_stays_a_set_function():
     assert (out[0] - (a + b)[0]).abs().max() > 1e-3
     padding_only = pool(phi[:1], torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool))
     assert torch.all(padding_only == 0) and torch.isfinite(padding_only).all()
+
+
+def test_token_encoder_factorises_the_gene_map_only_where_it_saves_work():
+    sizes = dict(n_tokens=8, token_dim=4, hidden=16, depth=1, n_heads=2)
+    # 32 * (400 + 8 * 16) < 400 * 8 * 16: the factorised map is cheaper.
+    low = TokenEncoder(400, rank=32, **sizes)
+    assert low.gene_down.weight.shape == (32, 400)
+    assert low.gene_to_tokens.in_features == 32
+    full = TokenEncoder(400, rank=None, **sizes)
+    assert full.gene_down is None and full.gene_to_tokens.in_features == 400
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    assert n_params(low) < n_params(full)
+    # 32 * (20 + 128) > 20 * 128: a factorised map would cost more, so none is built.
+    few = TokenEncoder(20, rank=32, **sizes)
+    assert few.gene_down is None and few.gene_to_tokens.in_features == 20
+    with pytest.raises(ValueError, match="encoder_rank=0"):
+        TokenEncoder(400, rank=0, **sizes)
+
+
+@pytest.mark.parametrize("rank", [None, 32])
+def test_token_encoder_mean_equals_the_forward_mean(rank):
+    torch.manual_seed(0)
+    enc = TokenEncoder(400, n_tokens=8, token_dim=4, hidden=16, depth=1, n_heads=2, rank=rank)
+    enc.eval()
+    x = torch.randn(5, 400)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.mean(x), enc(x)[0])

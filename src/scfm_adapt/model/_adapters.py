@@ -79,7 +79,8 @@ class AdaptationMixin:
             LoRA rank, scaling ``alpha / rank``, dropout, and the linear layers to adapt
             (default: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every block;
             ``fc`` and ``scale_head`` of the decoder). Names are relative to a block or
-            part, e.g. ``"gene_to_tokens"`` adds the encoder's gene projection.
+            part, e.g. ``"gene_to_tokens"`` adds the encoder's gene projection (and
+            ``"gene_down"`` its first factor, where ``encoder_rank`` factorises it).
         bottleneck
             Width of the bottleneck adapters.
         n_blocks

@@ -41,11 +41,15 @@ ANNOTATOR_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "gene_t
 
 def _annotator_targets(encoder) -> tuple[str, ...]:
     """:data:`ANNOTATOR_LORA_TARGETS` for the latent encoder; other encoders name their own
-    transformer targets (an external BERT's differ), plus the gene projection if any."""
+    transformer targets (an external BERT's differ), plus the gene projection if any (both
+    factors where it is factorised)."""
     own = getattr(encoder, "lora_targets", None)
+    genes = ("gene_to_tokens",) if hasattr(encoder, "gene_to_tokens") else ()
+    if getattr(encoder, "gene_down", None) is not None:
+        genes = ("gene_down", *genes)
     if own is None or tuple(own) == ANNOTATOR_LORA_TARGETS[:4]:
-        return ANNOTATOR_LORA_TARGETS if hasattr(encoder, "gene_to_tokens") else tuple(own)
-    return tuple(own) + (("gene_to_tokens",) if hasattr(encoder, "gene_to_tokens") else ())
+        return (*ANNOTATOR_LORA_TARGETS[:4], *genes) if genes else tuple(own)
+    return tuple(own) + genes
 
 
 class CellAnnotator(BaseModel):

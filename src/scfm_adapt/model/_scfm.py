@@ -46,6 +46,10 @@ from .base import BaseModel, inference_only, transfer_errors
 logger = logging.getLogger(__name__)
 
 STAGES = ("vae", "prior")
+#: Cells per batch when embedding with no ``batch_size`` given: the encoder alone is light,
+#: and larger batches amortise the per-batch cost of loading and of small matmuls
+#: (``benchmarks/throughput.py --infer-batch-size``).
+INFERENCE_BATCH_SIZE = 1024
 #: Optimiser steps of the DiT prior by default (see ``SCFM.train``'s ``prior_steps``).
 PRIOR_STEPS = 12_000
 
@@ -684,9 +688,12 @@ class SCFM(
         self._check_if_trained(warn=True)
         self.module.eval()
         out = []
-        for tensors in self._batches(adata, indices, batch_size):
-            qz = self.module.inference(**self.module._get_inference_input(tensors))[MODULE_KEYS.QZ]
-            z = qz.loc if give_mean else qz.sample()  # (B, T, d)
+        for tensors in self._batches(adata, indices, batch_size or INFERENCE_BATCH_SIZE):
+            inputs = self.module._get_inference_input(tensors)
+            if give_mean:
+                z = self.module.posterior_mean(**inputs)  # (B, T, d)
+            else:
+                z = self.module.inference(**inputs)[MODULE_KEYS.QZ].sample()
             if not return_tokens:
                 z = z.flatten(1) if pooling == "concat" else z.mean(1)
             out.append(z.float().cpu().numpy())

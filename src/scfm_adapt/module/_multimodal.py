@@ -189,6 +189,15 @@ class MultimodalSCFMModule(SCFMModule):
         return {m: shown[:, i] for i, m in enumerate(names)}
 
     @auto_move_data
+    def posterior_mean(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The joint tokens' posterior mean (every modality a cell has)."""
+        return self.inference(x, batch_index, extra)[K.QZ].loc
+
     def inference(
         self,
         x: torch.Tensor,

@@ -26,6 +26,7 @@ from ..diffusion import NoiseSchedule, ddim_invert, ddim_sample
 from ..nn import DiT, PathwayTokenEncoder, RankTokenEncoder, TokenDecoder, TokenEncoder
 from ._adapters import AdaptableMixin
 from ._keys import MODULE_KEYS as K
+from ._likelihood import GeneNegativeBinomial
 
 Stage = Literal["vae", "prior"]
 LIKELIHOODS = ("nb", "zinb", "poisson")
@@ -44,6 +45,7 @@ def make_encoder(
     depth: int,
     n_heads: int,
     dropout: float,
+    rank: int | None = None,
 ) -> nn.Module:
     """The stage-1 encoder for ``tokenizer`` (shapes only; data-derived buffers such as
     gene-set memberships, graphs and medians are filled by the model or the state dict).
@@ -51,11 +53,15 @@ def make_encoder(
     ``options`` (JSON): ``pathway``: ``n_sets``, ``n_members``, ``n_channels``, ``n_edges``,
     ``sparse_threshold``;
     ``rank``: ``top_k``, ``n_edges``; ``geneformer``: ``bert_config``, ``gene_token_ids``,
-    ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``.
+    ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``. ``rank`` factorises the latent
+    tokenizer's gene map (:class:`~scfm_adapt.nn.TokenEncoder`); the others read genes
+    their own way and ignore it.
     """
     o = dict(options or {})
     if tokenizer == "latent":
-        return TokenEncoder(n_input, n_tokens, token_dim, hidden, depth, n_heads, dropout)
+        return TokenEncoder(
+            n_input, n_tokens, token_dim, hidden, depth, n_heads, dropout, rank=rank
+        )
     if tokenizer == "pathway":
         return PathwayTokenEncoder(
             n_input,
@@ -146,6 +152,11 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         How the encoder reads a cell: ``"latent"`` (a linear map of all genes to tokens),
         ``"pathway"`` (one token per gene set), ``"rank"`` (top-k genes as gene-id tokens)
         or ``"geneformer"`` (an external BERT); see :func:`make_encoder`.
+    encoder_rank
+        Width of the factorised gene map of the latent tokenizer (genes → ``encoder_rank``
+        → tokens), ``None`` for one full map. The full map is the encoder's largest matmul;
+        128 matches the first layer of scVI's encoder (``benchmarks/throughput.py``
+        measures the cost, ``benchmarks/embedding.py`` the quality).
     """
 
     def __init__(
@@ -175,6 +186,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         dropout: float = 0.1,
         tokenizer: str = "latent",
         tokenizer_options: dict | None = None,
+        encoder_rank: int | None = 128,
     ):
         super().__init__()
         # Constructor arguments, to rebuild this module from a checkpoint (see ``rebuild``).
@@ -205,6 +217,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             encoder_depth,
             n_heads,
             dropout,
+            rank=encoder_rank,
         )
         self.decoder = TokenDecoder(
             n_input,
@@ -264,7 +277,8 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
     def rebuild(cls, config: dict) -> SCFMModule:
         """An empty module shaped like the one ``config`` describes, adapters included;
         then ``load_state_dict`` and ``restore_adaptation``."""
-        module = cls(**config["hparams"])
+        # Saves from before ``encoder_rank`` have one full gene map.
+        module = cls(**{"encoder_rank": None, **config["hparams"]})
         ext = config.get("extension") or {}
         if any([ext.get("batch", 0), ext.get("labels", 0), *ext.get("cat_covs", [])]):
             module.extend_categories(ext["batch"], ext["labels"], ext["cat_covs"])
@@ -466,6 +480,12 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         return x_norm, library
 
     @auto_move_data
+    def posterior_mean(self, x: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        """The tokens' posterior mean ``(B, n_tokens, token_dim)``, as ``inference``'s
+        ``qz.loc`` but without the variance or a sample (embedding)."""
+        return self.encoder.mean(self.normalize(x, batch_index)[0])
+
+    @auto_move_data
     def inference(self, x: torch.Tensor, batch_index: torch.Tensor, n_samples: int = 1) -> dict:
         """Posterior over latent tokens ``(B, n_tokens, token_dim)`` and a sample of it."""
         x_norm, library = self.normalize(x, batch_index)
@@ -512,6 +532,8 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
             return ZeroInflatedNegativeBinomial(
                 mu=rate, theta=theta, zi_logits=zi_logits.view(*lead, -1), scale=scale
             )
+        if theta.dim() == 1:  # one dispersion per gene: its terms once per gene
+            return GeneNegativeBinomial(mu=rate, theta=theta, scale=scale)
         return NegativeBinomial(mu=rate, theta=theta, scale=scale)
 
     def _decoder_inputs(

@@ -42,6 +42,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.module.base import BaseModuleClass
 
 from ..._version import __version__
+from ...data._block_loader import BlockAnnDataLoader, BlockDataSplitter
 from ...errors import CheckpointError, SCFMInputError, UnknownCategoryError
 from ...train import RNGState, guarded
 from ._checkpoint import CARD, read_checkpoint, write_checkpoint
@@ -101,6 +102,11 @@ class BaseModel(UnsupervisedTrainingMixin, BaseModelClass):
     A subclass defines ``setup_anndata`` (building its fields with :meth:`_register`),
     :meth:`_summary`, and the three checkpoint hooks.
     """
+
+    # Backed data are read in contiguous runs with block-shuffled minibatches; in memory
+    # these are scvi-tools' loader and splitter unchanged.
+    _data_loader_cls = BlockAnnDataLoader
+    _data_splitter_cls = BlockDataSplitter
 
     # Set by scvi-tools' BaseModelClass: the registry of the setup (saved with the model),
     # its summary (sizes), the model's id, whether it is trained and its history.
