@@ -292,3 +292,16 @@ def test_backed_loader_reads_blocks_and_keeps_each_cell_with_its_fields(adata, b
     # In memory it is scvi-tools' loader unchanged.
     mem = sfa.model.SCFM(adata, **TINY)._make_data_loader(adata=adata, batch_size=16)
     assert not isinstance(mem.dataset, BlockDataset)
+
+
+def test_backed_inference_keeps_the_order_of_the_indices_asked_for(trained, adata, tmp_path):
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    disk = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    idx = np.array([57, 3, 90, 3, 12, 80, 11])  # unsorted, one repeated
+    np.testing.assert_allclose(
+        trained.get_latent_representation(disk, indices=idx, batch_size=4),
+        trained.get_latent_representation(adata, indices=idx, batch_size=4),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    disk.file.close()

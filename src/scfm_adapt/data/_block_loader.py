@@ -146,7 +146,7 @@ class BlockSampler(Sampler):
 
 
 class BlockDataset(AnnTorchDataset):
-    """scvi-tools' dataset over the rows ``indices`` (sorted) of a backed AnnData whose
+    """scvi-tools' dataset over the rows ``indices`` of a backed AnnData whose
     counts are read by :func:`read_rows`: a :class:`Minibatch` from its fetch (read whole,
     the next one read by a background thread meanwhile), an array of positions directly.
     Every other registered field is read as scvi-tools reads it."""
@@ -160,13 +160,14 @@ class BlockDataset(AnnTorchDataset):
         prefetch: bool = True,
     ):
         super().__init__(adata_manager, getitem_tensors, load_sparse_tensor)
-        self.rows = np.sort(np.asarray(indices))
+        self.rows = np.asarray(indices)  # in the caller's order: position i is row rows[i]
         self.x_key = REGISTRY_KEYS.X_KEY
         keys = dict(self.keys_and_dtypes)
         self.x_dtype = keys.pop(self.x_key, None)
         self.rest = AnnTorchDataset(adata_manager, keys, load_sparse_tensor) if keys else None
         self.prefetch = prefetch
-        self._fetch: np.ndarray | None = None  # positions of the fetch in memory
+        self._fetch_rows: np.ndarray | None = None  # sorted rows of the fetch in memory
+        self._fetch_of: np.ndarray | None = None  # the positions it was read for
         self._fetch_x: sparse.csr_matrix | None = None
         self._next: tuple[np.ndarray, Future] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -174,50 +175,54 @@ class BlockDataset(AnnTorchDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _matrix(self):
-        return self.adata_manager.get_from_registry(self.x_key)
+    def _read_sorted(self, positions: np.ndarray) -> tuple[np.ndarray, sparse.csr_matrix]:
+        """The sorted rows at ``positions`` and their counts."""
+        rows = np.sort(self.rows[positions])
+        return rows, read_rows(self.adata_manager.get_from_registry(self.x_key), rows)
 
-    def _read(self, positions: np.ndarray) -> sparse.csr_matrix:
-        return read_rows(self._matrix(), self.rows[positions])
-
-    def _counts(self, item: Minibatch) -> sparse.csr_matrix:
-        """Rows of ``item`` from its fetch, reading the fetch if it is not in memory."""
-        if item.fetch is not self._fetch:
+    def _counts(self, item: Minibatch, rows: np.ndarray) -> sparse.csr_matrix:
+        """Counts of ``rows`` (sorted) of ``item``, from its fetch, which is read first if
+        it is not in memory."""
+        if item.fetch is not self._fetch_of:
             if self._next is not None and self._next[0] is item.fetch:
-                self._fetch_x = self._next[1].result()
+                self._fetch_rows, self._fetch_x = self._next[1].result()
             else:
-                self._fetch_x = self._read(item.fetch)
-            self._fetch, self._next = item.fetch, None
+                self._fetch_rows, self._fetch_x = self._read_sorted(item.fetch)
+            self._fetch_of, self._next = item.fetch, None
             if self.prefetch and item.next_fetch is not None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix="scfm-fetch")
-                self._next = (item.next_fetch, self._pool.submit(self._read, item.next_fetch))
-        return self._fetch_x[np.searchsorted(self._fetch, np.sort(item.positions))]
+                future = self._pool.submit(self._read_sorted, item.next_fetch)
+                self._next = (item.next_fetch, future)
+        return self._fetch_x[np.searchsorted(self._fetch_rows, rows)]
 
     def __getitem__(self, item) -> dict:
-        if isinstance(item, Minibatch):
-            positions = np.sort(item.positions)
-        else:
-            positions = np.sort(np.atleast_1d(np.asarray(item)))
-        rows = self.rows[positions]
-        out = dict(self.rest[rows]) if self.rest is not None else {}
+        """A minibatch: of a shuffled epoch (:class:`Minibatch`), its rows in file order;
+        else (an array of positions) in the order asked for."""
+        positions = item.positions if isinstance(item, Minibatch) else item
+        rows = self.rows[np.atleast_1d(np.asarray(positions))]
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]  # sorted, as HDF5 reads them
+        out = dict(self.rest[ranked]) if self.rest is not None else {}
         if self.x_dtype is not None:
             if isinstance(item, Minibatch):
-                block = self._counts(item)
+                block = self._counts(item, ranked)
             else:
-                block = read_rows(self._matrix(), rows)
+                block = read_rows(self.adata_manager.get_from_registry(self.x_key), ranked)
             block = block.astype(self.x_dtype, copy=False)
-            if self.load_sparse_tensor:
-                from scvi.utils._sparse import scipy_to_torch_sparse
+            out[self.x_key] = block if self.load_sparse_tensor else block.toarray()
+        if not isinstance(item, Minibatch):  # back to the order asked for
+            back = np.argsort(order)
+            out = {k: v[back] for k, v in out.items()}
+        if self.x_dtype is not None and self.load_sparse_tensor:
+            from scvi.utils._sparse import scipy_to_torch_sparse
 
-                out[self.x_key] = scipy_to_torch_sparse(block)
-            else:
-                out[self.x_key] = block.toarray()
+            out[self.x_key] = scipy_to_torch_sparse(out[self.x_key])
         return out
 
     def __getstate__(self) -> dict:  # a worker process gets no thread or cached fetch
         state = dict(self.__dict__)
-        state.update(_fetch=None, _fetch_x=None, _next=None, _pool=None)
+        state.update(_fetch_rows=None, _fetch_of=None, _fetch_x=None, _next=None, _pool=None)
         return state
 
 
@@ -271,7 +276,7 @@ class BlockAnnDataLoader(AnnDataLoader):
         indices = np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
-        self.indices = np.sort(indices)
+        self.indices = indices
         self.dataset = BlockDataset(
             adata_manager, self.indices, data_and_attributes, load_sparse_tensor
         )
