@@ -62,5 +62,10 @@ def test_block_sampler_draws_every_position_once_in_whole_blocks_per_fetch():
     np.testing.assert_array_equal(np.concatenate(plain), np.arange(103))
     dropped = list(BlockSampler(103, 8, 4, 16, shuffle=True, drop_last=True, seed=0))
     assert len(dropped) == 12 and all(len(b.positions) == 8 for b in dropped)
+    plain_dropped = list(BlockSampler(103, 8, 4, 16, shuffle=False, drop_last=True))
+    assert len(plain_dropped) == 12 and all(len(b) == 8 for b in plain_dropped)
+    ids = [b.fetch_id for b in first]
+    assert ids == sorted(ids) and len(set(ids)) == 7
+    assert {b.fetch_id for b in sampler}.isdisjoint(ids)  # new ids next epoch
     with pytest.raises(ValueError, match="positive"):
         BlockSampler(10, 0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import scfm_adapt as sfa
-from conftest import REPO, make_adata
+from conftest import REPO, TINY, make_adata
 from scfm_adapt.errors import CheckpointError
 from scfm_adapt.model.base import _checkpoint as _io
 
@@ -269,3 +269,27 @@ def _forge_manifest(path: Path, name: str) -> None:
     """Record ``name``'s current size and SHA-256 in the manifest and reseal the config."""
     f = path / name
     _edit_config(path, lambda c: c["files"].update({name: _io._file_record(f)}))
+
+
+def test_a_save_from_before_encoder_rank_loads_with_one_full_gene_map(tmp_path):
+    """Sizes where the default rank factorises (8 tokens × 64 hidden, 300 genes): a config
+    without ``encoder_rank`` (written before the option) must rebuild one full map."""
+    adata = make_adata(n_cells=60, n_genes=300)
+    sfa.model.SCFM.setup_anndata(adata)
+    sizes = {**TINY, "n_tokens": 8, "encoder_hidden": 64}
+    old = sfa.model.SCFM(adata, encoder_rank=None, **sizes)
+    assert old.module.encoder.gene_down is None
+    assert sfa.model.SCFM(adata, **sizes).module.encoder.gene_down is not None  # default
+    path = old.save(tmp_path / "old")
+    state, config = _io.read_checkpoint(path)
+    del config["init_kwargs"]["encoder_rank"]
+    loaded = sfa.model.SCFM._from_checkpoint(path, state, config, adata)
+    assert loaded.module.encoder.gene_down is None
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(), old.get_latent_representation(), atol=1e-6
+    )
+    # A new save records its rank, so it loads whatever the default.
+    new = sfa.model.SCFM(adata, **sizes)
+    again = sfa.model.SCFM.load(new.save(tmp_path / "new"), adata=adata)
+    assert again.init_kwargs_["encoder_rank"] == 128
+    assert again.module.encoder.gene_down.out_features == 128

@@ -305,3 +305,28 @@ def test_backed_inference_keeps_the_order_of_the_indices_asked_for(trained, adat
         atol=1e-6,
     )
     disk.file.close()
+
+
+def test_backed_shuffled_loading_reads_each_fetch_once_even_from_copied_items(adata, backed):
+    """Worker processes get copies of the sampler's items: fetches are told apart by id,
+    so each is read once (its next one by the prefetch thread), not once per minibatch.
+    Training indices come shuffled from the splitter: the loader sorts them, so that a
+    block is consecutive rows of the file."""
+    import copy
+
+    from scfm_adapt.data._block_loader import BlockAnnDataLoader
+
+    _setup(backed)
+    disk = sfa.model.SCFM(backed, **TINY)
+    perm = np.random.default_rng(0).permutation(backed.n_obs)
+    loader = BlockAnnDataLoader(
+        disk.adata_manager, indices=perm, batch_size=8, shuffle=True, block_size=4, fetch_size=16
+    )
+    np.testing.assert_array_equal(loader.dataset.rows, np.sort(perm))
+    reads = []
+    real = loader.dataset._read_sorted
+    loader.dataset._read_sorted = lambda pos: reads.append(len(pos)) or real(pos)
+    items = [copy.deepcopy(item) for item in loader.sampler]
+    seen = np.concatenate([loader.dataset[item]["X"] for item in items])
+    assert len(reads) == len({item.fetch_id for item in items})  # one read per fetch
+    assert seen.shape == (backed.n_obs, backed.n_vars)

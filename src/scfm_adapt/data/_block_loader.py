@@ -32,8 +32,6 @@ from scvi.data._anntorchdataset import AnnTorchDataset
 from scvi.dataloaders import AnnDataLoader, DataSplitter
 from torch.utils.data import DataLoader, Sampler
 
-from ._backed import is_backed
-
 #: Consecutive rows read at once in a shuffled epoch of backed data.
 BLOCK_SIZE = 1024
 #: Rows per fetch: its minibatches mix ``FETCH_SIZE / BLOCK_SIZE`` places of the file.
@@ -67,10 +65,12 @@ def read_rows(matrix, rows: np.ndarray, max_gap: int = MAX_GAP) -> sparse.csr_ma
 @dataclass(eq=False)
 class Minibatch:
     """One minibatch of a shuffled epoch: its positions, those of the fetch it is served
-    from (the same array object for every minibatch of a fetch) and of the next fetch."""
+    from and of the next fetch, each fetch with an id unique to its sampler (a worker
+    process gets copies, so identity cannot tell fetches apart)."""
 
     positions: np.ndarray
     fetch: np.ndarray
+    fetch_id: int
     next_fetch: np.ndarray | None
 
 
@@ -100,6 +100,7 @@ class BlockSampler(Sampler):
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed = seed
         self.epoch = 0
+        self.n_fetches = 0  # fetches drawn so far (their ids)
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
@@ -129,12 +130,13 @@ class BlockSampler(Sampler):
 
     def __iter__(self) -> Iterator[Minibatch | np.ndarray]:
         if not self.shuffle:
-            for start in range(0, self.n, self.batch_size):
+            for start in range(0, len(self) * self.batch_size, self.batch_size):
                 yield np.arange(start, min(start + self.batch_size, self.n))
             return
         order = self._order()
         step = self.fetch_size
         fetches = [np.sort(order[f : f + step]) for f in range(0, self.n, step)]
+        first_id, self.n_fetches = self.n_fetches, self.n_fetches + len(fetches)
         for i, fetch in enumerate(fetches):
             following = fetches[i + 1] if i + 1 < len(fetches) else None
             chunk = order[i * self.fetch_size : (i + 1) * self.fetch_size]
@@ -142,7 +144,7 @@ class BlockSampler(Sampler):
                 batch = chunk[start : start + self.batch_size]
                 if self.drop_last and len(batch) < self.batch_size:
                     return
-                yield Minibatch(batch, fetch, following)
+                yield Minibatch(batch, fetch, first_id + i, following)
 
 
 class BlockDataset(AnnTorchDataset):
@@ -164,10 +166,11 @@ class BlockDataset(AnnTorchDataset):
         self.x_key = REGISTRY_KEYS.X_KEY
         keys = dict(self.keys_and_dtypes)
         self.x_dtype = keys.pop(self.x_key, None)
-        self.rest = AnnTorchDataset(adata_manager, keys, load_sparse_tensor) if keys else None
+        # Other fields as arrays (reordered below); sparse tensors only for the counts.
+        self.rest = AnnTorchDataset(adata_manager, keys) if keys else None
         self.prefetch = prefetch
         self._fetch_rows: np.ndarray | None = None  # sorted rows of the fetch in memory
-        self._fetch_of: np.ndarray | None = None  # the positions it was read for
+        self._fetch_id: int | None = None  # the id of the fetch in memory
         self._fetch_x: sparse.csr_matrix | None = None
         self._next: tuple[np.ndarray, Future] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -183,17 +186,17 @@ class BlockDataset(AnnTorchDataset):
     def _counts(self, item: Minibatch, rows: np.ndarray) -> sparse.csr_matrix:
         """Counts of ``rows`` (sorted) of ``item``, from its fetch, which is read first if
         it is not in memory."""
-        if item.fetch is not self._fetch_of:
-            if self._next is not None and self._next[0] is item.fetch:
+        if item.fetch_id != self._fetch_id:
+            if self._next is not None and self._next[0] == item.fetch_id:
                 self._fetch_rows, self._fetch_x = self._next[1].result()
             else:
                 self._fetch_rows, self._fetch_x = self._read_sorted(item.fetch)
-            self._fetch_of, self._next = item.fetch, None
+            self._fetch_id, self._next = item.fetch_id, None
             if self.prefetch and item.next_fetch is not None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix="scfm-fetch")
                 future = self._pool.submit(self._read_sorted, item.next_fetch)
-                self._next = (item.next_fetch, future)
+                self._next = (item.fetch_id + 1, future)
         return self._fetch_x[np.searchsorted(self._fetch_rows, rows)]
 
     def __getitem__(self, item) -> dict:
@@ -222,8 +225,17 @@ class BlockDataset(AnnTorchDataset):
 
     def __getstate__(self) -> dict:  # a worker process gets no thread or cached fetch
         state = dict(self.__dict__)
-        state.update(_fetch_rows=None, _fetch_of=None, _fetch_x=None, _next=None, _pool=None)
+        state.update(_fetch_rows=None, _fetch_id=None, _fetch_x=None, _next=None, _pool=None)
         return state
+
+
+def _reads_rows(matrix) -> bool:
+    """Whether ``matrix`` is on disk in a layout read by rows: a backed CSR matrix or a
+    dense HDF5 dataset (a CSC one or a dask array stays with scvi-tools' reads)."""
+    import h5py
+    from anndata.abc import CSRDataset
+
+    return isinstance(matrix, CSRDataset | h5py.Dataset)
 
 
 class BlockAnnDataLoader(AnnDataLoader):
@@ -254,7 +266,7 @@ class BlockAnnDataLoader(AnnDataLoader):
     ):
         keys = adata_manager.data_registry if adata_manager.adata is not None else {}
         x_key = REGISTRY_KEYS.X_KEY
-        backed = x_key in keys and is_backed(adata_manager.get_from_registry(x_key))
+        backed = x_key in keys and _reads_rows(adata_manager.get_from_registry(x_key))
         if not backed or sampler is not None or distributed_sampler:
             super().__init__(
                 adata_manager,
@@ -276,6 +288,8 @@ class BlockAnnDataLoader(AnnDataLoader):
         indices = np.asarray(indices)
         if indices.dtype == bool:
             indices = np.flatnonzero(indices)
+        if shuffle:  # blocks of consecutive positions must be blocks of the file
+            indices = np.sort(indices)
         self.indices = indices
         self.dataset = BlockDataset(
             adata_manager, self.indices, data_and_attributes, load_sparse_tensor

@@ -152,12 +152,19 @@ class AdaptationMixin:
 
     def _fingerprint(self) -> dict:
         """What an adapter must agree on with its base: genes and sizes."""
+        rank = getattr(self.module.encoder, "rank", None)
         return {
             "n_genes": len(self.var_names_),
             "genes_sha256": genes_digest(self.var_names_),
             **{k: self.module.hparams_[k] for k in _SHAPE_KEYS},
             # Only for other tokenizers, so adapters saved before tokenizers existed still fit.
             **({"tokenizer": self.module.tokenizer} if self.module.tokenizer != "latent" else {}),
+            # Only for a factorised gene map, so adapters of full-map bases still fit.
+            **(
+                {"encoder_rank": rank}
+                if (rank := getattr(self.module.encoder, "rank", None))
+                else {}
+            ),
         }
 
     @inference_only

@@ -33,7 +33,7 @@ from ..data import (
     row_blocks,
 )
 from ..errors import CheckpointError, ModalityError, SCFMInputError
-from ..module import MODULE_KEYS, SCFMModule
+from ..module import ENCODER_RANK, MODULE_KEYS, SCFMModule
 from ..train import DEFAULT_GRADIENT_CLIP, PRIOR_GRADIENT_CLIP, SCFMTrainingPlan
 from ._adapters import AdaptationMixin
 from ._generation import GenerationMixin
@@ -227,6 +227,8 @@ class SCFM(
             "dispersion": dispersion,
             "n_tokens": n_tokens,
             "token_dim": token_dim,
+            # Recorded, so that a save rebuilds the same gene map whatever the default.
+            "encoder_rank": module_kwargs.pop("encoder_rank", ENCODER_RANK),
             **module_kwargs,
         }
         if adata is not None and is_mudata(adata):
@@ -927,6 +929,8 @@ class SCFM(
     def _from_checkpoint(cls, where, state: dict, config: dict, adata) -> SCFM:
         """Build the model a checkpoint's config describes and load its weights."""
         registry = config["registry"]
+        # Saves from before ``encoder_rank`` have one full gene map.
+        init_kwargs = {"encoder_rank": None, **config["init_kwargs"]}
         method = registry.get("setup_method_name", "setup_anndata")
         if adata is not None:
             if method == "setup_mudata":
@@ -942,14 +946,14 @@ class SCFM(
             transfer_errors(
                 getattr(cls, method), adata, source_registry=registry, **registry["setup_args"]
             )
-            model = cls(adata, **config["init_kwargs"])
+            model = cls(adata, **init_kwargs)
         else:
             model = cls(
                 None,
                 registry=registry,
                 var_names=config["var_names"],
                 modality_var_names=config.get("modality_var_names"),
-                **config["init_kwargs"],
+                **init_kwargs,
             )
         model.batch_gene_masks_ = config.get("batch_gene_masks")
         extension = config.get("extension")

@@ -15,9 +15,10 @@ from ._perturbation_response import (
     fit_response_head,
     mmd2,
 )
-from ._scfm import SCFMModule
+from ._scfm import ENCODER_RANK, SCFMModule
 
 __all__ = [
+    "ENCODER_RANK",
     "MODULE_KEYS",
     "PART_POOLS",
     "STRATEGIES",

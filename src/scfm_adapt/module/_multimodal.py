@@ -198,6 +198,7 @@ class MultimodalSCFMModule(SCFMModule):
         """The joint tokens' posterior mean (every modality a cell has)."""
         return self.inference(x, batch_index, extra)[K.QZ].loc
 
+    @auto_move_data
     def inference(
         self,
         x: torch.Tensor,

@@ -33,6 +33,8 @@ LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 PRIOR_TARGETS = ("sample", "mean")
 TOKENIZERS = ("latent", "pathway", "rank", "geneformer")
+#: Default width of the latent tokenizer's factorised gene map (``encoder_rank``).
+ENCODER_RANK = 128
 
 
 def make_encoder(
@@ -186,7 +188,7 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         dropout: float = 0.1,
         tokenizer: str = "latent",
         tokenizer_options: dict | None = None,
-        encoder_rank: int | None = 128,
+        encoder_rank: int | None = ENCODER_RANK,
     ):
         super().__init__()
         # Constructor arguments, to rebuild this module from a checkpoint (see ``rebuild``).
