@@ -334,20 +334,18 @@ def _drop_page_cache() -> bool:
         return False
 
 
-class _StepClock:
+def _step_clock():
     """A Lightning callback that records the time at the end of every training batch."""
+    from lightning.pytorch import Callback
 
-    def __new__(cls):
-        from lightning.pytorch import Callback
+    class StepClock(Callback):
+        def __init__(self):
+            self.times: list[float] = []
 
-        class Clock(Callback):
-            def __init__(self):
-                self.times: list[float] = []
+        def on_train_batch_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter())
 
-            def on_train_batch_end(self, *args, **kwargs):
-                self.times.append(time.perf_counter())
-
-        return Clock()
+    return StepClock()
 
 
 def worker_ooc(spec: str, args) -> dict:
@@ -383,7 +381,7 @@ def worker_ooc(spec: str, args) -> dict:
     # The setup's count check read the whole file: empty the page cache again, so that
     # training starts with none of it in memory.
     rec["cold_start"] = _drop_page_cache()
-    clock = _StepClock()
+    clock = _step_clock()
     t = time.perf_counter()
     model.train(
         **_vae_epoch_kwargs(args),

@@ -181,7 +181,7 @@ class BlockDataset(AnnTorchDataset):
     def _read_sorted(self, positions: np.ndarray) -> tuple[np.ndarray, sparse.csr_matrix]:
         """The sorted rows at ``positions`` and their counts."""
         rows = np.sort(self.rows[positions])
-        return rows, read_rows(self.adata_manager.get_from_registry(self.x_key), rows)
+        return rows, read_rows(self.data[self.x_key], rows)
 
     def _counts(self, item: Minibatch, rows: np.ndarray) -> sparse.csr_matrix:
         """Counts of ``rows`` (sorted) of ``item``, from its fetch, which is read first if
@@ -211,7 +211,7 @@ class BlockDataset(AnnTorchDataset):
             if isinstance(item, Minibatch):
                 block = self._counts(item, ranked)
             else:
-                block = read_rows(self.adata_manager.get_from_registry(self.x_key), ranked)
+                block = read_rows(self.data[self.x_key], ranked)
             block = block.astype(self.x_dtype, copy=False)
             out[self.x_key] = block if self.load_sparse_tensor else block.toarray()
         if not isinstance(item, Minibatch):  # back to the order asked for
@@ -295,8 +295,6 @@ class BlockAnnDataLoader(AnnDataLoader):
             adata_manager, self.indices, data_and_attributes, load_sparse_tensor
         )
         kwargs.setdefault("num_workers", 0)
-        kwargs.pop("shuffle", None)
-        kwargs.pop("batch_size", None)
         sampler = BlockSampler(
             len(self.indices),
             batch_size,
