@@ -14,10 +14,12 @@ REPO = Path(__file__).parents[1]
 
 
 def load_benchmark(name: str):
-    """The script ``benchmarks/<name>.py`` as a module (benchmarks are not a package)."""
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks are not a package);
+    ``name`` may name a sub-folder (``"peers/score"``)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
