@@ -70,6 +70,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from _cli import runner_parser
 
 TASKS = ("kang", "norman_combo", "norman_unseen", "mcfaline")
 CONTROL = "control"
@@ -395,12 +396,7 @@ def settings_from(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("splits", type=Path)
-    parser.add_argument("preds", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = runner_parser(__doc__)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     parser.add_argument("--folds", nargs="*", type=int, help="only these fold numbers")
     parser.add_argument("--iterations", type=int, default=8000)

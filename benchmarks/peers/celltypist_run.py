@@ -22,13 +22,13 @@ column per class) and ``meta.json`` beside them (version, settings, wall seconds
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
+from _cli import runner_parser
 
 DATASETS = ("kang8", "cellbench3", "pbmc68k")
 
@@ -63,12 +63,7 @@ def run_split(folder: Path, threads: int) -> tuple[pd.DataFrame, float, dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("splits", type=Path, help="export.py's folder")
-    parser.add_argument("preds", type=Path, help="the predictions' folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = runner_parser(__doc__)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

@@ -65,7 +65,6 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import argparse
 import json
 import logging
 import random
@@ -78,6 +77,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from _cli import runner_parser
 
 PEER = "cpa"
 CONTROL = "control"
@@ -403,12 +403,7 @@ def run_task(splits: Path, preds: Path, task: str, seed: int, max_epochs: int, o
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("splits", type=Path)
-    parser.add_argument("preds", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = runner_parser(__doc__)
     parser.add_argument("--tasks", nargs="*", default=list(TASK_SETTINGS), choices=TASKS)
     parser.add_argument("--max-epochs", type=int, default=400)
     parser.add_argument("--folds", type=int, nargs="*", help="only these fold numbers")

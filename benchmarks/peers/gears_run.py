@@ -58,7 +58,6 @@ and ``meta.json`` (versions, settings, wall seconds, skipped units).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import json
@@ -75,6 +74,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from _cli import runner_parser
 
 TASKS = ("norman_combo", "norman_unseen", "mcfaline", "kang")
 NOT_APPLICABLE = {
@@ -404,12 +404,7 @@ def run_task(task: str, args, gene2go: dict) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("splits", type=Path, help="export.py's folder")
-    parser.add_argument("preds", type=Path, help="the predictions' folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = runner_parser(__doc__)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--epochs", type=int, default=8, help="GEARS' README: 20 (GPU)")
     parser.add_argument("--batch-size", type=int, default=32, help="GEARS' README: 32")
