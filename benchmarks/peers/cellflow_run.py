@@ -3,8 +3,7 @@ perturbation splits and write predictions that ``score.py`` reads.
 
 Install and run (in CellFlow's own environment, never the project's)::
 
-    benchmarks/peers/install.sh cellflow ../peer-venvs
-    ../peer-venvs/cellflow/bin/pip install requests   # imported by cellflow, not declared
+    benchmarks/peers/install.sh cellflow ../peer-venvs   # adds requests: cellflow imports it
     python benchmarks/peers/export.py ../peer-splits          # project's environment
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 JAX_PLATFORMS=cpu \\
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\

@@ -4,7 +4,8 @@
 # VENVS defaults to $SCFM_PEER_VENVS or ../peer-venvs (beside the checkout). The versions
 # are those measured in benchmarks/README.md; each venv's `pip freeze` is kept beside it
 # (freeze.txt). torch is installed first, alone, so that a peer's requirements find it:
-# - gears: the CPU build on this machine's disk (torch 2.13.0);
+# - gears: torch 2.13.0, which pip takes from the CPU wheel on this machine's disk (on a
+#   machine without it, pip fetches the CUDA build: add --index-url for the CPU one);
 # - cpa: cpa-tools 0.8.1 requires torch<2 and scvi-tools<1. torch 1.13.1 fails to import
 #   under Python 3.11 here (a dataclass default in torch.distributed._shard, reached through
 #   pytorch-lightning 1.9), so this venv is Python 3.10 with PyPI's torch 1.13.1 (a CUDA

@@ -7,7 +7,8 @@ Runs in the project's environment, after ``export.py`` and the peers' runners::
 - Perturbation: every ``<preds>/<peer>/seed<k>/perturbation/<task>/fold<i>.h5ad`` is split
   into its units (``obs["unit"]``) and scored with ``scfm_adapt.metrics.evaluate_predictions``
   against the real cells of ``perturbation.py``'s task, rebuilt here (the same data, splits
-  and energy reference, seed ``k``); ``rank`` is taken among all units of the task, as
+  and energy reference, seed ``k``); ``rank`` is taken across the folds, among the units of
+  the task the method predicted (all of them, except for a peer that skips some), as
   ``perturbation.py`` does. The shift and linear baselines (``no_change``, ``mean_shift``,
   ``additive``, ``linear``: deterministic, seconds) are scored in the same call. With
   ``--ours``, the rows of ``perturbation.py``'s own CSVs for the same seeds
@@ -45,9 +46,9 @@ SIMPLE = ("no_change", "mean_shift", "additive", "linear")
 def _seeds(preds: Path, part: str, name: str) -> dict[str, dict[int, Path]]:
     """``{peer: {seed: folder or file}}`` of everything predicted for one task or data set."""
     found: dict[str, dict[int, Path]] = {}
-    for path in sorted(preds.glob(f"*/seed*/{part}/{name}*")):
+    for path in sorted(preds.glob(f"*/seed*/{part}/*")):
         peer, seed = path.parts[-4], int(path.parts[-3].removeprefix("seed"))
-        if path.is_dir() or path.suffix == ".csv":
+        if (path.is_dir() and path.name == name) or path.name == f"{name}.csv":
             found.setdefault(peer, {})[seed] = path
     return found
 
@@ -64,7 +65,7 @@ def _wall(folder: Path, key: str | None = None) -> float:
     if isinstance(folds, dict):
         folds = list(folds.values())
     if isinstance(folds, list):
-        return float(sum(f.get("wall_s", f.get("seconds", np.nan)) for f in folds))
+        return float(np.nansum([f.get("wall_s", f.get("seconds", np.nan)) for f in folds]))
     walls = meta.get("wall_s", meta.get("wall_s_per_fold", np.nan))
     if isinstance(walls, dict):
         walls = sum(float(v) for v in walls.values())
@@ -73,7 +74,7 @@ def _wall(folder: Path, key: str | None = None) -> float:
     return float(walls)
 
 
-def _peer_units(path: Path, ctrls: dict) -> dict[str, np.ndarray]:
+def _peer_units(path: Path, ctrls: dict, genes) -> dict[str, np.ndarray]:
     """A fold's predicted cells split into its units, checked against the control cells.
 
     A unit the peer cannot predict (for example a gene it has no embedding for) is absent
@@ -82,6 +83,8 @@ def _peer_units(path: Path, ctrls: dict) -> dict[str, np.ndarray]:
     import anndata as ad
 
     pred = ad.read_h5ad(path)
+    if list(pred.var_names) != list(genes):
+        raise ValueError(f"{path}: its genes are not the task's training genes in their order")
     x = np.asarray(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X, dtype=np.float64)
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: predictions hold NaN or infinite values")
@@ -121,7 +124,7 @@ def score_task(name: str, preds: Path, ours: Path | None) -> pd.DataFrame:
                 fold = per_seed.get(seed, Path()) / f"fold{i}.h5ad"
                 if not fold.exists():
                     continue
-                cells[peer] = mine = _peer_units(fold, ctrls)
+                cells[peer] = mine = _peer_units(fold, ctrls, task["train"].var_names)
                 if mine:
                     sub = {u: truth[u] for u in mine}, {u: ctrls[u] for u in mine}
                     scores.append(sfa.metrics.evaluate_predictions({peer: mine}, *sub, reference))

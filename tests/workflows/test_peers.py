@@ -51,11 +51,15 @@ def test_exported_cells_name_the_control_and_the_context(kang_like):
     assert set(no_ctx.obs["context"]) == {""}
 
 
-def _fold(tmp_path, units, x):
+GENES = ["g0", "g1"]
+
+
+def _fold(tmp_path, units, x, genes=GENES):
     obs = pd.DataFrame({"unit": units})
     obs.index = obs.index.astype(str)
     path = tmp_path / "fold0.h5ad"
-    ad.AnnData(np.asarray(x, np.float32), obs=obs).write_h5ad(path)
+    var = pd.DataFrame(index=genes)
+    ad.AnnData(np.asarray(x, np.float32), obs=obs, var=var).write_h5ad(path)
     return path
 
 
@@ -64,7 +68,7 @@ def test_a_fold_is_split_into_its_units_in_order(tmp_path):
     x = np.arange(10, dtype=float).reshape(5, 2)
     path = _fold(tmp_path, ["A", "B", "A", "B", "B"], x)
     ctrls = {"A": np.zeros((2, 2)), "B": np.zeros((3, 2))}
-    out = score._peer_units(path, ctrls)
+    out = score._peer_units(path, ctrls, GENES)
     np.testing.assert_array_equal(out["A"], x[[0, 2]])
     np.testing.assert_array_equal(out["B"], x[[1, 3, 4]])
 
@@ -73,13 +77,16 @@ def test_a_fold_without_one_cell_per_control_cell_is_refused(tmp_path):
     score = load_benchmark("peers/score")
     path = _fold(tmp_path, ["A", "A", "B"], np.zeros((3, 2)))
     with pytest.raises(ValueError, match="one prediction per control cell"):
-        score._peer_units(path, {"A": np.zeros((2, 2)), "B": np.zeros((2, 2))})
+        score._peer_units(path, {"A": np.zeros((2, 2)), "B": np.zeros((2, 2))}, GENES)
     bad = _fold(tmp_path, ["A", "A"], [[0.0, np.nan], [1.0, 1.0]])
     with pytest.raises(ValueError, match="NaN"):
-        score._peer_units(bad, {"A": np.zeros((2, 2))})
+        score._peer_units(bad, {"A": np.zeros((2, 2))}, GENES)
+    swapped = _fold(tmp_path, ["A", "A"], np.zeros((2, 2)), genes=["g1", "g0"])
+    with pytest.raises(ValueError, match="training genes"):
+        score._peer_units(swapped, {"A": np.zeros((2, 2))}, GENES)
 
 
-def test_rank_is_taken_across_folds():
+def test_rank_puts_each_prediction_against_every_units_truth():
     score = load_benchmark("peers/score")
     true_d = {"u1": np.array([1.0, 0, 0]), "u2": np.array([0, 1.0, 0]), "u3": np.array([0, 0, 1.0])}
     deltas = {
@@ -115,14 +122,43 @@ def test_shift_baselines_are_scored_without_scvi(kang_like):
     preds, truth, ctrls, _ = bench.baseline_predictions(task, scvi_epochs=None)
     assert set(preds) == {"no_change", "mean_shift", "additive", "linear"}
     assert list(truth) == ["stim@B"]
-    np.testing.assert_allclose(preds["no_change"]["stim@B"], ctrls["stim@B"])
+    # the mean shift moves every control cell by the same training delta, so it differs
+    # from the control cells by one constant row
+    shift = preds["mean_shift"]["stim@B"] - ctrls["stim@B"]
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-6)
+    assert np.abs(shift).sum() > 0
 
 
 def test_a_unit_the_peer_cannot_predict_is_left_out_and_a_stranger_is_refused(tmp_path):
     score = load_benchmark("peers/score")
     path = _fold(tmp_path, ["B", "B"], np.ones((2, 2)))
-    out = score._peer_units(path, {"A": np.zeros((3, 2)), "B": np.zeros((2, 2))})
+    out = score._peer_units(path, {"A": np.zeros((3, 2)), "B": np.zeros((2, 2))}, GENES)
     assert list(out) == ["B"]
     stranger = _fold(tmp_path, ["C"], np.ones((1, 2)))
     with pytest.raises(ValueError, match="not held-out units"):
-        score._peer_units(stranger, {"A": np.zeros((1, 2))})
+        score._peer_units(stranger, {"A": np.zeros((1, 2))}, GENES)
+
+
+def test_predictions_are_found_by_exact_name_and_their_seconds_summed(tmp_path):
+    import json
+
+    score = load_benchmark("peers/score")
+    for peer, seed, name in (("p", 0, "kang8"), ("p", 1, "kang8"), ("p", 0, "kang8_old")):
+        folder = tmp_path / peer / f"seed{seed}" / "annotation"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.csv").write_text("x")
+    found = score._seeds(tmp_path, "annotation", "kang8")
+    assert {s: p.name for s, p in found["p"].items()} == {0: "kang8.csv", 1: "kang8.csv"}
+
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    layouts = (
+        {"folds": [{"wall_s": 2.0}, {"wall_s": 3.0}, {"skipped": "all"}]},  # a list
+        {"folds": {"fold0": {"wall_s": 2.0}, "fold1": {"wall_s": 3.0}}},  # a dict
+        {"folds": {"fold0": {"seconds": 2.0}, "fold1": {"seconds": 3.0}}},  # "seconds"
+    )
+    for meta in layouts:
+        (folder / "meta.json").write_text(json.dumps(meta))
+        assert score._wall(folder) == 5.0
+    (folder / "meta.json").write_text(json.dumps({"kang8": {"wall_s": 1.5}}))
+    assert score._wall(folder, "kang8") == 1.5
