@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 PERTURBATION_COLUMNS = ("pearson_delta_top20", "pearson_delta", "cosine_lfc", "energy", "rank")
 ANNOTATION_COLUMNS = ("accuracy", "macro_f1", "ece", "nll")
-SIMPLE = ("no_change", "mean_shift", "additive", "linear")
 
 
 def _seeds(preds: Path, part: str, name: str) -> dict[str, dict[int, Path]]:
@@ -61,17 +60,11 @@ def _wall(folder: Path, key: str | None = None) -> float:
     meta = json.loads(meta_path.read_text())
     if key is not None:
         return float(meta.get(key, {}).get("wall_s", np.nan))
-    folds = meta.get("folds")  # {"fold0": {...}} or [{...}], each with its seconds
-    if isinstance(folds, dict):
-        folds = list(folds.values())
-    if isinstance(folds, list):
-        return float(np.nansum([f.get("wall_s", f.get("seconds", np.nan)) for f in folds]))
-    walls = meta.get("wall_s", meta.get("wall_s_per_fold", np.nan))
-    if isinstance(walls, dict):
-        walls = sum(float(v) for v in walls.values())
-    elif isinstance(walls, list):
-        walls = sum(float(v) for v in walls)
-    return float(walls)
+    folds = meta.get("folds", [])  # {"fold0": {...}} or [{...}], each with its seconds
+    folds = list(folds.values()) if isinstance(folds, dict) else folds
+    seconds = [f.get("wall_s", f.get("seconds")) for f in folds]
+    seconds = [float(x) for x in seconds if x is not None]  # a fold with every unit skipped
+    return float(sum(seconds)) if seconds else float("nan")
 
 
 def _peer_units(path: Path, ctrls: dict, genes) -> dict[str, np.ndarray]:

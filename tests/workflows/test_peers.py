@@ -160,5 +160,7 @@ def test_predictions_are_found_by_exact_name_and_their_seconds_summed(tmp_path):
     for meta in layouts:
         (folder / "meta.json").write_text(json.dumps(meta))
         assert score._wall(folder) == 5.0
+    (folder / "meta.json").write_text(json.dumps({"folds": [{"skipped": "all"}]}))
+    assert np.isnan(score._wall(folder))  # no seconds at all: unknown, not zero
     (folder / "meta.json").write_text(json.dumps({"kang8": {"wall_s": 1.5}}))
     assert score._wall(folder, "kang8") == 1.5
