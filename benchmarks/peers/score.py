@@ -75,10 +75,12 @@ def _peer_units(path: Path, ctrls: dict, genes) -> dict[str, np.ndarray]:
     """
     import anndata as ad
 
+    from _common import dense
+
     pred = ad.read_h5ad(path)
     if list(pred.var_names) != list(genes):
         raise ValueError(f"{path}: its genes are not the task's training genes in their order")
-    x = np.asarray(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X, dtype=np.float64)
+    x = dense(pred.X).astype(np.float64)
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: predictions hold NaN or infinite values")
     units = pred.obs["unit"].astype(str).to_numpy()
@@ -106,10 +108,11 @@ def score_task(name: str, preds: Path, ours: Path | None) -> pd.DataFrame:
 
     peers = _seeds(preds, "perturbation", name)
     seeds = sorted({s for per in peers.values() for s in per}) or [0]
+    tasks = list(TASKS[name]())  # the data are read once, not once per seed
     tables = []
     for seed in seeds:
         scores, deltas, true_d = [], {}, {}
-        for i, task in enumerate(TASKS[name]()):
+        for i, task in enumerate(tasks):
             cells, truth, ctrls, _ = baseline_predictions(task, scvi_epochs=None, seed=seed)
             reference = training_reference(task, seed)
             scores.append(sfa.metrics.evaluate_predictions(cells, truth, ctrls, reference))
