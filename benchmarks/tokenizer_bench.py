@@ -5,11 +5,14 @@ The SCFM encoder reads a cell through one of four tokenizers (``SCFM(tokenizer=.
 GO biological-process gene set, default options ``max_sets=64, min_size=10, max_size=300``),
 ``pathway`` with ``gene_graph="go"`` (graph-masked attention between pathway tokens; row
 ``pathway+go_graph``), ``rank`` (the cell's top 64 genes as gene-id tokens, Geneformer's
-input) and ``geneformer`` (an external BERT). No real Geneformer weights can be downloaded
-here: the ``geneformer`` rows use a *randomly initialised, frozen* BERT written by
-:func:`scfm_adapt.data.write_random_geneformer` (hidden 64, 2 layers, 4 heads, intermediate
-128, at most 256 genes per cell) with the data set's own genes as vocabulary. Its quality
-numbers say nothing about Geneformer; they are there for speed and parameter counts only.
+input), ``geneformer`` (an external BERT) and ``scgpt`` (scGPT's transformer). No real
+Geneformer or scGPT weights can be downloaded here: the ``geneformer`` rows use a *randomly
+initialised, frozen* BERT written by :func:`scfm_adapt.data.write_random_geneformer` (hidden
+64, 2 layers, 4 heads, intermediate 128, at most 256 genes per cell), the ``scgpt`` rows a
+random scGPT written by :func:`scfm_adapt.data.write_random_scgpt` of the same sizes (at most
+256 genes plus ``<cls>``), each with the data set's own genes as vocabulary. Their quality
+numbers say nothing about Geneformer or scGPT; they are there for speed and parameter counts
+only.
 
 Two sections, each on the splits of the existing benchmarks and with their code:
 
@@ -89,10 +92,14 @@ from perturbation import (
 )
 
 RESULTS = Path(__file__).parent / "results"
-TOKENIZERS = ("latent", "pathway", "pathway+go_graph", "rank", "geneformer")
+TOKENIZERS = ("latent", "pathway", "pathway+go_graph", "rank", "geneformer", "scgpt")
+#: Tokenizers read through an external backbone written with random weights.
+BACKBONES = ("geneformer", "scgpt")
 STRATEGIES = ("linear_probe", "lora")
 #: Random-BERT sizes of the ``geneformer`` rows (write_random_geneformer).
 GENEFORMER_SIZES = {"hidden": 64, "n_layers": 2, "n_heads": 4, "intermediate": 128, "max_len": 256}
+#: The same sizes for the ``scgpt`` rows (write_random_scgpt; 256 genes + <cls>).
+SCGPT_SIZES = {"embsize": 64, "nlayers": 2, "nheads": 4, "d_hid": 128, "max_seq_len": 257}
 PATHWAY_KWARGS = {"max_sets": 64, "min_size": 10, "max_size": 300}
 RANK_TOP_K = 64
 #: Cell types whose pathway attributions are listed (pbmc68k ``bulk_labels``).
@@ -102,7 +109,7 @@ THROUGHPUT_CELLS = 2000
 
 
 # =========================================================================== helpers
-def scfm_kwargs(tokenizer: str, geneformer_dir: Path | None) -> dict[str, Any]:
+def scfm_kwargs(tokenizer: str, backbones: dict[str, Path]) -> dict[str, Any]:
     """SCFM arguments of one tokenizer row."""
     if tokenizer == "latent":
         return {}
@@ -117,15 +124,24 @@ def scfm_kwargs(tokenizer: str, geneformer_dir: Path | None) -> dict[str, Any]:
         }
     if tokenizer == "rank":
         return {"tokenizer": "rank", "tokenizer_kwargs": {"top_k": RANK_TOP_K}}
-    if tokenizer == "geneformer":
-        return {"tokenizer": "geneformer", "backbone": str(geneformer_dir)}
+    if tokenizer in BACKBONES:
+        return {"tokenizer": tokenizer, "backbone": str(backbones[tokenizer])}
     raise ValueError(tokenizer)
 
 
-def write_geneformer(folder: Path, genes) -> Path:
+def write_backbones(workdir: Path, name: str, genes, tokenizers) -> dict[str, Path]:
+    """Random checkpoints of the backbone rows among ``tokenizers``, knowing ``genes``."""
     import scfm_adapt as sfa
 
-    return sfa.data.write_random_geneformer(folder, [str(g) for g in genes], **GENEFORMER_SIZES)
+    genes = [str(g) for g in genes]
+    out = {}
+    if "geneformer" in tokenizers:
+        folder = workdir / f"geneformer_{name}"
+        out["geneformer"] = sfa.data.write_random_geneformer(folder, genes, **GENEFORMER_SIZES)
+    if "scgpt" in tokenizers:
+        folder = workdir / f"scgpt_{name}"
+        out["scgpt"] = sfa.data.write_random_scgpt(folder, genes, **SCGPT_SIZES)
+    return out
 
 
 def reset_seeds(seed: int = 0) -> None:
@@ -151,8 +167,8 @@ def param_counts(module) -> dict[str, int]:
 
 
 def tokens_per_cell(adata, tokenizer: str, model) -> tuple[str, float]:
-    """Tokens the encoder reads per cell: a fixed count, or (rank, geneformer) the mean of
-    ``min(cap, expressed genes)`` over the cells."""
+    """Tokens the encoder reads per cell: a fixed count, or (rank, geneformer, scgpt) the
+    mean of ``min(cap, expressed genes)`` (plus scGPT's ``<cls>``) over the cells."""
     if tokenizer == "latent":
         n = int(model.init_kwargs_["n_tokens"])
         return f"{n}", float(n)
@@ -162,8 +178,9 @@ def tokens_per_cell(adata, tokenizer: str, model) -> tuple[str, float]:
     x = adata.X.tocsr() if hasattr(adata.X, "tocsr") else adata.X
     nnz = np.diff(x.indptr) if hasattr(x, "indptr") else (np.asarray(x) > 0).sum(1)
     cap = RANK_TOP_K if tokenizer == "rank" else int(model.module.encoder.max_len)
-    mean = float(np.minimum(nnz, cap).mean())
-    return f"≤{cap} (mean {mean:.0f})", mean
+    extra = 1 if tokenizer == "scgpt" else 0  # scGPT's <cls> token comes on top
+    mean = float(np.minimum(nnz, cap).mean()) + extra
+    return f"≤{cap + extra} (mean {mean:.0f})", mean
 
 
 def tiled(adata, n: int):
@@ -195,7 +212,7 @@ def record_error(errors: list, where: str) -> None:
 
 
 # =========================================================================== annotation
-def pretrain(split, tokenizer: str, epochs: int, geneformer_dir: Path | None):
+def pretrain(split, tokenizer: str, epochs: int, backbones: dict[str, Path]):
     """Stage 1 on the train cells, ``epochs`` epochs without early stopping."""
     import scfm_adapt as sfa
 
@@ -203,7 +220,7 @@ def pretrain(split, tokenizer: str, epochs: int, geneformer_dir: Path | None):
     train = split.train.copy()
     sfa.model.SCFM.setup_anndata(train, batch_key=split.batch_key)
     t0 = time.perf_counter()
-    model = sfa.model.SCFM(train, **scfm_kwargs(tokenizer, geneformer_dir))
+    model = sfa.model.SCFM(train, **scfm_kwargs(tokenizer, backbones))
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.train(max_epochs=epochs, stage="vae", enable_progress_bar=False, early_stopping=False)
@@ -261,14 +278,12 @@ def run_annotation(name: str, args, workdir: Path, out: dict) -> list[str]:
         row["tokenizer"] = "baseline"
         rows.append(row)
         print(f"  {row['method']}: {row['wall_s']:.1f} s; {row['notes']}", flush=True)
-    gf_dir = None
-    if "geneformer" in args.tokenizers:
-        gf_dir = write_geneformer(workdir / f"geneformer_{name}", split.train.var_names)
+    backbones = write_backbones(workdir, name, split.train.var_names, args.tokenizers)
     all_cells = None
     for tok in args.tokenizers:
         info: dict[str, Any] = {"tokenizer": tok}
         try:
-            model, build_s, pre_s = pretrain(split, tok, args.pretrain_epochs, gf_dir)
+            model, build_s, pre_s = pretrain(split, tok, args.pretrain_epochs, backbones)
             info.update(build_s=build_s, pretrain_s=pre_s, pretrain_epochs=args.pretrain_epochs)
             info["tokens"], info["tokens_mean"] = tokens_per_cell(split.train, tok, model)
             info.update(param_counts(model.module))
@@ -363,7 +378,8 @@ def run_annotation(name: str, args, workdir: Path, out: dict) -> list[str]:
         "",
         f"SCFM stage 1: {args.pretrain_epochs} epochs (no early stopping) on the train cells; "
         f"annotators at most {args.annot_epochs} epochs (early stopping). Rows `scfm[tokenizer]"
-        " strategy`; `geneformer` = random frozen BERT (speed and size only).",
+        " strategy`; `geneformer` = random frozen BERT, `scgpt` = random frozen scGPT (speed and "
+        "size only).",
         "",
         quality,
         "",
@@ -409,7 +425,7 @@ def run_annotation(name: str, args, workdir: Path, out: dict) -> list[str]:
 
 
 # =========================================================================== perturbation
-def scfm_perturbation(task: dict, tokenizer: str, gf_dir, args, seed: int = 0):
+def scfm_perturbation(task: dict, tokenizer: str, backbones, args, seed: int = 0):
     """One PerturbationModel with ``tokenizer``; predictions, timings and extras."""
     import scfm_adapt as sfa
 
@@ -422,7 +438,7 @@ def scfm_perturbation(task: dict, tokenizer: str, gf_dir, args, seed: int = 0):
     # the heads alone (the tokenizers were compared on them; the anchored default's
     # anchor does not depend on the tokenizer)
     model = sfa.model.PerturbationModel(
-        train, gene_features=task["features"], anchor=None, **scfm_kwargs(tokenizer, gf_dir)
+        train, gene_features=task["features"], anchor=None, **scfm_kwargs(tokenizer, backbones)
     )
     # PerturbationModel.train(max_epochs=E) trains the backbone exactly like this, then the
     # heads; split in two calls so that the two parts are timed separately.
@@ -466,9 +482,7 @@ def run_perturbation(args, workdir: Path, out: dict) -> list[str]:
     if not units:
         raise ValueError(f"No Kang unit among {args.kang_units}.")
     full = sfa.datasets.kang2018_ifnb()
-    gf_dir = None
-    if "geneformer" in args.tokenizers:
-        gf_dir = write_geneformer(workdir / "geneformer_kang", full.var_names)
+    backbones = write_backbones(workdir, "kang", full.var_names, args.tokenizers)
     all_scores, tok_info = [], {t: {"units": {}} for t in args.tokenizers}
     deltas, true_d, ceil_d, base_secs = {}, {}, {}, {}
     for task in units:
@@ -483,7 +497,7 @@ def run_perturbation(args, workdir: Path, out: dict) -> list[str]:
         for tok in args.tokenizers:
             method = f"scfm[{tok}]"
             try:
-                model, p_tok, extras = scfm_perturbation(task, tok, gf_dir, args)
+                model, p_tok, extras = scfm_perturbation(task, tok, backbones, args)
             except Exception:
                 record_error(out["errors"], f"perturbation {task['name']} {tok}")
                 continue
@@ -596,7 +610,8 @@ def run_perturbation(args, workdir: Path, out: dict) -> list[str]:
         f"Held-out units: {', '.join(t['name'] for t in units)} ({len(units)} of 5; "
         f"`--kang-units`). SCFM backbone {args.pert_epochs} epochs, {args.head_steps} steps per "
         f"response head (5 heads), scVI {args.scvi_epochs} epochs, seed 0. Means over the "
-        "units; `geneformer` = random frozen BERT (speed and size only).",
+        "units; `geneformer` = random frozen BERT, `scgpt` = random frozen scGPT (speed and size "
+        "only).",
         "",
         quality,
         "",

@@ -14,7 +14,6 @@ from ._gene_panels import (
 from ._geneformer import (
     GeneformerCheckpoint,
     load_geneformer,
-    map_genes_to_vocab,
     safe_load_pickle,
     write_random_geneformer,
 )
@@ -37,6 +36,7 @@ from ._perturbations import (
     parts_and_doses,
     split_perturbation,
 )
+from ._scgpt import ScGPTCheckpoint, load_scgpt, scgpt_config, write_random_scgpt
 from ._validation import (
     check_counts,
     check_genes,
@@ -47,6 +47,7 @@ from ._validation import (
     gene_order,
     get_matrix,
 )
+from ._vocab import map_genes_to_vocab, vocab_report
 
 __all__ = [
     "BATCH_GENE_MASKS",
@@ -54,6 +55,7 @@ __all__ = [
     "OTHER_GENES",
     "GeneOverlap",
     "GeneformerCheckpoint",
+    "ScGPTCheckpoint",
     "align_genes",
     "as_gene_graph",
     "batch_mask_matrix",
@@ -75,6 +77,7 @@ __all__ = [
     "go_gene_sets",
     "is_backed",
     "load_geneformer",
+    "load_scgpt",
     "map_genes_to_vocab",
     "matrix_sums",
     "memberships",
@@ -88,9 +91,12 @@ __all__ = [
     "resolve_gene_sets",
     "row_blocks",
     "safe_load_pickle",
+    "scgpt_config",
     "select_gene_sets",
     "select_panel",
     "set_graph",
     "split_perturbation",
+    "vocab_report",
     "write_random_geneformer",
+    "write_random_scgpt",
 ]

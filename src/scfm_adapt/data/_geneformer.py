@@ -1,4 +1,4 @@
-"""Gene vocabularies and checkpoints of external (Geneformer-style) foundation models.
+"""Geneformer checkpoints: the folder layout, its dictionaries and random checkpoints for tests.
 
 Geneformer ships as a folder: ``config.json`` (a Hugging Face ``BertConfig``), the weights
 (``model.safetensors`` or ``pytorch_model.bin``), a token dictionary (Ensembl id → token id,
@@ -13,7 +13,6 @@ import them when called.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -26,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, GeneMismatchError
+from ..errors import CheckpointError
+from ._checksums import file_sha256
+from ._vocab import map_genes_to_vocab, read_weights
 
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
 SPECIAL_TOKENS = {"pad": PAD, "mask": MASK, "cls": CLS, "eos": EOS}
@@ -34,7 +35,6 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _MAPPING_SUFFIXES = (".pkl", ".pickle", ".json")
 # Geneformer's repository names its dictionaries by corpus (``token_dictionary_gc104M.pkl``).
 _TOKEN_DICT_STEM, _MEDIAN_STEM = "token_dictionary", "gene_median_dictionary"
-_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")
 
 
 # ---------------------------------------------------------------------------- safe pickles
@@ -245,96 +245,6 @@ def find_geneformer_files(
     }
 
 
-# ---------------------------------------------------------------------------- vocabulary
-def _is_special(key: str) -> bool:
-    return str(key).startswith("<")
-
-
-def map_genes_to_vocab(
-    var_names: Sequence[str],
-    vocab: Mapping[str, int],
-    *,
-    id_map: Mapping[str, str] | None = None,
-    min_fraction: float = 0.5,
-) -> tuple[np.ndarray, float]:
-    """Token id of each gene in a backbone's vocabulary.
-
-    A name is looked up as is, then without an Ensembl version suffix (``ENSG….12``), then
-    through ``id_map``. Special tokens (keys starting with ``<``) never count as genes. When
-    two names map to the same token the first keeps it and the later ones get ``-1``, so
-    every token appears at most once in a cell's sequence.
-
-    Parameters
-    ----------
-    var_names
-        Gene names of the data (``adata.var_names`` or an id column of ``adata.var``).
-    vocab
-        Vocabulary key → token id (a Geneformer token dictionary).
-    id_map
-        Optional name → vocabulary key (e.g. gene symbol → Ensembl id), used when a name
-        is not a key itself.
-    min_fraction
-        Smallest fraction of genes that must be in the vocabulary.
-
-    Returns
-    -------
-    token_ids
-        ``int64`` array of length ``len(var_names)``; ``-1`` for genes outside the vocabulary.
-    fraction_in_vocab
-        Fraction of the genes with a token id.
-
-    Raises
-    ------
-    GeneMismatchError
-        Fewer than ``min_fraction`` of the genes are in the vocabulary.
-    """
-    names = [str(n) for n in var_names]
-    id_map = id_map or {}
-    token_ids = np.full(len(names), -1, dtype=np.int64)
-    seen: set[int] = set()
-    for i, name in enumerate(names):
-        key = _vocab_key(name, vocab, id_map)
-        if key is None:
-            continue
-        tok = int(vocab[key])
-        if tok in seen:  # a duplicate would put one gene twice into a cell's sequence
-            continue
-        seen.add(tok)
-        token_ids[i] = tok
-    n_in = int((token_ids >= 0).sum())
-    fraction = n_in / len(names) if names else 0.0
-    if fraction < min_fraction or not names:
-        n_vocab = sum(not _is_special(k) for k in vocab)
-        missing = [n for n, t in zip(names, token_ids) if t < 0][:3]
-        raise GeneMismatchError(
-            f"{100 * fraction:.1f}% of the {len(names):,} genes ({n_in:,}) are in the backbone's "
-            f"vocabulary of {n_vocab:,} genes; need at least {100 * min_fraction:.0f}%. "
-            f"Missing, e.g.: {missing}. The vocabulary is keyed by Ensembl gene ids "
-            f"(e.g. {_example_key(vocab)!r}): pass Ensembl ids, with gene_id_key= naming the "
-            "adata.var column that holds them, or an id map from your gene names to Ensembl "
-            "ids (sfa.datasets.go_gene_ids() maps gene symbols ↔ Ensembl ids)."
-        )
-    return token_ids, fraction
-
-
-def _vocab_key(name: str, vocab: Mapping[str, int], id_map: Mapping[str, str]) -> str | None:
-    if _is_special(name):
-        return None
-    if name in vocab:
-        return name
-    m = _ENSEMBL_VERSION.match(name)
-    if m and m.group(1) in vocab:  # GENCODE-style versioned id; vocabularies are unversioned
-        return m.group(1)
-    key = id_map.get(name)
-    if key is not None and not _is_special(key) and key in vocab:
-        return key
-    return None
-
-
-def _example_key(vocab: Mapping[str, int]) -> str:
-    return next((k for k in vocab if not _is_special(k)), "")
-
-
 # ---------------------------------------------------------------------------- checkpoints
 @dataclass
 class GeneformerCheckpoint:
@@ -373,28 +283,6 @@ class GeneformerCheckpoint:
         tokens it uses."""
         n_special = sum(self.special.get(k) is not None for k in ("cls", "eos"))
         return int(self.config["max_position_embeddings"]) - n_special
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_weights(path: Path) -> dict:
-    import torch
-
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        # weights_only: a .bin is a pickle too; never let it run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"Cannot read the weights in {path} ({err}).") from err
 
 
 def backbone_state(state_dict: Mapping[str, Any]) -> dict:
@@ -452,7 +340,7 @@ def load_geneformer(
     except (OSError, ValueError) as err:
         raise CheckpointError(f"Cannot read {files['config']} ({err}).") from err
     _check_config(config, files["config"])
-    state = backbone_state(_read_weights(files["weights"]))
+    state = backbone_state(read_weights(files["weights"]))
     vocab = {str(k): int(v) for k, v in load_mapping(files["token_dictionary"]).items()}
     too_big = [k for k, v in vocab.items() if not 0 <= v < int(config["vocab_size"])]
     if too_big:
@@ -474,7 +362,7 @@ def load_geneformer(
         medians=medians,
         special=special,
         source=str(Path(path).resolve()),
-        sha256=_sha256(files["weights"]),
+        sha256=file_sha256(files["weights"]),
     )
 
 

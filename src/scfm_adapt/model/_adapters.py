@@ -159,6 +159,8 @@ class AdaptationMixin:
             **{k: self.module.hparams_[k] for k in _SHAPE_KEYS},
             # Only for other tokenizers, so adapters saved before tokenizers existed still fit.
             **({"tokenizer": self.module.tokenizer} if self.module.tokenizer != "latent" else {}),
+            # The external backbone's weights: an adapter fits those it was trained on.
+            **({"backbone_sha256": sha} if (sha := self._backbone_sha256()) else {}),
             # Only for a factorised gene map, so adapters of full-map bases still fit.
             **(
                 {"encoder_rank": rank}
@@ -166,6 +168,10 @@ class AdaptationMixin:
                 else {}
             ),
         }
+
+    def _backbone_sha256(self) -> str | None:
+        opts = self.module.hparams_.get("tokenizer_options") or {}
+        return opts.get("sha256")
 
     @inference_only
     def save_adapter(
@@ -208,11 +214,15 @@ class AdaptationMixin:
                 "load models with SCFM.load."
             )
         mine, theirs = self._fingerprint(), config["base"]
+        if "backbone_sha256" not in theirs:  # saved before adapters recorded it
+            mine.pop("backbone_sha256", None)
         diff = {k: (theirs.get(k), mine[k]) for k in mine if theirs.get(k) != mine[k]}
         if diff:
             what = "; ".join(
                 "the genes differ (same number, other names or order)"
                 if k == "genes_sha256"
+                else "the external backbone's weights differ (another checkpoint)"
+                if k == "backbone_sha256"
                 else f"{k}: adapter {a!r} vs model {b!r}"
                 for k, (a, b) in diff.items()
             )

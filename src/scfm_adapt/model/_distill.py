@@ -18,6 +18,7 @@ from ..errors import GeneMismatchError
 from ..module import DistillationModule
 from ..train import guarded
 from ._scfm import SCFM
+from ._tokenizers import BACKBONE_TOKENIZERS
 from .base import transfer_errors
 
 logger = logging.getLogger(__name__)
@@ -185,11 +186,12 @@ def distill(
     if n_heads is not None:
         sizes["n_heads"] = n_heads
     kwargs = {**teacher.init_kwargs_, **sizes}
-    if kwargs.get("tokenizer") == "geneformer":
-        # Distillation shrinks the encoder; a frozen external BERT is not what it can shrink.
-        kwargs.pop("tokenizer")
+    if kwargs.get("tokenizer") in BACKBONE_TOKENIZERS:
+        # Distillation shrinks the encoder; a frozen external backbone is not what it can
+        # shrink.
+        name = kwargs.pop("tokenizer")
         kwargs.pop("tokenizer_options")
-        logger.info("The student of a Geneformer-backed teacher reads cells with 'latent' tokens.")
+        logger.info("The student of a %s-backed teacher reads cells with 'latent' tokens.", name)
     student = SCFM(data, **kwargs)
     # the teacher's batch gene panels (from its checkpoint or a query mapping), beside any
     # in data.uns: a gene a batch never measured stays unobserved for the student too

@@ -163,6 +163,10 @@ class SCFM(
           with learned gene embeddings (Geneformer's input).
         * ``"geneformer"``: an external Geneformer-style BERT loaded from the local folder
           ``backbone``; its weights stay frozen unless an adapter trains them.
+        * ``"scgpt"``: scGPT's transformer loaded from the local folder ``backbone``
+          (``args.json``, ``vocab.json``, ``best_model.pt``); frozen likewise. Each cell's
+          expressed genes in its vocabulary, with their per-cell value bins, after a
+          ``<cls>`` token.
 
         Learned queries pool the tokens into the latent (Perceiver-style).
     gene_sets
@@ -176,14 +180,25 @@ class SCFM(
         of gene names. Pathway tokens attend along sets that overlap or are linked by an
         edge.
     backbone
-        ``tokenizer="geneformer"``: the checkpoint folder.
+        ``tokenizer="geneformer"`` or ``"scgpt"``: the checkpoint folder. The saved model
+        keeps the weights it was built with; :attr:`backbone_info_` (also in the model
+        card) records the folder, the weights file's SHA-256, the genes found in the
+        vocabulary and the share of the counts they carry.
     tokenizer_kwargs
         Options: ``pathway``: ``min_size`` (10), ``max_size`` (300), ``max_sets`` (64),
         ``max_overlap`` (0.5), ``n_channels`` (4), ``min_jaccard`` (0.05),
         ``sparse_threshold`` (0: graph attention on the fused kernel with a mask); ``rank``:
         ``top_k`` (64); ``geneformer``: ``gene_id_key`` (an ``adata.var`` column of
         Ensembl ids), ``min_vocab_fraction`` (0.5), ``token_dictionary``, ``gene_medians``
-        (files, when not in the folder); any graph: ``go_max_term_size`` (50).
+        (files, when not in the folder), ``backbone_dropout`` (0: the frozen BERT reads
+        every cell the same way; the checkpoint's own is worth passing when its weights are
+        fine-tuned); ``scgpt``: ``gene_id_key`` (a column of gene
+        symbols), ``min_vocab_fraction`` (0.5), ``max_len`` (genes per cell; default the
+        model's ``max_seq_len - 1``), ``cls_value`` (default ``pad_value``, as scGPT),
+        ``tie_break`` (``"middle"``: a value on equal bin edges gets the middle bin, the
+        same every time; ``"random"``: scGPT's draw), ``backbone_dropout`` (0: the frozen
+        backbone reads every cell the same way; scGPT trained with 0.2, worth passing
+        when its own weights are fine-tuned); any graph: ``go_max_term_size`` (50).
     tokenizer_options
         The resolved options (set by :meth:`load`; not for users).
     **module_kwargs
@@ -210,7 +225,7 @@ class SCFM(
         dispersion: Literal["gene", "gene-batch"] = "gene",
         n_tokens: int = 8,
         token_dim: int = 16,
-        tokenizer: Literal["latent", "pathway", "rank", "geneformer"] = "latent",
+        tokenizer: Literal["latent", "pathway", "rank", "geneformer", "scgpt"] = "latent",
         gene_sets=None,
         gene_graph=None,
         backbone: str | Path | None = None,
@@ -257,7 +272,7 @@ class SCFM(
                 raise SCFMInputError(
                     f"{given} configure another tokenizer than the default 'latent': pass "
                     "tokenizer='pathway' (gene_sets, gene_graph), 'rank' (gene_graph) or "
-                    "'geneformer' (backbone) as well."
+                    "'geneformer' or 'scgpt' (backbone) as well."
                 )
         if tokenizer != "latent":
             self.init_kwargs_["tokenizer"] = tokenizer

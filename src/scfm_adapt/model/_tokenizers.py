@@ -33,10 +33,26 @@ TOKENIZER_KWARGS = {
         "sparse_threshold",
     ),
     "rank": ("top_k",),
-    "geneformer": ("gene_id_key", "min_vocab_fraction", "token_dictionary", "gene_medians"),
+    "geneformer": (
+        "gene_id_key",
+        "min_vocab_fraction",
+        "token_dictionary",
+        "gene_medians",
+        "backbone_dropout",
+    ),
+    "scgpt": (
+        "gene_id_key",
+        "min_vocab_fraction",
+        "max_len",
+        "cls_value",
+        "tie_break",
+        "backbone_dropout",
+    ),
     "latent": (),
 }
 GRAPH_KWARGS = ("go_max_term_size",)
+#: Tokenizers that read cells with an external backbone loaded from ``backbone=``.
+BACKBONE_TOKENIZERS = ("geneformer", "scgpt")
 
 
 def gene_medians(matrix, max_cells: int = 20000, seed: int = 0) -> np.ndarray:
@@ -97,8 +113,11 @@ class TokenizerMixin:
             )
         if gene_sets is not None and tokenizer != "pathway":
             raise SCFMInputError("gene_sets= applies to tokenizer='pathway' only.")
-        if backbone is not None and tokenizer != "geneformer":
-            raise SCFMInputError("backbone= applies to tokenizer='geneformer' only.")
+        if backbone is not None and tokenizer not in BACKBONE_TOKENIZERS:
+            raise SCFMInputError(
+                f"backbone= applies to tokenizer={' or '.join(map(repr, BACKBONE_TOKENIZERS))} "
+                "only."
+            )
         if gene_graph is not None and tokenizer not in ("pathway", "rank"):
             raise SCFMInputError(
                 "gene_graph= restricts attention between gene or pathway tokens: use it with "
@@ -142,17 +161,16 @@ class TokenizerMixin:
                 data["edges"] = edges
         elif tokenizer == "geneformer":
             options, data = self._resolve_geneformer(adata, backbone, kw)
+        elif tokenizer == "scgpt":
+            options, data = self._resolve_scgpt(adata, backbone, kw)
         return options, data
 
-    def _resolve_geneformer(self, adata, backbone, kw: dict) -> tuple[dict, dict]:
-        from ..data._geneformer import load_geneformer, map_genes_to_vocab
+    def _align_vocab(self, adata, vocab: dict, kw: dict) -> tuple[np.ndarray, dict]:
+        """Token id of each gene in an external backbone's vocabulary, and the report of
+        how much of the data the vocabulary covers (logged, and kept in the options)."""
+        from ..data import matrix_sums
+        from ..data._vocab import map_genes_to_vocab, vocab_report
 
-        if backbone is None:
-            raise SCFMInputError(
-                "tokenizer='geneformer' needs backbone='path/to/checkpoint-folder' (a "
-                "Geneformer directory: config.json, model.safetensors, token_dictionary.pkl)."
-            )
-        ckpt = load_geneformer(backbone, kw.get("token_dictionary"), kw.get("gene_medians"))
         key = kw.get("gene_id_key")
         if key is not None:
             if key not in adata.var:
@@ -162,18 +180,37 @@ class TokenizerMixin:
                 )
             id_map = dict(zip(map(str, adata.var_names), adata.var[key].astype(str)))
         else:
-            id_map = _symbol_to_ensembl(self.var_names_, ckpt.vocab)
+            id_map = _auto_id_map(self.var_names_, vocab)
+        totals = matrix_sums(self._counts_matrix(adata))[1]
         token_ids, fraction = map_genes_to_vocab(
             self.var_names_,
-            ckpt.vocab,
+            vocab,
             id_map=id_map,
             min_fraction=kw.get("min_vocab_fraction", 0.5),
+            gene_totals=totals,
         )
+        report = vocab_report(self.var_names_, token_ids, totals)
         logger.info(
-            "%.1f%% of the %d genes are in the backbone's vocabulary.",
+            "%d of the %d genes (%.1f%%, carrying %.1f%% of the counts) are in the backbone's "
+            "vocabulary.",
+            report["n_in_vocab"],
+            report["n_genes"],
             100 * fraction,
-            len(self.var_names_),
+            100 * (report["count_share"] or 0.0),
         )
+        return token_ids, report
+
+    def _resolve_geneformer(self, adata, backbone, kw: dict) -> tuple[dict, dict]:
+        from ..data._geneformer import load_geneformer
+
+        if backbone is None:
+            raise SCFMInputError(
+                "tokenizer='geneformer' needs backbone='path/to/checkpoint-folder' (a "
+                "Geneformer directory: config.json, model.safetensors, token_dictionary.pkl)."
+            )
+        ckpt = load_geneformer(backbone, kw.get("token_dictionary"), kw.get("gene_medians"))
+        token_ids, report = self._align_vocab(adata, ckpt.vocab, kw)
+        fraction = report["fraction"]
         if ckpt.medians:
             inv = {v: k for k, v in ckpt.vocab.items()}
             med = np.array(
@@ -183,8 +220,17 @@ class TokenizerMixin:
         else:
             med = gene_medians(self._counts_matrix(adata))
         special = ckpt.special or {}
+        drop = float(kw.get("backbone_dropout", 0.0))  # as for scGPT, see _resolve_scgpt
+        bert_config = ckpt.config | {
+            "hidden_dropout_prob": drop,
+            "attention_probs_dropout_prob": drop,
+            "checkpoint_dropout": [
+                ckpt.config.get("hidden_dropout_prob"),
+                ckpt.config.get("attention_probs_dropout_prob"),
+            ],
+        }
         options = {
-            "bert_config": ckpt.config,
+            "bert_config": bert_config,
             "gene_token_ids": [int(t) for t in token_ids],
             "pad_id": special.get("pad", 0),
             "cls_id": special.get("cls"),
@@ -193,9 +239,45 @@ class TokenizerMixin:
             "source": str(ckpt.source),
             "sha256": ckpt.sha256,
             "vocab_fraction": float(fraction),
+            "vocab_report": report,
             "medians_from": "checkpoint" if ckpt.medians else "data",
         }
         return options, {"medians": med, "backbone_state": ckpt.state_dict}
+
+    def _resolve_scgpt(self, adata, backbone, kw: dict) -> tuple[dict, dict]:
+        from ..data._scgpt import load_scgpt
+
+        if backbone is None:
+            raise SCFMInputError(
+                "tokenizer='scgpt' needs backbone='path/to/checkpoint-folder' (an scGPT "
+                "directory: args.json, vocab.json, best_model.pt)."
+            )
+        ckpt = load_scgpt(backbone)
+        token_ids, report = self._align_vocab(adata, ckpt.vocab, kw)
+        max_len, cls_value = kw.get("max_len"), kw.get("cls_value")
+        # A frozen backbone is a fixed feature extractor: its training dropout (0.2 in
+        # scGPT's releases) would only add noise to what trains on top of it, and dropout
+        # in attention also takes it off the fused kernel (benchmarks/README.md, scGPT rows).
+        config = ckpt.config | {
+            "dropout": float(kw.get("backbone_dropout", 0.0)),
+            "checkpoint_dropout": ckpt.config["dropout"],
+        }
+        options = {
+            "config": config,
+            "gene_token_ids": [int(t) for t in token_ids],
+            "pad_id": ckpt.special["pad"],
+            "cls_id": ckpt.special["cls"],
+            # max_len and tie_break are checked by the encoder, built from these options
+            "max_len": None if max_len is None else int(max_len),
+            "cls_value": None if cls_value is None else float(cls_value),
+            "tie_break": str(kw.get("tie_break", "middle")),
+            "source": str(ckpt.source),
+            "sha256": ckpt.sha256,
+            "vocab_fraction": float(report["fraction"]),
+            "vocab_report": report,
+            "dropped_heads": ckpt.dropped,
+        }
+        return options, {"backbone_state": ckpt.state_dict}
 
     @torch.no_grad()
     def _fill_tokenizer(self, data: dict) -> None:
@@ -212,6 +294,25 @@ class TokenizerMixin:
         if "backbone_state" in data:
             enc.load_backbone_state(data["backbone_state"])
         # The EMA DiT is unaffected; nothing else holds encoder weights.
+
+    @property
+    def backbone_info_(self) -> dict | None:
+        """The external backbone (``tokenizer="geneformer"`` or ``"scgpt"``) this model was
+        built on: ``tokenizer``, ``source`` (the checkpoint folder), ``sha256`` (of its
+        weights file) and the vocabulary report (``n_genes``, ``n_in_vocab``, ``fraction``,
+        ``count_share``: the share of the training counts on genes the backbone knows,
+        ``missing_examples``: the most expressed genes it does not). ``None`` for the
+        built-in tokenizers."""
+        if self.module.tokenizer not in BACKBONE_TOKENIZERS:
+            return None
+        opts = self.module.hparams_["tokenizer_options"]
+        report = opts.get("vocab_report") or {"fraction": opts.get("vocab_fraction")}
+        return {
+            "tokenizer": self.module.tokenizer,
+            "source": opts.get("source"),
+            "sha256": opts.get("sha256"),
+            **report,
+        }
 
     # ------------------------------------------------------------------ attributions
     @property
@@ -271,22 +372,27 @@ class TokenizerMixin:
         return self._pathway_attributions(adata, indices, target, n_steps, batch_size)
 
 
-def _symbol_to_ensembl(var_names: Sequence[str], vocab: dict) -> dict[str, str] | None:
-    """Symbol → Ensembl id map from the GO gene-id table, when the names look like symbols
-    and the vocabulary like Ensembl ids (``None`` when not needed or not available)."""
+def _auto_id_map(var_names: Sequence[str], vocab: dict) -> dict[str, str] | None:
+    """Gene names → vocabulary keys through the GO gene-id table, when the names and the
+    vocabulary use different ids (symbols against Ensembl ids, either way round); ``None``
+    when the names are mostly keys already, or no table is available."""
     names = list(map(str, var_names))
     in_vocab = sum(g in vocab for g in names)
     if in_vocab >= 0.5 * max(len(names), 1):
         return None
-    if not any(str(k).startswith("ENS") for k in list(vocab)[:50]):
-        return None
+    vocab_ensembl = any(str(k).startswith("ENS") for k in list(vocab)[:50])
+    head = names[:50]
+    names_ensembl = sum(n.startswith("ENS") for n in head) > 0.5 * len(head)
+    if vocab_ensembl == names_ensembl:
+        return None  # same kind of id: a table cannot help
     try:
         from ..datasets import go_gene_ids
 
         ids = go_gene_ids()
     except Exception as e:
-        logger.info("No symbol → Ensembl table (%s); genes matched by name only.", e)
+        logger.info("No symbol ↔ Ensembl table (%s); genes matched by name only.", e)
         return None
     ids = ids.dropna(subset=["ensembl"])
-    ids = ids[ids["ensembl"].isin(vocab)].drop_duplicates("symbol")
-    return dict(zip(ids["symbol"].astype(str), ids["ensembl"].astype(str)))
+    src, dst = ("symbol", "ensembl") if vocab_ensembl else ("ensembl", "symbol")
+    ids = ids[ids[dst].isin(vocab)].drop_duplicates(src)
+    return dict(zip(ids[src].astype(str), ids[dst].astype(str)))

@@ -32,7 +32,7 @@ Stage = Literal["vae", "prior"]
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 PRIOR_TARGETS = ("sample", "mean")
-TOKENIZERS = ("latent", "pathway", "rank", "geneformer")
+TOKENIZERS = ("latent", "pathway", "rank", "geneformer", "scgpt")
 #: Default width of the latent tokenizer's factorised gene map (``encoder_rank``).
 ENCODER_RANK = 128
 
@@ -55,7 +55,9 @@ def make_encoder(
     ``options`` (JSON): ``pathway``: ``n_sets``, ``n_members``, ``n_channels``, ``n_edges``,
     ``sparse_threshold``;
     ``rank``: ``top_k``, ``n_edges``; ``geneformer``: ``bert_config``, ``gene_token_ids``,
-    ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``. ``rank`` factorises the latent
+    ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``; ``scgpt``: ``config``,
+    ``gene_token_ids``, ``pad_id``, ``cls_id``, ``max_len``, ``cls_value``, ``tie_break``.
+    ``rank`` factorises the latent
     tokenizer's gene map (:class:`~scfm_adapt.nn.TokenEncoder`); the others read genes
     their own way and ignore it.
     """
@@ -105,6 +107,21 @@ def make_encoder(
             max_len=o.get("max_len"),
             dropout=dropout,
         )
+    if tokenizer == "scgpt":
+        from ..nn._scgpt import ScGPTEncoder
+
+        return ScGPTEncoder(
+            o["config"],
+            o["gene_token_ids"],
+            n_tokens,
+            token_dim,
+            pad_id=o["pad_id"],
+            cls_id=o["cls_id"],
+            max_len=o.get("max_len"),
+            cls_value=o.get("cls_value"),
+            tie_break=o.get("tie_break", "middle"),
+            dropout=dropout,
+        )
     raise ValueError(f"tokenizer={tokenizer!r}; choose one of {TOKENIZERS}.")
 
 
@@ -152,8 +169,9 @@ class SCFMModule(AdaptableMixin, BaseModuleClass):
         Dropout in the encoder.
     tokenizer, tokenizer_options
         How the encoder reads a cell: ``"latent"`` (a linear map of all genes to tokens),
-        ``"pathway"`` (one token per gene set), ``"rank"`` (top-k genes as gene-id tokens)
-        or ``"geneformer"`` (an external BERT); see :func:`make_encoder`.
+        ``"pathway"`` (one token per gene set), ``"rank"`` (top-k genes as gene-id
+        tokens), ``"geneformer"`` (an external BERT) or ``"scgpt"`` (scGPT's transformer);
+        see :func:`make_encoder`.
     encoder_rank
         Width of the factorised gene map of the latent tokenizer (genes → ``encoder_rank``
         → tokens), ``None`` for one full map. The full map is the encoder's largest matmul;

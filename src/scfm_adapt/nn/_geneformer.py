@@ -22,8 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ._bottleneck_adapter import AdapterHost
-from ._query_pool import QueryPool
-from ._token_encoder import PosteriorEncoder
+from ._external_backbone import ExternalBackboneEncoder, copy_strict
 
 # Buffers of BertEmbeddings that old transformers saved but that are rebuilt, not loaded.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -60,7 +59,7 @@ class BertBlock(AdapterHost):
         return ffn.LayerNorm(self._adapt("mlp", m) + h)
 
 
-class GeneformerEncoder(PosteriorEncoder):
+class GeneformerEncoder(ExternalBackboneEncoder):
     """Geneformer-style BERT → ``n_tokens`` latent tokens (mean and variance).
 
     Drop-in for :class:`~scfm_adapt.nn.TokenEncoder`: :meth:`forward` maps normalised
@@ -154,17 +153,9 @@ class GeneformerEncoder(PosteriorEncoder):
         self.register_buffer("gene_token_ids", ids)
         self.register_buffer("gene_median", torch.ones(ids.shape[0]))
 
-        hidden = config.hidden_size
-        self.hidden, self.n_tokens, self.token_dim = hidden, n_tokens, token_dim
-        self.var_eps = var_eps
-        self.pool = QueryPool(hidden, n_tokens, config.num_attention_heads)
-        self.drop = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(hidden)
-        self.head = nn.Linear(hidden, 2 * token_dim)
-
-    @property
-    def n_genes(self) -> int:
-        return self.gene_token_ids.shape[0]
+        self._init_readout(
+            config.hidden_size, n_tokens, token_dim, config.num_attention_heads, dropout, var_eps
+        )
 
     # ------------------------------------------------------------------ tokens
     @torch.no_grad()
@@ -281,35 +272,17 @@ class GeneformerEncoder(PosteriorEncoder):
         CheckpointError
             Missing, unexpected or mis-shaped keys.
         """
-        own = self._backbone_tensors()
         given = {
             k: v
             for k, v in state_dict.items()
             if not k.startswith("pooler.") and k not in _IGNORED_KEYS
         }
-        missing = sorted(set(own) - set(given))
-        unexpected = sorted(set(given) - set(own))
-        shapes = [
-            f"{k}: {tuple(given[k].shape)} vs {tuple(own[k].shape)}"
-            for k in sorted(set(own) & set(given))
-            if tuple(given[k].shape) != tuple(own[k].shape)
-        ]
-        if missing or unexpected or shapes:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} keys {missing[:8]}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys {unexpected[:8]}")
-            if shapes:
-                parts.append(f"shape mismatch (checkpoint vs model) {shapes[:8]}")
-            raise CheckpointError(
-                "The backbone weights do not fit this encoder: "
-                + "; ".join(parts)
-                + ". Build the encoder from the same checkpoint's config.json, and pass a "
-                "BertModel state dict (load_geneformer strips the 'bert.' prefix)."
-            )
-        for k, t in own.items():
-            t.copy_(given[k])
+        copy_strict(
+            self._backbone_tensors(),
+            given,
+            "Build the encoder from the same checkpoint's config.json, and pass a BertModel "
+            "state dict (load_geneformer strips the 'bert.' prefix).",
+        )
 
 
 __all__ = ["BertBlock", "GeneformerEncoder"]

@@ -79,6 +79,26 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _backbone(init: dict) -> list[str]:
+    """The external backbone's line: what it was built from, and how well the genes fit."""
+    opts = init.get("tokenizer_options") or {}
+    if not opts.get("sha256"):
+        return []
+    line = (
+        f"- external backbone: {init.get('tokenizer')} from `{opts.get('source', '?')}` "
+        f"(weights SHA-256 `{str(opts['sha256'])[:16]}`)"
+    )
+    report = opts.get("vocab_report") or {}
+    if report:
+        share = report.get("count_share")
+        counts = f", {100 * share:.1f}% of the counts" if share is not None else ""
+        line += (
+            f"; {report.get('n_in_vocab')} of {report.get('n_genes')} genes in its "
+            f"vocabulary{counts}"
+        )
+    return [line]
+
+
 def render_card(config: dict, n_parameters: int) -> str:
     """The card's markdown, from a checkpoint's ``config`` and the number of weights."""
     model = config.get("model", "model")
@@ -130,6 +150,7 @@ def render_card(config: dict, n_parameters: int) -> str:
     if likelihood:
         out.append(f"- likelihood: {str(likelihood).upper()}")
     out.append(f"- weights: {n_parameters:,} numbers")
+    out += _backbone(init)
     if sizes:
         out.append(f"- arguments: {'; '.join(sizes)}")
     stages = config.get("trained_stages")
