@@ -141,9 +141,11 @@ def backbone_state(state_dict: Mapping[str, Any]) -> tuple[dict, list[str]]:
             )
         if key.startswith(_BATCH_PARTS):
             raise CheckpointError(
-                f"The weights hold {key!r}: this scGPT model normalises each batch with its "
-                "own statistics (domain_spec_batchnorm), which needs batch labels to encode a "
-                "cell. Use a checkpoint trained without it (the released pretrained ones)."
+                f"The weights hold {key!r}: this scGPT model was trained with batch "
+                "normalisation of its input embeddings (domain_spec_batchnorm), which this "
+                "encoder does not apply. Use a checkpoint trained without it (the released "
+                "pretrained ones), or delete the dsbn.*/bn.* tensors from best_model.pt to "
+                "encode without it, as scGPT's own embed_data does."
             )
         if not key.startswith(BACKBONE_PREFIXES):
             dropped.add(key.split(".")[0])
