@@ -30,6 +30,7 @@ class _Slots(NamedTuple):
     generated: str = "scfm_generated"  # obs: marks generated cells (tl.augment)
     augment: str = "scfm_augment"  # uns: parameters of tl.augment
     inference: str = "scfm_inference"  # uns: parameters of tl.infer_to_disk
+    pathways: str = "scfm_pathways"  # obsm / uns: pathway attributions (tl.pathway_attributions)
 
 
 #: The slot names; ``SLOTS.delta == "scfm_delta"``.

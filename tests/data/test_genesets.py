@@ -9,10 +9,14 @@ import pytest
 from scfm_adapt.data import (
     OTHER_GENES,
     as_gene_graph,
+    is_catch_all,
     memberships,
     read_gmt,
+    residual_programmes,
     select_gene_sets,
+    set_coverage,
     set_graph,
+    uncovered_genes,
 )
 from scfm_adapt.errors import GeneMismatchError, SCFMInputError
 
@@ -43,6 +47,36 @@ def test_memberships_add_a_catch_all_set():
     np.testing.assert_array_equal(gi[si == 2], [3, 4])
     names, si, _ = memberships(sel, 3)
     assert names == ["a", "b"] and si.max() == 1
+
+
+def test_residual_programmes_split_the_catch_all_by_expression():
+    rng = np.random.default_rng(0)
+    sel = {"a": np.array([0, 1])}
+    rest = uncovered_genes(sel, 8)
+    np.testing.assert_array_equal(rest, np.arange(2, 8))
+    # genes 2-4 rise in the first 50 cells, genes 5-7 in the last 50
+    x = rng.normal(0, 0.1, size=(100, 8))
+    x[:50, 2:5] += 3.0
+    x[50:, 5:8] += 3.0
+    groups = residual_programmes(x[:, rest], rest, [f"g{i}" for i in range(8)], 2)
+    assert all(map(is_catch_all, groups)) and len(groups) == 2
+    assert sorted(map(tuple, groups.values())) == [(2, 3, 4), (5, 6, 7)]
+    assert next(iter(groups)).startswith(f"{OTHER_GENES} 1: g")
+    names, si, gi = memberships(sel, 8, residual=groups)
+    assert names[1:] == list(groups)
+    np.testing.assert_array_equal(np.sort(gi[si >= 1]), rest)
+    # one programme (or fewer genes than asked for): the single catch-all
+    assert list(residual_programmes(x[:, rest], rest, [f"g{i}" for i in range(8)], 1)) == [
+        OTHER_GENES
+    ]
+    with pytest.raises(ValueError, match="exactly the genes in no set"):
+        memberships(sel, 8, residual={f"{OTHER_GENES} 1": np.array([2, 3])})
+    # coverage counts every catch-all token as the catch-all
+    var = np.arange(8, dtype=float) + 1.0
+    cov = set_coverage(si, gi, names, var)
+    assert (cov["n_sets"], cov["n_catch_all"], cov["genes_in_sets"]) == (1, 2, 2)
+    assert cov["variance_in_sets"] == pytest.approx(3 / 36)
+    assert cov["catch_all_variance"] == pytest.approx(33 / 36)
 
 
 def test_read_gmt(tmp_path):

@@ -40,7 +40,8 @@ def pathway_model():
         tokenizer="pathway",
         gene_sets=toy_sets(),
         gene_graph=chain(40),
-        tokenizer_kwargs={"min_size": 5, "sparse_threshold": 1.0},  # neighbour lists
+        # neighbour lists; one catch-all token (the tests below name it)
+        tokenizer_kwargs={"min_size": 5, "sparse_threshold": 1.0, "n_residual": 1},
         **TINY,
     )
     m.train(max_epochs=8, stage="vae", **FAST)
@@ -77,6 +78,20 @@ def test_tokenizer_models_train_and_round_trip(kwargs, tiny_kwargs, tmp_path):
         torch.testing.assert_close(buf, dict(enc2.named_buffers())[name])
     if kwargs["tokenizer"] == "rank":
         assert not torch.all(enc.gene_median == 1)  # fitted on the data
+    if kwargs["tokenizer"] == "pathway":  # new models give each set its own input map
+        assert enc.per_set_inputs and enc2.per_set_inputs
+        cov = back.pathway_coverage_
+        catch = np.array([sfa.data.is_catch_all(n) for n in m.pathway_names_])
+        assert cov == m.pathway_coverage_ and cov["n_sets"] == (~catch).sum()
+        assert cov["n_catch_all"] == catch.sum() == 5  # genes 35-39: one programme each
+        assert cov["genes_in_sets"] + cov["catch_all_genes"] == a.n_vars
+        assert cov["variance_in_sets"] + cov["catch_all_variance"] == pytest.approx(1.0)
+        # the shares are those of the genes' own variances
+        x = a.X.toarray()
+        v = np.log1p(x / x.sum(1, keepdims=True) * 1e4).var(0)
+        members = enc.member_gene[~torch.as_tensor(catch)[enc.member_set]]
+        named = np.unique(members.numpy())
+        assert cov["variance_in_sets"] == pytest.approx(v[named].sum() / v.sum())
 
 
 def test_tokenizer_arguments_get_clear_errors(adata, tiny_kwargs):
@@ -120,6 +135,47 @@ def test_pathway_attributions_sum_to_the_change_from_baseline(pathway_model):
     assert np.all(gap <= 0.02 * np.abs(df.sum(1)).to_numpy() + 1e-3)
     assert (df.sum(1) > 0).all()  # squared distance from the baseline: positive
     assert np.isfinite(df.to_numpy()).all() and (df.abs().sum(0) > 0).all()
+
+
+def test_tl_pathway_attributions_and_their_plot(pathway_model, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    m, a = pathway_model
+    cells = a[:40].copy()
+    sfa.tl.pathway_attributions(cells, m, groupby="cell_type", n_top=3, n_steps=32)
+    attr = cells.obsm["scfm_pathways"]
+    direct = m.get_pathway_attributions(cells, n_steps=32)
+    np.testing.assert_allclose(attr, direct.to_numpy(), rtol=1e-5, atol=1e-6)
+    entry = cells.uns["scfm_pathways"]
+    assert entry["names"] == m.pathway_names_ and entry["params"]["groupby"] == "cell_type"
+    np.testing.assert_allclose(
+        cells.obs["scfm_pathways_gap"], direct.attrs["completeness_gap"], atol=1e-6
+    )
+    top = entry["top"]
+    assert set(top["group"]) == set(cells.obs["cell_type"].astype(str))
+    assert (top.groupby("group")["rank"].max() == 3).all()
+    # each group's first pathway has its largest mean |attribution|, and shares are parts
+    for group, t in top.groupby("group"):
+        rows = (cells.obs["cell_type"].astype(str) == group).to_numpy()
+        mean_abs = np.abs(attr[rows]).mean(0)
+        first = t.sort_values("rank").iloc[0]
+        assert first["pathway"] == m.pathway_names_[int(mean_abs.argmax())]
+        assert first["share"] == pytest.approx(mean_abs.max() / mean_abs.sum(), rel=1e-5)
+    import anndata as ad
+
+    cells.write_h5ad(tmp_path / "cells.h5ad")  # the slots survive a round trip to disk
+    back = ad.read_h5ad(tmp_path / "cells.h5ad")
+    np.testing.assert_array_equal(back.obsm["scfm_pathways"], attr)
+    assert back.uns["scfm_pathways"]["top"].equals(top)
+    fig = sfa.pl.pathway_attributions(cells, n_top=2, save=tmp_path / "p.png", show=False)
+    assert (tmp_path / "p.png").stat().st_size > 0 and len(fig.axes) == top["group"].nunique()
+    with pytest.raises(KeyError, match="groupby="):
+        sfa.pl.pathway_attributions(a)
+    with pytest.raises(KeyError, match="no attributions"):
+        sfa.pl.pathway_attributions(cells, groups=["nope"])
+    with pytest.raises(KeyError, match="not a column"):
+        sfa.tl.pathway_attributions(cells, m, groupby="nope")
 
 
 def test_annotator_pathway_attributions(pathway_model):
@@ -196,3 +252,22 @@ def test_distilled_student_keeps_the_tokenizer_data(pathway_model):
     assert student.module.tokenizer == "pathway" and s_enc.hidden == 8
     for name in ("member_set", "member_gene", "edges"):
         assert torch.equal(getattr(t_enc, name), getattr(s_enc, name))
+
+
+def test_catch_all_split_into_programmes(tiny_kwargs):
+    from conftest import make_adata
+
+    a = make_adata(n_cells=120, seed=2)
+    sfa.model.SCFM.setup_anndata(a)
+    kw = {"min_size": 5, "n_residual": 2}
+    m = sfa.model.SCFM(
+        a, tokenizer="pathway", gene_sets=toy_sets(), tokenizer_kwargs=kw, **tiny_kwargs
+    )
+    names = m.pathway_names_
+    catch = [n for n in names if sfa.data.is_catch_all(n)]
+    assert len(catch) == 2 and names[-2:] == catch
+    cov = m.pathway_coverage_
+    assert cov["n_catch_all"] == 2 and cov["n_sets"] == len(names) - 2
+    enc = m.module.encoder
+    in_catch = np.isin(enc.member_set.numpy(), [len(names) - 2, len(names) - 1])
+    assert sorted(enc.member_gene.numpy()[in_catch]) == list(range(35, 40))  # genes in no set

@@ -110,6 +110,23 @@ def test_pathway_tokens_pool_member_genes():
         enc.set_gene_sets(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2, 3]))
 
 
+@pytest.mark.parametrize("per_set", [False, True])
+def test_pathway_tokens_tell_their_sets_apart(per_set):
+    """Two sets with the same sums: one shared input map gives them the same token up to
+    the small identity embedding; per-set maps give them different ones."""
+    torch.manual_seed(0)
+    kw = {"n_tokens": 2, "token_dim": 2, "hidden": 8, "depth": 1, "n_heads": 2, "n_channels": 2}
+    enc = PathwayTokenEncoder(4, n_sets=2, n_members=4, per_set_inputs=per_set, **kw)
+    enc.set_gene_sets(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3]))
+    with torch.no_grad():
+        enc.member_weight.fill_(1.0)  # both sets sum their two genes
+        enc.set_embed.zero_()
+        h = enc.token_inputs(torch.tensor([[1.0, 2.0, 2.0, 1.0]]))  # equal sums, 3 and 3
+    assert torch.equal(h[0, 0], h[0, 1]) != per_set
+    names = {n for n, _ in enc.named_parameters()}
+    assert ("set_in" in names, "token_in.weight" in names) == (per_set, not per_set)
+
+
 def test_integrated_gradients_completeness():
     torch.manual_seed(0)
     w = torch.randn(5, 3)
@@ -124,3 +141,13 @@ def test_integrated_gradients_completeness():
     assert gap.abs().max() < 0.01 * total.abs().max()
     linear = integrated_gradients(lambda h: (h * w).sum((1, 2)), x, b, n_steps=1)[0]
     torch.testing.assert_close(linear, x * w)  # exact for a linear function
+
+
+def test_pathway_models_saved_before_per_set_inputs_rebuild_as_saved():
+    from scfm_adapt.module._scfm import make_encoder
+
+    old = {"n_sets": 3, "n_members": 6, "n_channels": 2, "n_edges": 0}  # no per_set_inputs
+    enc = make_encoder("pathway", old, 10, 2, 2, 8, 1, 2, 0.0)
+    assert not enc.per_set_inputs and hasattr(enc, "token_in")
+    enc = make_encoder("pathway", old | {"per_set_inputs": True}, 10, 2, 2, 8, 1, 2, 0.0)
+    assert enc.set_in.shape == (3, 2, 8)

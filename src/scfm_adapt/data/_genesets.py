@@ -127,21 +127,94 @@ def select_gene_sets(
     return chosen
 
 
+def uncovered_genes(sets: Mapping[str, np.ndarray], n_genes: int) -> np.ndarray:
+    """Indices of the genes in none of ``sets``."""
+    members = [np.asarray(v, dtype=np.int64) for v in sets.values()]
+    return np.setdiff1d(np.arange(n_genes), np.concatenate(members) if members else [])
+
+
+def is_catch_all(name: str) -> bool:
+    """Whether a token name is a catch-all of genes in no set (one, or one of several
+    residual programmes)."""
+    return str(name).startswith(OTHER_GENES)
+
+
 def memberships(
-    sets: Mapping[str, np.ndarray], n_genes: int, other: bool = True
+    sets: Mapping[str, np.ndarray],
+    n_genes: int,
+    other: bool = True,
+    residual: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Parallel ``(set index, gene index)`` arrays of ``sets``; with ``other``, a last set
-    of every gene in none (so the encoder sees all expression)."""
+    """Parallel ``(set index, gene index)`` arrays of ``sets``; with ``other``, the genes in
+    none go to a last set (so the encoder sees all expression), or, given ``residual``
+    (name → gene indices, covering exactly those genes, names starting with
+    :data:`OTHER_GENES`), to several last sets."""
     names = list(sets)
     set_idx = [np.full(len(v), i, dtype=np.int64) for i, v in enumerate(sets.values())]
     gene_idx = [np.asarray(v, dtype=np.int64) for v in sets.values()]
     if other:
-        rest = np.setdiff1d(np.arange(n_genes), np.concatenate(gene_idx) if gene_idx else [])
-        if rest.size:
-            names.append(OTHER_GENES)
-            set_idx.append(np.full(rest.size, len(names) - 1, dtype=np.int64))
-            gene_idx.append(rest.astype(np.int64))
+        rest = uncovered_genes(sets, n_genes)
+        groups = dict(residual) if residual else ({OTHER_GENES: rest} if rest.size else {})
+        given = np.sort(np.concatenate([np.asarray(v) for v in groups.values()])) if groups else []
+        if not np.array_equal(given, rest) or not all(map(is_catch_all, groups)):
+            raise ValueError(
+                "residual= must split exactly the genes in no set, under names starting with "
+                f"{OTHER_GENES!r}."
+            )
+        for name, idx in groups.items():
+            names.append(name)
+            set_idx.append(np.full(len(idx), len(names) - 1, dtype=np.int64))
+            gene_idx.append(np.asarray(idx, dtype=np.int64))
     return names, np.concatenate(set_idx), np.concatenate(gene_idx)
+
+
+def residual_programmes(
+    x_rest: np.ndarray, rest: np.ndarray, var_names: Sequence[str], n_groups: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Split the genes in no set into ``n_groups`` expression programmes.
+
+    The genes' standardised profiles over the cells are clustered by k-means (scikit-learn,
+    ``random_state=seed``), so genes that rise and fall together share a token. Each
+    programme is named after its three most variable genes.
+
+    Parameters
+    ----------
+    x_rest
+        Cells × ``rest``: log-normalised expression of those genes (dense; a sample of the
+        training cells).
+    rest
+        Indices of the genes in no set (columns of ``x_rest``).
+    var_names
+        Gene names.
+    n_groups
+        Programmes (at most one per gene).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``"(genes in no set) j: A, B, C"`` → sorted gene indices, in programme order.
+    """
+    rest = np.asarray(rest, dtype=np.int64)
+    k = int(min(n_groups, rest.size))
+    if k <= 1:
+        return {OTHER_GENES: rest} if rest.size else {}
+    from sklearn.cluster import KMeans
+
+    prof = np.asarray(x_rest, dtype=np.float64).T  # genes × cells
+    sd = prof.std(1, keepdims=True)
+    z = (prof - prof.mean(1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    labels = KMeans(k, n_init=4, random_state=seed).fit_predict(z)
+    var = prof.var(1)
+    out = {}
+    for j in range(k):
+        members = rest[labels == j]
+        if not members.size:
+            continue
+        top = members[np.argsort(-var[labels == j], kind="stable")[:3]]
+        out[f"{OTHER_GENES} {len(out) + 1}: {', '.join(str(var_names[g]) for g in top)}"] = np.sort(
+            members
+        )
+    return out
 
 
 def go_gene_graph(
@@ -217,6 +290,42 @@ def as_gene_graph(graph, var_names: Sequence[str]) -> np.ndarray:
             "identifiers as adata.var_names?)."
         )
     return np.unique(edges, axis=0)
+
+
+def set_coverage(
+    set_idx: np.ndarray, gene_idx: np.ndarray, names: Sequence[str], gene_variance: np.ndarray
+) -> dict:
+    """How much of a data set the named gene sets hold (JSON-ready).
+
+    Parameters
+    ----------
+    set_idx, gene_idx, names
+        Memberships and set names from :func:`memberships` (sets named
+        :data:`OTHER_GENES`, or starting with it, are the catch-all).
+    gene_variance
+        Each gene's variance over the cells (of normalised, log-transformed expression).
+
+    Returns
+    -------
+    A dict: ``n_sets`` and ``n_catch_all`` (named sets, catch-all tokens),
+    ``genes_in_sets`` and ``variance_in_sets`` (the genes in at least one named set and their
+    share of the summed gene variance), ``catch_all_genes`` and ``catch_all_variance`` (the
+    same for the catch-all).
+    """
+    var = np.asarray(gene_variance, dtype=np.float64)
+    total = float(var.sum()) or 1.0
+    catch = np.array([is_catch_all(n) for n in names], dtype=bool)
+    in_catch = catch[set_idx]
+    named = np.unique(gene_idx[~in_catch])
+    rest = np.unique(gene_idx[in_catch])
+    return {
+        "n_sets": int((~catch).sum()),
+        "n_catch_all": int(catch.sum()),
+        "genes_in_sets": int(named.size),
+        "variance_in_sets": float(var[named].sum() / total),
+        "catch_all_genes": int(rest.size),
+        "catch_all_variance": float(var[rest].sum() / total),
+    }
 
 
 def set_graph(

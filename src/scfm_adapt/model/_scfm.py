@@ -187,7 +187,10 @@ class SCFM(
     tokenizer_kwargs
         Options: ``pathway``: ``min_size`` (10), ``max_size`` (300), ``max_sets`` (64),
         ``max_overlap`` (0.5), ``n_channels`` (4), ``min_jaccard`` (0.05),
-        ``sparse_threshold`` (0: graph attention on the fused kernel with a mask); ``rank``:
+        ``sparse_threshold`` (0: graph attention on the fused kernel with a mask),
+        ``n_residual`` (8: the genes in no set are split into that many expression
+        programmes, :func:`~scfm_adapt.data.residual_programmes`; 1: one catch-all token);
+        ``rank``:
         ``top_k`` (64); ``geneformer``: ``gene_id_key`` (an ``adata.var`` column of
         Ensembl ids), ``min_vocab_fraction`` (0.5), ``token_dictionary``, ``gene_medians``
         (files, when not in the folder), ``backbone_dropout`` (0: the frozen BERT reads

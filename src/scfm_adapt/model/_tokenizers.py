@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_KWARGS = {
     "pathway": (
+        "n_residual",
         "min_size",
         "max_size",
         "max_sets",
@@ -76,6 +77,33 @@ def gene_medians(matrix, max_cells: int = 20000, seed: int = 0) -> np.ndarray:
     return med
 
 
+def lognorm_sample(matrix, max_cells: int = 20000, seed: int = 0):
+    """``log1p(counts / library * 1e4)`` of up to ``max_cells`` cells (CSR, float64)."""
+    from scipy import sparse
+
+    n = matrix.shape[0]
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
+    x = sparse.csr_matrix(matrix[rows] if n > max_cells else matrix[:], dtype=np.float64)
+    lib = np.asarray(x.sum(1)).ravel()
+    x = sparse.csr_matrix(sparse.diags(1e4 / np.maximum(lib, 1.0)) @ x)
+    x.data = np.log1p(x.data)
+    return x
+
+
+def log_norm_variance(x) -> np.ndarray:
+    """Variance of each gene over the cells of a (sparse) log-normalised matrix."""
+    mean = np.asarray(x.mean(0)).ravel()
+    return np.asarray(x.multiply(x).mean(0)).ravel() - mean**2
+
+
+#: Training cells whose expression groups the genes in no set into programmes.
+PROGRAMME_CELLS = 5000
+#: Default number of catch-all programme tokens of the pathway tokenizer (one token could
+#: hold hundreds of genes and dominate the attributions; benchmarks/README.md, "Pathway
+#: tokens").
+N_RESIDUAL = 8
+
+
 class TokenizerMixin:
     """Mixed into :class:`~scfm_adapt.model.SCFM`: tokenizer set-up and pathway attributions."""
 
@@ -96,8 +124,11 @@ class TokenizerMixin:
             as_gene_graph,
             go_gene_graph,
             memberships,
+            residual_programmes,
             resolve_gene_sets,
+            set_coverage,
             set_graph,
+            uncovered_genes,
         )
         from ..module._scfm import TOKENIZERS
 
@@ -137,7 +168,25 @@ class TokenizerMixin:
                 k: kw[k] for k in ("min_size", "max_size", "max_sets", "max_overlap") if k in kw
             }
             sets = resolve_gene_sets("go" if gene_sets is None else gene_sets, genes, **select)
-            names, set_idx, gene_idx = memberships(sets, len(genes))
+            x = lognorm_sample(self._counts_matrix(adata))
+            rest = uncovered_genes(sets, len(genes))
+            n_residual = int(kw.get("n_residual", N_RESIDUAL))
+            residual = None
+            if n_residual > 1 and rest.size:
+                dense = x[:PROGRAMME_CELLS, rest].toarray()  # cells × uncovered genes
+                residual = residual_programmes(dense, rest, genes, n_residual)
+            names, set_idx, gene_idx = memberships(sets, len(genes), residual=residual)
+            coverage = set_coverage(set_idx, gene_idx, names, log_norm_variance(x))
+            logger.info(
+                "%d gene sets hold %d of the %d genes (%.1f%% of the variance); %d genes "
+                "(%.1f%%) share the catch-all token.",
+                coverage["n_sets"],
+                coverage["genes_in_sets"],
+                len(genes),
+                100 * coverage["variance_in_sets"],
+                coverage["catch_all_genes"],
+                100 * coverage["catch_all_variance"],
+            )
             options = {
                 "set_names": names,
                 "n_sets": len(names),
@@ -145,6 +194,8 @@ class TokenizerMixin:
                 "n_channels": int(kw.get("n_channels", 4)),
                 "n_edges": 0,
                 "sparse_threshold": float(kw.get("sparse_threshold", 0.0)),
+                "per_set_inputs": True,
+                "coverage": coverage,
             }
             data = {"memberships": (set_idx, gene_idx)}
             if edges is not None:
@@ -320,6 +371,16 @@ class TokenizerMixin:
         """Names of the pathway tokens (``tokenizer="pathway"``), in token order."""
         self._require_pathways()
         return list(self.module.hparams_["tokenizer_options"]["set_names"])
+
+    @property
+    def pathway_coverage_(self) -> dict | None:
+        """How much of the training data the named gene sets hold (``tokenizer="pathway"``):
+        ``n_sets``, ``genes_in_sets``, ``variance_in_sets`` (their share of the summed
+        variance of log-normalised expression), ``catch_all_genes`` and
+        ``catch_all_variance`` (:func:`~scfm_adapt.data.set_coverage`). ``None`` for models
+        saved before it was recorded."""
+        self._require_pathways()
+        return self.module.hparams_["tokenizer_options"].get("coverage")
 
     def _require_pathways(self) -> None:
         if self.module.tokenizer != "pathway":

@@ -53,7 +53,7 @@ def make_encoder(
     gene-set memberships, graphs and medians are filled by the model or the state dict).
 
     ``options`` (JSON): ``pathway``: ``n_sets``, ``n_members``, ``n_channels``, ``n_edges``,
-    ``sparse_threshold``;
+    ``sparse_threshold``, ``per_set_inputs``;
     ``rank``: ``top_k``, ``n_edges``; ``geneformer``: ``bert_config``, ``gene_token_ids``,
     ``pad_id``, ``cls_id``, ``eos_id``, ``max_len``; ``scgpt``: ``config``,
     ``gene_token_ids``, ``pad_id``, ``cls_id``, ``max_len``, ``cls_value``, ``tie_break``.
@@ -80,6 +80,8 @@ def make_encoder(
             n_channels=int(o.get("n_channels", 4)),
             n_edges=int(o.get("n_edges", 0)),
             sparse_threshold=float(o.get("sparse_threshold", 0.0)),
+            # models saved before the option share one input map
+            per_set_inputs=bool(o.get("per_set_inputs", False)),
         )
     if tokenizer == "rank":
         return RankTokenEncoder(

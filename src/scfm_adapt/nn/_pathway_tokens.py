@@ -18,11 +18,17 @@ class PathwayTokenEncoder(PooledEncoder):
     """One token per gene set, then a transformer over pathway tokens (optionally masked by
     a pathway graph), pooled into ``n_tokens`` latent tokens.
 
-    Token ``p`` starts as ``W_in s_p + e_p``: ``s_p`` ``(n_channels,)`` are learned weighted
+    Token ``p`` starts as ``W_p s_p + e_p``: ``s_p`` ``(n_channels,)`` are learned weighted
     sums of the normalised expression of the set's member genes (one weight per member and
-    channel, so a gene counts differently in each of its sets), ``e_p`` the set's identity
-    embedding. A gene in no set can go to a catch-all set (the model adds one), so no
-    expression is invisible to the encoder.
+    channel, so a gene counts differently in each of its sets), ``W_p`` the set's own input
+    map (``per_set_inputs``) and ``e_p`` the set's identity embedding. A gene in no set can
+    go to a catch-all set (the model adds one), so no expression is invisible to the
+    encoder.
+
+    With one input map shared by every set (``per_set_inputs=False``, models saved before
+    the option), two sets with the same sums give the same token up to the small ``e_p``:
+    attention and the query pooling then cannot tell which pathway a value came from, and
+    much of what the sums hold is lost (``benchmarks/README.md``, "Pathway tokens").
 
     Memberships and the graph are buffers sized by ``n_members`` and ``n_edges`` (filled by
     :meth:`set_gene_sets` and :meth:`set_graph`), so they travel in the state dict.
@@ -39,6 +45,9 @@ class PathwayTokenEncoder(PooledEncoder):
         Weighted sums per set.
     n_edges
         Edges of the pathway graph (0: every token attends to every token).
+    per_set_inputs
+        Give each set its own input map ``W_p`` (``n_channels × hidden``) instead of one
+        shared map.
     sparse_threshold
         Graphs with fewer allowed pairs than this fraction of all pairs run on neighbour
         lists, ``O(T K)``; others on the fused kernel with a ``(T, T)`` mask. Default 0:
@@ -63,6 +72,7 @@ class PathwayTokenEncoder(PooledEncoder):
         n_edges: int = 0,
         sparse_threshold: float = 0.0,
         var_eps: float = 1e-4,
+        per_set_inputs: bool = False,
     ):
         super().__init__()
         self.n_genes, self.n_sets, self.n_channels = n_genes, n_sets, n_channels
@@ -71,7 +81,14 @@ class PathwayTokenEncoder(PooledEncoder):
         self.register_buffer("member_set", torch.zeros(n_members, dtype=torch.long))
         self.register_buffer("edges", torch.zeros(n_edges, 2, dtype=torch.long))
         self.member_weight = nn.Parameter(torch.zeros(n_members, n_channels))
-        self.token_in = nn.Linear(n_channels, hidden)
+        self.per_set_inputs = per_set_inputs
+        if per_set_inputs:  # nn.Linear's initialisation, one map per set
+            bound = n_channels**-0.5
+            self.set_in = nn.Parameter(
+                torch.empty(n_sets, n_channels, hidden).uniform_(-bound, bound)
+            )
+        else:
+            self.token_in = nn.Linear(n_channels, hidden)
         self.set_embed = nn.Parameter(torch.randn(n_sets, hidden) * 0.02)
         self._init_tail(n_tokens, token_dim, hidden, depth, n_heads, dropout, var_eps)
         self._graph_cache: tuple | None = None
@@ -134,7 +151,10 @@ class PathwayTokenEncoder(PooledEncoder):
     def token_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Pathway tokens before the transformer, ``(B, n_sets, hidden)``: what pathway
         attributions are computed on."""
-        return self.token_in(self.pooled_expression(x)) + self.set_embed
+        s = self.pooled_expression(x)  # (B, P, C)
+        if self.per_set_inputs:
+            return torch.einsum("bpc,pch->bph", s, self.set_in.to(s.dtype)) + self.set_embed
+        return self.token_in(s) + self.set_embed
 
     def features_from_inputs(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised pooled states ``(B, n_tokens, hidden)`` of token inputs ``h``."""

@@ -7,6 +7,7 @@ from ._plots import (
     embedding,
     generated_vs_real,
     history,
+    pathway_attributions,
     perturbation_delta,
     perturbation_heatmap,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "embedding",
     "generated_vs_real",
     "history",
+    "pathway_attributions",
     "perturbation_delta",
     "perturbation_heatmap",
 ]

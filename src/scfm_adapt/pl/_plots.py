@@ -540,3 +540,71 @@ def adaptation(
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters", ylabel=metric)
     return _finish(fig, save, show)
+
+
+def pathway_attributions(
+    adata,
+    *,
+    key: str = SLOTS.pathways,
+    groups: Sequence[str] | None = None,
+    n_top: int | None = None,
+    save: str | Path | None = None,
+    show: bool | None = None,
+):
+    """The top pathways of each group, from ``sfa.tl.pathway_attributions(..., groupby=)``.
+
+    One panel per group: horizontal bars of the mean signed attribution of its strongest
+    pathways (by mean absolute attribution), strongest at the top, each labelled with its
+    share of the group's total.
+
+    Parameters
+    ----------
+    adata
+        AnnData with ``uns[key]["top"]``.
+    key
+        The ``key_added`` of ``sfa.tl.pathway_attributions``.
+    groups
+        Draw only these groups (default: all, in sorted order).
+    n_top
+        Pathways per panel (default: as many as were computed).
+    save, show
+        As for every ``sfa.pl`` plot.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    KeyError
+        No ``uns[key]["top"]`` (run ``sfa.tl.pathway_attributions`` with ``groupby=``), or
+        an unknown group.
+    """
+    import matplotlib.pyplot as plt
+
+    entry = adata.uns.get(key, {})
+    if "top" not in entry:
+        raise KeyError(
+            f"adata.uns has no {key!r} with a 'top' table: run "
+            f"sfa.tl.pathway_attributions(adata, model, groupby=..., key_added={key!r}) first."
+        )
+    top = pd.DataFrame(entry["top"])
+    known = sorted(top["group"].astype(str).unique())
+    groups = known if groups is None else [str(g) for g in groups]
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise KeyError(f"Groups {unknown} have no attributions; choose from {known}.")
+    n = len(groups)
+    fig, axes = plt.subplots(n, 1, figsize=(6, 0.4 + 0.35 * (n_top or 5) * n), squeeze=False)
+    for ax, group in zip(axes[:, 0], groups):
+        t = top[top["group"].astype(str) == group].sort_values("rank")
+        t = t.head(n_top) if n_top else t
+        y = np.arange(len(t))[::-1]
+        colors = ["#c0392b" if v > 0 else "#2e86c1" for v in t["mean"]]
+        ax.barh(y, t["mean"], color=colors)
+        ax.set_yticks(y, [f"{p} ({s:.0%})" for p, s in zip(t["pathway"], t["share"])], fontsize=8)
+        ax.axvline(0, c="grey", lw=0.8)
+        ax.set_title(f"{group} (n={int(t['n_cells'].iloc[0])})", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("mean attribution (share of the group's mean |attribution|)")
+    fig.tight_layout()
+    return _finish(fig, save, show)
