@@ -235,6 +235,11 @@ def test_perturbation_pathway_attributions():
     assert np.median(gap) <= 0.05 * np.median(np.abs(df.sum(1))) + 1e-4
     with pytest.raises(SCFMInputError, match="not the model's genes"):
         pm.get_pathway_attributions(ctrl, "A", genes=["nope"])
+    # the Scanpy-style tool passes the request through and writes the same numbers
+    sfa.tl.pathway_attributions(ctrl, pm, groupby="context", perturbation="A", n_top_genes=5)
+    np.testing.assert_allclose(ctrl.obsm["scfm_pathways"], df.to_numpy(), rtol=1e-5, atol=1e-6)
+    params = ctrl.uns["scfm_pathways"]["params"]
+    assert params["perturbation"] == "A" and params["model"] == "PerturbationModel"
 
 
 def test_distilled_student_keeps_the_tokenizer_data(pathway_model):

@@ -56,18 +56,24 @@ GRAPH_KWARGS = ("go_max_term_size",)
 BACKBONE_TOKENIZERS = ("geneformer", "scgpt")
 
 
+def cp10k_sample(matrix, max_cells: int = 20000, seed: int = 0):
+    """Counts per 10k (``counts / library * 1e4``) of up to ``max_cells`` random cells
+    (CSR, float64, in the cells' order)."""
+    from scipy import sparse
+
+    n = matrix.shape[0]
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
+    x = sparse.csr_matrix(matrix[rows] if n > max_cells else matrix[:], dtype=np.float64)
+    lib = np.asarray(x.sum(1)).ravel()
+    return sparse.csr_matrix(sparse.diags(1e4 / np.maximum(lib, 1.0)) @ x)
+
+
 def gene_medians(matrix, max_cells: int = 20000, seed: int = 0) -> np.ndarray:
     """Median of each gene's normalised expression (counts per 10k) over the cells that
     express it, from up to ``max_cells`` cells; 1 for genes never expressed."""
     from scipy import sparse
 
-    n = matrix.shape[0]
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
-    x = matrix[rows] if n > max_cells else matrix[:]
-    x = sparse.csr_matrix(x, dtype=np.float64)
-    lib = np.asarray(x.sum(1)).ravel()
-    x = sparse.diags(1e4 / np.maximum(lib, 1.0)) @ x
-    x = sparse.csc_matrix(x)
+    x = sparse.csc_matrix(cp10k_sample(matrix, max_cells, seed))
     med = np.ones(x.shape[1])
     for j in range(x.shape[1]):
         vals = x.data[x.indptr[j] : x.indptr[j + 1]]
@@ -78,14 +84,8 @@ def gene_medians(matrix, max_cells: int = 20000, seed: int = 0) -> np.ndarray:
 
 
 def lognorm_sample(matrix, max_cells: int = 20000, seed: int = 0):
-    """``log1p(counts / library * 1e4)`` of up to ``max_cells`` cells (CSR, float64)."""
-    from scipy import sparse
-
-    n = matrix.shape[0]
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
-    x = sparse.csr_matrix(matrix[rows] if n > max_cells else matrix[:], dtype=np.float64)
-    lib = np.asarray(x.sum(1)).ravel()
-    x = sparse.csr_matrix(sparse.diags(1e4 / np.maximum(lib, 1.0)) @ x)
+    """``log1p`` of :func:`cp10k_sample` (CSR, float64)."""
+    x = cp10k_sample(matrix, max_cells, seed)
     x.data = np.log1p(x.data)
     return x
 
@@ -173,19 +173,23 @@ class TokenizerMixin:
             n_residual = int(kw.get("n_residual", N_RESIDUAL))
             residual = None
             if n_residual > 1 and rest.size:
-                dense = x[:PROGRAMME_CELLS, rest].toarray()  # cells × uncovered genes
+                # a random subset: the first rows of a file are often one batch or type
+                rng = np.random.default_rng(0)
+                cells = np.sort(rng.permutation(x.shape[0])[:PROGRAMME_CELLS])
+                dense = x[cells][:, rest].toarray()  # cells × uncovered genes
                 residual = residual_programmes(dense, rest, genes, n_residual)
             names, set_idx, gene_idx = memberships(sets, len(genes), residual=residual)
             coverage = set_coverage(set_idx, gene_idx, names, log_norm_variance(x))
             logger.info(
                 "%d gene sets hold %d of the %d genes (%.1f%% of the variance); %d genes "
-                "(%.1f%%) share the catch-all token.",
+                "(%.1f%%) go to %d catch-all token(s).",
                 coverage["n_sets"],
                 coverage["genes_in_sets"],
                 len(genes),
                 100 * coverage["variance_in_sets"],
                 coverage["catch_all_genes"],
                 100 * coverage["catch_all_variance"],
+                coverage["n_catch_all"],
             )
             options = {
                 "set_names": names,
@@ -375,8 +379,8 @@ class TokenizerMixin:
     @property
     def pathway_coverage_(self) -> dict | None:
         """How much of the training data the named gene sets hold (``tokenizer="pathway"``):
-        ``n_sets``, ``genes_in_sets``, ``variance_in_sets`` (their share of the summed
-        variance of log-normalised expression), ``catch_all_genes`` and
+        ``n_sets``, ``n_catch_all``, ``genes_in_sets``, ``variance_in_sets`` (their share of
+        the summed variance of log-normalised expression), ``catch_all_genes`` and
         ``catch_all_variance`` (:func:`~scfm_adapt.data.set_coverage`). ``None`` for models
         saved before it was recorded."""
         self._require_pathways()
