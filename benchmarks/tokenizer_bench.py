@@ -101,8 +101,6 @@ GENEFORMER_SIZES = {"hidden": 64, "n_layers": 2, "n_heads": 4, "intermediate": 1
 #: The same sizes for the ``scgpt`` rows (write_random_scgpt; 256 genes + <cls>).
 SCGPT_SIZES = {"embsize": 64, "nlayers": 2, "nheads": 4, "d_hid": 128, "max_seq_len": 257}
 PATHWAY_KWARGS = {"max_sets": 64, "min_size": 10, "max_size": 300}
-#: Catch-all tokens of the pathway rows (``--n-residual``; the tokenizer's default, 8).
-N_RESIDUAL = 8
 RANK_TOP_K = 64
 #: Cell types whose pathway attributions are listed (pbmc68k ``bulk_labels``).
 ATTRIBUTION_TYPES = ("CD14+ Monocyte", "CD19+ B")
@@ -112,12 +110,13 @@ THROUGHPUT_CELLS = 2000
 
 # =========================================================================== helpers
 def scfm_kwargs(
-    tokenizer: str, backbones: dict[str, Path], n_residual: int = N_RESIDUAL
+    tokenizer: str, backbones: dict[str, Path], n_residual: int | None = None
 ) -> dict[str, Any]:
     """SCFM arguments of one tokenizer row."""
     if tokenizer == "latent":
         return {}
-    pathway_kwargs = PATHWAY_KWARGS | {"n_residual": n_residual}
+    # n_residual None: the tokenizer's own default
+    pathway_kwargs = PATHWAY_KWARGS | ({} if n_residual is None else {"n_residual": n_residual})
     if tokenizer == "pathway":
         return {"tokenizer": "pathway", "gene_sets": "go", "tokenizer_kwargs": pathway_kwargs}
     if tokenizer == "pathway+go_graph":
@@ -220,7 +219,9 @@ def record_error(errors: list, where: str) -> None:
 
 
 # =========================================================================== annotation
-def pretrain(split, tokenizer: str, epochs: int, backbones: dict[str, Path], n_residual: int):
+def pretrain(
+    split, tokenizer: str, epochs: int, backbones: dict[str, Path], n_residual: int | None
+):
     """Stage 1 on the train cells, ``epochs`` epochs without early stopping."""
     import scfm_adapt as sfa
 
@@ -709,8 +710,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--n-residual",
         type=int,
-        default=N_RESIDUAL,
-        help="pathway rows: split the genes in no set into this many programme tokens",
+        default=None,
+        help="pathway rows: split the genes in no set into this many programme tokens "
+        "(default: the tokenizer's own)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="tokenizers", help="name of the result files")

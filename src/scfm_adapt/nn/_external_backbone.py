@@ -34,6 +34,19 @@ class ExternalBackboneEncoder(PosteriorEncoder):
         self.norm = nn.LayerNorm(hidden)
         self.head = nn.Linear(hidden, 2 * token_dim)
 
+    def _set_gene_token_ids(self, gene_token_ids, vocab_size: int) -> None:
+        """Register each input gene's token id (``-1``: outside the vocabulary) as the
+        buffer ``gene_token_ids``, refusing ids the backbone has no embedding for."""
+        ids = torch.as_tensor(gene_token_ids, dtype=torch.long).reshape(-1)
+        bad = ids[(ids < -1) | (ids >= vocab_size)]
+        if bad.numel():
+            raise CheckpointError(
+                f"gene_token_ids hold {bad[:3].tolist()}, outside the model's vocabulary of "
+                f"{vocab_size} tokens (-1 marks a gene outside it); the vocabulary (token "
+                "dictionary) does not belong to this checkpoint."
+            )
+        self.register_buffer("gene_token_ids", ids)
+
     @property
     def n_genes(self) -> int:
         return self.gene_token_ids.shape[0]

@@ -132,14 +132,7 @@ class GeneformerEncoder(ExternalBackboneEncoder):
         self.embeddings = bert.embeddings
         self.blocks = nn.ModuleList(BertBlock(layer) for layer in bert.encoder.layer)
 
-        ids = torch.as_tensor(gene_token_ids, dtype=torch.long).reshape(-1)
-        bad = ids[(ids < -1) | (ids >= config.vocab_size)]
-        if bad.numel():
-            raise CheckpointError(
-                f"gene_token_ids hold {bad[:3].tolist()}, outside the model's vocabulary of "
-                f"{config.vocab_size} tokens (-1 marks a gene outside it); the token "
-                "dictionary does not belong to this checkpoint."
-            )
+        self._set_gene_token_ids(gene_token_ids, config.vocab_size)
         n_special = (cls_id is not None) + (eos_id is not None)
         limit = config.max_position_embeddings - n_special
         max_len = limit if max_len is None else int(max_len)
@@ -150,8 +143,7 @@ class GeneformerEncoder(ExternalBackboneEncoder):
                 f"{n_special} special tokens)."
             )
         self.pad_id, self.cls_id, self.eos_id, self.max_len = pad_id, cls_id, eos_id, max_len
-        self.register_buffer("gene_token_ids", ids)
-        self.register_buffer("gene_median", torch.ones(ids.shape[0]))
+        self.register_buffer("gene_median", torch.ones(self.n_genes))
 
         self._init_readout(
             config.hidden_size, n_tokens, token_dim, config.num_attention_heads, dropout, var_eps

@@ -102,19 +102,20 @@ def bin_values(
     else:
         u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
         digits = torch.ceil(at_or_below - u * (at_or_below - below)).long()
-    return torch.where(valid & (n[:, None] > 0), digits, 0).to(values.dtype)
+    return torch.where(valid, digits, 0).to(values.dtype)
 
 
-class GeneEncoder(nn.Module):
-    """scGPT's gene embedding: a table of gene tokens, then LayerNorm."""
+class EmbeddingNorm(nn.Module):
+    """scGPT's table lookup, then LayerNorm: its gene embedding (``encoder``) and its value
+    embedding of bin indices (``input_emb_style="category"``)."""
 
-    def __init__(self, n_tokens: int, dim: int, padding_idx: int | None):
+    def __init__(self, n_rows: int, dim: int, padding_idx: int | None):
         super().__init__()
-        self.embedding = nn.Embedding(n_tokens, dim, padding_idx=padding_idx)
+        self.embedding = nn.Embedding(n_rows, dim, padding_idx=padding_idx)
         self.enc_norm = nn.LayerNorm(dim)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.enc_norm(self.embedding(ids))
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(idx.long()))
 
 
 class ContinuousValueEncoder(nn.Module):
@@ -131,18 +132,6 @@ class ContinuousValueEncoder(nn.Module):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.linear1(v.unsqueeze(-1).clamp(max=MAX_VALUE)))  # (B, L, d)
         return self.dropout(self.norm(self.linear2(h)))
-
-
-class CategoryValueEncoder(nn.Module):
-    """scGPT's value embedding of a bin index: a table, then LayerNorm."""
-
-    def __init__(self, n_bins: int, dim: int, padding_idx: int | None):
-        super().__init__()
-        self.embedding = nn.Embedding(n_bins, dim, padding_idx=padding_idx)
-        self.enc_norm = nn.LayerNorm(dim)
-
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.enc_norm(self.embedding(v.long()))
 
 
 class ScGPTAttention(nn.Module):
@@ -259,14 +248,7 @@ class ScGPTEncoder(ExternalBackboneEncoder):
         super().__init__()
         c = self.config = dict(config)
         d, vocab_size = int(c["d_model"]), int(c["vocab_size"])
-        ids = torch.as_tensor(gene_token_ids, dtype=torch.long).reshape(-1)
-        bad = ids[(ids < -1) | (ids >= vocab_size)]
-        if bad.numel():
-            raise CheckpointError(
-                f"gene_token_ids hold {bad[:3].tolist()}, outside the model's vocabulary of "
-                f"{vocab_size} tokens (-1 marks a gene outside it); the vocabulary does not "
-                "belong to this checkpoint."
-            )
+        self._set_gene_token_ids(gene_token_ids, vocab_size)
         limit = int(c["max_seq_len"]) - 1
         max_len = limit if max_len is None else int(max_len)
         if not 1 <= max_len <= limit:
@@ -280,10 +262,9 @@ class ScGPTEncoder(ExternalBackboneEncoder):
         self.pad_value = float(c["pad_value"])
         self.cls_value = self.pad_value if cls_value is None else float(cls_value)
         self.input_style, self.emb_style = c["input_style"], c["input_emb_style"]
-        self.register_buffer("gene_token_ids", ids)
 
         p = float(c["dropout"])
-        self.gene_encoder = GeneEncoder(vocab_size, d, pad_id)
+        self.gene_encoder = EmbeddingNorm(vocab_size, d, pad_id)
         if self.emb_style == "continuous":
             self.value_encoder: nn.Module = ContinuousValueEncoder(d, p)
         elif self.emb_style == "category":
@@ -300,7 +281,7 @@ class ScGPTEncoder(ExternalBackboneEncoder):
                     f"n_bins={c['n_bins']} bins do not fit the value embedding table of "
                     f"{n_in} rows; the args.json belongs to another model."
                 )
-            self.value_encoder = CategoryValueEncoder(n_in, d, int(self.pad_value))
+            self.value_encoder = EmbeddingNorm(n_in, d, int(self.pad_value))
         else:  # "scaling": the gene embedding times the value
             self.value_encoder = nn.Identity()
         self.blocks = nn.ModuleList(
