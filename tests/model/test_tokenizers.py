@@ -40,8 +40,14 @@ def pathway_model():
         tokenizer="pathway",
         gene_sets=toy_sets(),
         gene_graph=chain(40),
-        # neighbour lists; one catch-all token (the tests below name it)
-        tokenizer_kwargs={"min_size": 5, "sparse_threshold": 1.0, "n_residual": 1},
+        # neighbour lists; one catch-all token (the tests below name it); a single gene
+        # edge links two sets
+        tokenizer_kwargs={
+            "min_size": 5,
+            "sparse_threshold": 1.0,
+            "n_residual": 1,
+            "min_edge_share": 0.0,
+        },
         **TINY,
     )
     m.train(max_epochs=8, stage="vae", **FAST)
@@ -204,6 +210,67 @@ def test_annotator_pathway_attributions(pathway_model):
         ann.get_pathway_attributions(label="nope")
 
 
+def test_annotator_trains_the_gene_to_pathway_weights_in_its_copy(pathway_model, tmp_path):
+    from conftest import make_adata
+
+    m, _ = pathway_model
+    pre = {n: getattr(m.module.encoder, n).detach().clone() for n in ("member_weight", "set_in")}
+    train = make_adata(n_cells=240, seed=1)
+    sfa.model.CellAnnotator.setup_anndata(train, labels_key="cell_type")
+    ann = sfa.model.CellAnnotator(train, pretrained=m, strategy="lora")
+    enc = ann.module.backbone.encoder
+    assert enc.member_weight.requires_grad and enc.set_in.requires_grad
+    rep = ann.parameter_report()
+    own = enc.member_weight.numel() + enc.set_in.numel()
+    lora = sum(p.numel() for n, p in enc.named_parameters() if "lora_" in n)
+    assert rep["adapter"] == own + lora
+    ann.train(max_epochs=3, lr=1e-2, enable_progress_bar=False, batch_size=32)
+    assert not torch.equal(enc.member_weight.detach(), pre["member_weight"])
+    for name, value in pre.items():  # the pretrained model is not touched
+        assert torch.equal(getattr(m.module.encoder, name).detach(), value)
+    back = sfa.model.CellAnnotator.load(ann.save(tmp_path / "ann"), adata=train)
+    torch.testing.assert_close(back.module.backbone.encoder.member_weight, enc.member_weight)
+    assert list(back.predict(train)) == list(ann.predict(train))
+    # a linear probe reads the pretrained tokens as they are
+    probe = sfa.model.CellAnnotator(train, pretrained=m, strategy="linear_probe")
+    assert not probe.module.backbone.encoder.member_weight.requires_grad
+
+
+def test_member_weights_start_from_the_sets_principal_axes(tiny_kwargs):
+    from conftest import make_adata
+
+    a = make_adata(n_cells=120, seed=2)
+    sfa.model.SCFM.setup_anndata(a)
+    kw = {"min_size": 5, "n_residual": 1}
+    m = sfa.model.SCFM(
+        a,
+        tokenizer="pathway",
+        gene_sets=toy_sets(),
+        tokenizer_kwargs={**kw, "member_init": "pca"},
+        **tiny_kwargs,
+    )
+    enc = m.module.encoder
+    w = enc.member_weight.detach().numpy()
+    si, gi = enc.member_set.numpy(), enc.member_gene.numpy()
+    x = a.X.toarray()
+    x = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+    for p in range(enc.n_sets):
+        rows = si == p
+        np.testing.assert_allclose(w[rows, 0], rows.sum() ** -0.5, rtol=1e-6)
+        sub = x[:, gi[rows]] - x[:, gi[rows]].mean(0)
+        top = np.linalg.eigh(sub.T @ sub)[1][:, -1]  # the set's first principal axis
+        assert abs(np.dot(top, w[rows, 1])) == pytest.approx(1.0, abs=1e-4)
+    assert m.module.hparams_["tokenizer_options"]["member_init"] == "pca"
+    with pytest.raises(SCFMInputError, match="member_init"):
+        sfa.model.SCFM(
+            a,
+            tokenizer="pathway",
+            gene_sets=toy_sets(),
+            tokenizer_kwargs={**kw, "member_init": "svd"},
+            **tiny_kwargs,
+        )
+
+
 def test_perturbation_pathway_attributions():
     from conftest import make_perturbation_adata, toy_features
 
@@ -276,3 +343,74 @@ def test_catch_all_split_into_programmes(tiny_kwargs):
     enc = m.module.encoder
     in_catch = np.isin(enc.member_set.numpy(), [len(names) - 2, len(names) - 1])
     assert sorted(enc.member_gene.numpy()[in_catch]) == list(range(35, 40))  # genes in no set
+
+
+def test_gene_scores_choose_sets_first_and_the_graph_density_is_reported(tiny_kwargs):
+    from conftest import make_adata
+
+    a = make_adata(n_cells=120, seed=3)
+    sfa.model.SCFM.setup_anndata(a)
+    a.var["score"] = 0.0
+    a.var.loc[[f"gene{j}" for j in range(25, 35)], "score"] = 1.0  # S5's genes
+    kw = {"min_size": 5, "max_sets": 2, "n_residual": 1}
+
+    def build(**extra):
+        opts = {**kw, **extra.pop("tokenizer_kwargs", {})}
+        return sfa.model.SCFM(
+            a,
+            tokenizer="pathway",
+            gene_sets=toy_sets(),
+            tokenizer_kwargs=opts,
+            **extra,
+            **tiny_kwargs,
+        )
+
+    plain = build().pathway_names_[:2]
+    assert "S5" not in plain  # the coverage pass alone prefers the larger sets
+    ranked = build(tokenizer_kwargs={"gene_scores": "score", "n_ranked": 1})
+    assert ranked.pathway_names_[0] == "S5" and len(ranked.pathway_names_) == 3
+    as_array = build(tokenizer_kwargs={"gene_scores": a.var["score"].to_numpy(), "n_ranked": 1})
+    assert as_array.pathway_names_ == ranked.pathway_names_
+    with pytest.raises(SCFMInputError, match="not a column of adata"):
+        build(tokenizer_kwargs={"gene_scores": "nope", "n_ranked": 1})
+    with pytest.raises(SCFMInputError, match="one finite"):
+        build(tokenizer_kwargs={"gene_scores": [1.0, 2.0], "n_ranked": 1})
+    # the pathway graph's density is reported, and a share threshold thins it
+    dense = build(gene_graph=chain(40), tokenizer_kwargs={"max_sets": 6, "min_edge_share": 0})
+    sparse_ = build(gene_graph=chain(40), tokenizer_kwargs={"max_sets": 6})  # default 0.1
+    d0, d1 = (m.pathway_coverage_["graph_density"] for m in (dense, sparse_))
+    n = len(dense.pathway_names_)
+    enc = dense.module.encoder
+    assert d0 == pytest.approx(sfa.data.graph_density(enc.edges.numpy(), n))
+    assert dense.pathway_coverage_["graph_edges"] == enc.edges.shape[0]
+    assert 0 < d1 < d0 <= 1
+
+
+def test_perturbation_pathway_backbone_ranks_sets_by_the_response():
+    from conftest import make_perturbation_adata
+    from scfm_adapt.model._perturbation import response_scores
+
+    a = make_perturbation_adata(n_per_group=30, n_genes=30)
+    sfa.model.PerturbationModel.setup_anndata(a, "condition", "control", covariate_keys=["context"])
+    scores = response_scores(a, sfa.model.PerturbationModel(a, gene_features=None).setup_)
+    # A, B and C multiply g0-14 by 4; the others move only through the library size
+    assert scores.shape == (30,) and scores[:15].mean() > scores[15:].mean() + 0.1
+    # alphabetical order favours the sets of genes that do not respond
+    sets = {"Z_resp": [f"g{j}" for j in range(6)], "A_null": [f"g{j}" for j in range(20, 26)]}
+    kw = {
+        "gene_features": None,
+        "n_ensemble": 2,
+        "tokenizer": "pathway",
+        "gene_sets": sets,
+        "n_tokens": 4,
+        "token_dim": 4,
+        "encoder_hidden": 16,
+        "encoder_depth": 1,
+        "n_heads": 2,
+    }
+    pm = sfa.model.PerturbationModel(a, **kw, tokenizer_kwargs={"min_size": 3, "max_sets": 1})
+    assert pm.backbone.pathway_names_[0] == "Z_resp"
+    off = sfa.model.PerturbationModel(
+        a, **kw, tokenizer_kwargs={"min_size": 3, "max_sets": 1, "n_ranked": 0}
+    )
+    assert off.backbone.pathway_names_[0] == "A_null"

@@ -48,12 +48,15 @@ def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def go_gene_sets(
-    ontology: str = "BP", path: str | os.PathLike | None = None
+    ontology: str = "BP", path: str | os.PathLike | None = None, propagate: bool = False
 ) -> dict[str, list[str]]:
-    """Every GO term of ``ontology`` with its directly annotated genes (symbols).
+    """Every GO term of ``ontology`` with its annotated genes (symbols).
 
-    Keys read ``"GO:0006955 immune response"``. Size filters and the choice among the
-    ~12k BP terms are :func:`select_gene_sets`' job, against a data set's genes.
+    Keys read ``"GO:0006955 immune response"``. By default a term holds the genes annotated
+    to it directly; with ``propagate`` it also holds those of every term below it through
+    ``is_a`` and ``part_of`` (GO's true-path rule), so a parent such as type I interferon
+    signalling includes the genes of its regulation terms. Size filters and the choice among
+    the ~12k BP terms are :func:`select_gene_sets`' job, against a data set's genes.
     """
     from ..datasets import go_gene2go, go_terms
 
@@ -61,9 +64,39 @@ def go_gene_sets(
     g2g = g2g[g2g["ontology"] == ontology][["go_id", "symbol"]].dropna().drop_duplicates()
     terms = go_terms(path)
     names = terms.drop_duplicates("go_id").set_index("go_id")["term"]
+    direct = {go_id: set(genes.astype(str)) for go_id, genes in g2g.groupby("go_id")["symbol"]}
+    if propagate:
+        edges = terms[
+            (terms["ontology"] == ontology) & terms["relationship"].isin(["isa", "part of"])
+        ]
+        children: dict[str, list[str]] = {}
+        for child, parent in zip(edges["go_id"], edges["parent_go_id"], strict=True):
+            children.setdefault(parent, []).append(child)
+        full: dict[str, set[str]] = {}
+
+        def genes_below(term: str) -> set[str]:  # iterative post-order: GO is deep
+            stack = [(term, False)]
+            while stack:
+                t, done = stack.pop()
+                if t in full:
+                    continue
+                kids = children.get(t, [])
+                if done:
+                    acc = set(direct.get(t, ()))
+                    for k in kids:
+                        acc |= full[k]
+                    full[t] = acc
+                else:
+                    stack.append((t, True))
+                    stack.extend((k, False) for k in kids if k not in full)
+            return full[term]
+
+        for t in set(direct) | set(children):
+            genes_below(t)
+        direct = {t: g for t, g in full.items() if g}
     out: dict[str, list[str]] = {}
-    for go_id, genes in g2g.groupby("go_id", sort=True)["symbol"]:
-        out[f"{go_id} {names.get(go_id, '')}".strip()] = sorted(genes.astype(str))
+    for go_id in sorted(direct):
+        out[f"{go_id} {names.get(go_id, '')}".strip()] = sorted(direct[go_id])
     return out
 
 
@@ -74,14 +107,24 @@ def select_gene_sets(
     max_size: int = 300,
     max_sets: int | None = 64,
     max_overlap: float = 0.5,
+    gene_scores: np.ndarray | None = None,
+    n_ranked: int = 0,
 ) -> dict[str, np.ndarray]:
     """Fit gene sets to a data set: member indices of the sets worth a token.
 
     Sets are cut to the genes in ``var_names`` and kept when ``min_size <= size <=
-    max_size``. When more than ``max_sets`` remain, sets are chosen greedily by how many
-    genes they add that no chosen set covers yet (ties: the larger set, then the name),
+    max_size``. When more than ``max_sets`` remain, they are chosen in two passes, each
     skipping sets whose overlap with a chosen one exceeds ``max_overlap`` of the smaller
-    (near-duplicates, common among GO parents and children). Deterministic.
+    (near-duplicates, common among GO parents and children):
+
+    1. with ``gene_scores``, up to ``n_ranked`` sets by the mean score of their members,
+       highest first: the pathways the data vary along (scores such as each gene's
+       variance, or its response to the perturbations; a small set, such as interferon
+       signalling, adds few genes and would lose the second pass);
+    2. the rest greedily by how many genes they add that no chosen set covers yet (ties:
+       the larger set, then the name).
+
+    Deterministic.
 
     Returns
     -------
@@ -92,6 +135,8 @@ def select_gene_sets(
     ------
     GeneMismatchError
         When no set keeps ``min_size`` of the data's genes (wrong species or identifiers).
+    SCFMInputError
+        When ``gene_scores`` does not have one finite value per gene.
     """
     index = {g: i for i, g in enumerate(map(str, var_names))}
     fitted = {}
@@ -109,9 +154,33 @@ def select_gene_sets(
         )
     if max_sets is None or len(fitted) <= max_sets:
         return fitted
-    covered = np.zeros(len(index), dtype=bool)
     chosen: dict[str, np.ndarray] = {}
-    candidates = sorted(fitted.items(), key=lambda kv: (-kv[1].size, kv[0]))
+
+    def distinct(m: np.ndarray) -> bool:
+        return all(
+            np.intersect1d(m, c, assume_unique=True).size <= max_overlap * min(m.size, c.size)
+            for c in chosen.values()
+        )
+
+    if gene_scores is not None and n_ranked > 0:
+        score = np.asarray(gene_scores, dtype=np.float64)
+        if score.shape != (len(index),) or not np.isfinite(score).all():
+            raise SCFMInputError(
+                f"gene_scores has shape {score.shape}; expected one finite value per gene "
+                f"({len(index)},)."
+            )
+        for name, idx in sorted(fitted.items(), key=lambda kv: (-score[kv[1]].mean(), kv[0])):
+            if len(chosen) >= min(n_ranked, max_sets):
+                break
+            if distinct(idx):
+                chosen[name] = idx
+    covered = np.zeros(len(index), dtype=bool)
+    for idx in chosen.values():
+        covered[idx] = True
+    candidates = sorted(
+        ((n, m) for n, m in fitted.items() if n not in chosen and distinct(m)),
+        key=lambda kv: (-kv[1].size, kv[0]),
+    )
     while len(chosen) < max_sets and candidates:
         gains = [int((~covered[idx]).sum()) for _, idx in candidates]
         best = int(np.argmax(gains))  # first maximum: the larger set, then the name
@@ -214,6 +283,49 @@ def residual_programmes(
         out[f"{OTHER_GENES} {len(out) + 1}: {', '.join(str(var_names[g]) for g in top)}"] = np.sort(
             members
         )
+    return out
+
+
+def set_components(
+    x: np.ndarray, set_idx: np.ndarray, gene_idx: np.ndarray, n_sets: int, n_channels: int
+) -> np.ndarray:
+    """Starting member weights ``(M, n_channels)`` of pathway tokens from the data.
+
+    Channel 0 is the set's mean (``1 / sqrt(size)`` per member); channels ``1..`` are the
+    leading principal axes of the set's members over the cells of ``x`` (centred,
+    unit-norm, signed so that the largest loading is positive), so a token starts with its
+    set's main within-set contrasts rather than random ones. Channels beyond a set's rank
+    are 0.
+
+    Parameters
+    ----------
+    x
+        Cells × genes, log-normalised expression (dense; a sample of the training cells).
+    set_idx, gene_idx
+        Memberships, as :func:`memberships` returns them.
+    n_sets, n_channels
+        Sets and channels of the encoder.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros((set_idx.size, n_channels), dtype=np.float64)
+    for p in range(n_sets):
+        rows = np.flatnonzero(set_idx == p)
+        if not rows.size:
+            continue
+        out[rows, 0] = rows.size**-0.5
+        k = min(n_channels - 1, rows.size - 1, x.shape[0] - 1)
+        if k <= 0:
+            continue
+        sub = x[:, gene_idx[rows]]
+        sub = sub - sub.mean(0)
+        val, vec = np.linalg.eigh(sub.T @ sub)  # ascending
+        vec = vec[:, ::-1][:, :k]
+        val = val[::-1][:k]
+        vec = vec * np.where(
+            vec[np.abs(vec).argmax(0), np.arange(k)] < 0, -1.0, 1.0
+        )  # a fixed sign
+        vec[:, val <= 1e-12 * max(val[0], 1e-300)] = 0.0  # no variance: no direction
+        out[rows, 1 : k + 1] = vec
     return out
 
 
@@ -334,9 +446,16 @@ def set_graph(
     n_sets: int,
     gene_edges: np.ndarray | None = None,
     min_jaccard: float = 0.05,
+    min_edge_share: float = 0.0,
 ) -> np.ndarray:
     """Edges ``(E, 2)`` between gene sets: sets sharing at least ``min_jaccard`` of their
-    genes, and, with ``gene_edges``, sets linked by at least one gene-graph edge."""
+    genes, and, with ``gene_edges``, sets linked by gene-graph edges.
+
+    Two sets ``A`` and ``B`` are linked through the gene graph when the edges between their
+    members are at least ``min_edge_share`` of the ``|A| × |B|`` member pairs (and at least
+    one). With 0, a single edge links two sets, and a graph such as GO's then links most
+    pairs (:func:`graph_density` measures it).
+    """
     from scipy import sparse
 
     n_genes = int(gene_idx.max()) + 1 if gene_idx.size else 0
@@ -355,17 +474,32 @@ def set_graph(
             shape=(n_genes, n_genes),
         )
         g = g + g.T
-        adj |= (m @ g @ m.T).toarray() > 0
+        cross = (m @ g @ m.T).toarray()
+        pairs = np.maximum(size[:, None] * size[None, :], 1)
+        adj |= (cross > 0) & (cross >= min_edge_share * pairs)
     i, j = np.nonzero(np.triu(adj, k=1))
     return np.stack([i, j], 1).astype(np.int64)
 
 
-def resolve_gene_sets(gene_sets, var_names: Sequence[str], **select) -> dict[str, np.ndarray]:
-    """``"go"`` / ``"go_bp"`` / ``"go_mf"`` / ``"go_cc"``, a GMT path or a dict, fitted to
-    ``var_names`` by :func:`select_gene_sets`."""
+def graph_density(edges: np.ndarray, n_nodes: int) -> float:
+    """Share of the ``n (n - 1) / 2`` node pairs that undirected ``edges`` link (1 with
+    fewer than two nodes)."""
+    pairs = n_nodes * (n_nodes - 1) / 2
+    if pairs <= 0:
+        return 1.0
+    e = np.unique(np.sort(np.asarray(edges, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
+    return float((e[:, 0] != e[:, 1]).sum() / pairs)
+
+
+def resolve_gene_sets(
+    gene_sets, var_names: Sequence[str], propagate: bool = False, **select
+) -> dict[str, np.ndarray]:
+    """``"go"`` / ``"go_bp"`` / ``"go_mf"`` / ``"go_cc"`` (``propagate``: with the genes of
+    the terms below, :func:`go_gene_sets`), a GMT path or a dict, fitted to ``var_names``
+    by :func:`select_gene_sets` (``select``: its options)."""
     if isinstance(gene_sets, str) and gene_sets.lower() in ("go", "go_bp", "go_mf", "go_cc"):
         ont = {"go": "BP"}.get(gene_sets.lower(), gene_sets[-2:].upper())
-        sets = go_gene_sets(ont)
+        sets = go_gene_sets(ont, propagate=propagate)
     elif isinstance(gene_sets, str | os.PathLike) and Path(gene_sets).suffix.lower() == ".gmt":
         sets = read_gmt(gene_sets)
     elif isinstance(gene_sets, Mapping):

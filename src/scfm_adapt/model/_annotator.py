@@ -190,12 +190,19 @@ class CellAnnotator(BaseModel):
         return str(self._label_mapping()[-1])
 
     def _freeze(self) -> None:
-        """The adapter's encoder-side weights and the head train; nothing else."""
+        """The adapter's encoder-side weights and the head train; nothing else. With LoRA
+        or bottleneck adapters, an encoder's ``annotator_trainable`` weights train too, in
+        this annotator's copy: a pathway encoder's gene → pathway weights, which no LoRA
+        layer can reach (they are not linear layers) and which hold, like the latent
+        encoder's gene projection, where a new data set differs most."""
         bb = self.module.backbone
         bb.set_stage("vae")
         for n, p in bb.named_parameters():
             if not n.startswith("encoder."):
                 p.requires_grad_(False)
+        if self.strategy_ in ("lora", "adapter"):
+            for name in getattr(bb.encoder, "annotator_trainable", ()):
+                getattr(bb.encoder, name).requires_grad_(True)
         self.module.head.requires_grad_(True)
 
     def parameter_report(self) -> dict[str, int | float]:

@@ -23,6 +23,7 @@ from ..data import (
     check_not_view,
     check_obs_keys,
     context_labels,
+    get_matrix,
     parse_doses,
     parts_and_doses,
 )
@@ -194,7 +195,12 @@ class PerturbationModel(BaseModel):
         initialisation), so a part's weight may depend on its partners; ``"auto"``
         (default): attention for a flow, the sum for heads. Both are order-invariant.
     **backbone_kwargs
-        :class:`SCFM` arguments when the backbone is trained here.
+        :class:`SCFM` arguments when the backbone is trained here. With
+        ``tokenizer="pathway"``, the first 16 gene sets (``n_ranked``) are those whose genes
+        respond most to the training perturbations (their mean absolute change of
+        log-normalised expression from the control cells of the same context; pass
+        ``tokenizer_kwargs={"n_ranked": 0}`` to choose by coverage alone), so the pathways
+        that explain a response have tokens.
 
     Examples
     --------
@@ -271,6 +277,8 @@ class PerturbationModel(BaseModel):
         elif pretrained is None:
             args = manager.registry["setup_args"]
             SCFM.setup_anndata(adata, layer=args["layer"], batch_key=args["batch_key"])
+            if backbone_kwargs.get("tokenizer") == "pathway":
+                backbone_kwargs = _response_ranked_pathways(adata, args, backbone_kwargs)
             backbone = SCFM(adata, **backbone_kwargs)
         else:
             args = manager.registry["setup_args"]
@@ -1993,3 +2001,57 @@ def _rescaled(dist, ratio: torch.Tensor):
     if isinstance(dist, ZeroInflatedNegativeBinomial):
         return ZeroInflatedNegativeBinomial(mu=mu, theta=dist.theta, zi_logits=dist.zi_logits)
     return NegativeBinomial(mu=mu, theta=dist.theta)
+
+
+def response_scores(adata: AnnData, setup: Mapping, max_cells: int = 2000) -> np.ndarray:
+    """Each gene's mean absolute response to the training perturbations.
+
+    For every (perturbation, context) with perturbed and control cells, the change of the
+    mean log-normalised expression (log1p CP10k) from the context's control cells; the
+    score is the mean over those of the absolute change. At most ``max_cells`` random cells
+    of each group are read.
+    """
+    from ._tokenizers import lognorm_sample
+
+    obs = adata.obs
+    pert = obs[setup["perturbation_key"]].astype(str).to_numpy()
+    ctx = context_labels(obs, setup.get("covariate_keys") or [])
+    is_ctrl = pert == str(setup["control_group"])
+    x = get_matrix(adata, setup.get("layer"))
+    rng = np.random.default_rng(0)
+
+    def mean_of(mask: np.ndarray) -> np.ndarray:
+        idx = np.flatnonzero(mask)
+        if idx.size > max_cells:
+            idx = np.sort(rng.choice(idx, max_cells, replace=False))
+        m = lognorm_sample(x[idx], max_cells=idx.size)
+        return np.asarray(m.mean(0), dtype=np.float64).ravel()
+
+    total, n = np.zeros(adata.n_vars), 0
+    for c in pd.unique(ctx):
+        in_c = ctx == c
+        if not (in_c & is_ctrl).any():
+            continue
+        base = mean_of(in_c & is_ctrl)
+        for p in pd.unique(pert[in_c & ~is_ctrl]):
+            total += np.abs(mean_of(in_c & (pert == p)) - base)
+            n += 1
+    if n == 0:
+        raise SCFMInputError(
+            "No context has both control and perturbed cells, so no gene's response can be "
+            "measured; pass tokenizer_kwargs={'gene_scores': ...} or 'n_ranked': 0."
+        )
+    return total / n
+
+
+def _response_ranked_pathways(adata: AnnData, setup: Mapping, kwargs: dict) -> dict:
+    """A pathway backbone's SCFM arguments with the gene sets ranked first by the training
+    perturbations' response (unless the caller gave scores or ``n_ranked``)."""
+    from ._tokenizers import N_RESPONSE_RANKED
+
+    kw = dict(kwargs.get("tokenizer_kwargs") or {})
+    if "gene_scores" in kw or kw.get("n_ranked", 1) == 0:
+        return kwargs
+    kw["gene_scores"] = response_scores(adata, setup)
+    kw.setdefault("n_ranked", N_RESPONSE_RANKED)
+    return {**kwargs, "tokenizer_kwargs": kw}

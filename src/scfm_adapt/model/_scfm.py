@@ -173,7 +173,7 @@ class SCFM(
         ``tokenizer="pathway"``: ``"go"`` (default; GO biological processes from the data
         folder's GO tables), ``"go_mf"``, ``"go_cc"``, a ``.gmt`` path or a dict of set name
         to genes; fitted to the genes by :func:`~scfm_adapt.data.select_gene_sets`. Genes in
-        no chosen set share one extra token.
+        no chosen set go to catch-all tokens (``n_residual``).
     gene_graph
         Restricts attention between gene (``"rank"``) or pathway (``"pathway"``) tokens:
         ``"go"`` (genes sharing a specific GO term), a genes × genes matrix or an edge list
@@ -186,7 +186,14 @@ class SCFM(
         vocabulary and the share of the counts they carry.
     tokenizer_kwargs
         Options: ``pathway``: ``min_size`` (10), ``max_size`` (300), ``max_sets`` (64),
-        ``max_overlap`` (0.5), ``n_channels`` (4), ``min_jaccard`` (0.05),
+        ``max_overlap`` (0.5), ``n_ranked`` (0; a :class:`PerturbationModel`'s backbone:
+        16) and ``gene_scores`` (an ``adata.var`` column or one number per gene; default
+        the genes' variance; a :class:`PerturbationModel`'s backbone: their response to
+        the training perturbations): that many sets are chosen first by their members'
+        mean score, :func:`~scfm_adapt.data.select_gene_sets`; ``go_propagate`` (False:
+        GO terms with the genes of the terms below them), ``n_channels`` (4),
+        ``min_jaccard`` (0.05), ``min_edge_share`` (0: with ``gene_graph``, the share of
+        member pairs joined by edges that links two sets, :func:`~scfm_adapt.data.set_graph`),
         ``sparse_threshold`` (0: graph attention on the fused kernel with a mask),
         ``n_residual`` (8: the genes in no set are split into that many expression
         programmes, :func:`~scfm_adapt.data.residual_programmes`; 1: one catch-all token);

@@ -29,8 +29,13 @@ TOKENIZER_KWARGS = {
         "max_size",
         "max_sets",
         "max_overlap",
+        "n_ranked",
+        "gene_scores",
+        "go_propagate",
         "n_channels",
+        "member_init",
         "min_jaccard",
+        "min_edge_share",
         "sparse_threshold",
     ),
     "rank": ("top_k",),
@@ -102,6 +107,21 @@ PROGRAMME_CELLS = 5000
 #: hold hundreds of genes and dominate the attributions; benchmarks/README.md, "Pathway
 #: tokens").
 N_RESIDUAL = 8
+#: Default number of the pathway tokenizer's sets chosen by their members' scores (gene
+#: variance; a perturbation model's response) before the rest are chosen by coverage
+#: (:func:`~scfm_adapt.data.select_gene_sets`).
+N_RANKED = 0
+#: How the pathway tokens' member weights start ("pca": the set mean and the set's
+#: principal axes, :func:`~scfm_adapt.data.set_components`; "random": the mean and random
+#: contrasts) and the random training cells the axes are computed on.
+MEMBER_INIT = "random"
+COMPONENT_CELLS = 2000
+#: The same for a :class:`~scfm_adapt.model.PerturbationModel`'s backbone, whose genes are
+#: scored by their response to the training perturbations (``response_scores``).
+N_RESPONSE_RANKED = 16
+#: Default share of member pairs joined by gene-graph edges that links two pathway tokens
+#: (:func:`~scfm_adapt.data.set_graph`).
+MIN_EDGE_SHARE = 0.1
 
 
 class TokenizerMixin:
@@ -123,9 +143,11 @@ class TokenizerMixin:
         from ..data import (
             as_gene_graph,
             go_gene_graph,
+            graph_density,
             memberships,
             residual_programmes,
             resolve_gene_sets,
+            set_components,
             set_coverage,
             set_graph,
             uncovered_genes,
@@ -167,8 +189,17 @@ class TokenizerMixin:
             select = {
                 k: kw[k] for k in ("min_size", "max_size", "max_sets", "max_overlap") if k in kw
             }
-            sets = resolve_gene_sets("go" if gene_sets is None else gene_sets, genes, **select)
             x = lognorm_sample(self._counts_matrix(adata))
+            gene_var = log_norm_variance(x)
+            scores = _gene_scores(kw.get("gene_scores"), adata, genes, gene_var)
+            sets = resolve_gene_sets(
+                "go" if gene_sets is None else gene_sets,
+                genes,
+                propagate=bool(kw.get("go_propagate", False)),
+                gene_scores=scores,
+                n_ranked=int(kw.get("n_ranked", N_RANKED)),
+                **select,
+            )
             rest = uncovered_genes(sets, len(genes))
             n_residual = int(kw.get("n_residual", N_RESIDUAL))
             residual = None
@@ -179,7 +210,7 @@ class TokenizerMixin:
                 dense = x[cells][:, rest].toarray()  # cells × uncovered genes
                 residual = residual_programmes(dense, rest, genes, n_residual)
             names, set_idx, gene_idx = memberships(sets, len(genes), residual=residual)
-            coverage = set_coverage(set_idx, gene_idx, names, log_norm_variance(x))
+            coverage = set_coverage(set_idx, gene_idx, names, gene_var)
             logger.info(
                 "%d gene sets hold %d of the %d genes (%.1f%% of the variance); %d genes "
                 "(%.1f%%) go to %d catch-all token(s).",
@@ -202,12 +233,38 @@ class TokenizerMixin:
                 "coverage": coverage,
             }
             data = {"memberships": (set_idx, gene_idx)}
+            member_init = str(kw.get("member_init", MEMBER_INIT))
+            if member_init not in ("pca", "random"):
+                raise SCFMInputError(
+                    f"member_init={member_init!r}; choose 'pca' (the sets' principal axes "
+                    "over the training cells) or 'random'."
+                )
+            options["member_init"] = member_init
+            if member_init == "pca":
+                rng = np.random.default_rng(0)
+                cells = np.sort(rng.permutation(x.shape[0])[:COMPONENT_CELLS])
+                data["member_weights"] = set_components(
+                    x[cells].toarray(), set_idx, gene_idx, len(names), options["n_channels"]
+                )
             if edges is not None:
                 set_edges = set_graph(
-                    set_idx, gene_idx, len(names), edges, kw.get("min_jaccard", 0.05)
+                    set_idx,
+                    gene_idx,
+                    len(names),
+                    edges,
+                    float(kw.get("min_jaccard", 0.05)),
+                    float(kw.get("min_edge_share", MIN_EDGE_SHARE)),
                 )
                 options["n_edges"] = len(set_edges)
                 data["edges"] = set_edges
+                coverage["graph_edges"] = len(set_edges)
+                coverage["graph_density"] = graph_density(set_edges, len(names))
+                logger.info(
+                    "The pathway graph links %d of the %d token pairs (density %.2f).",
+                    len(set_edges),
+                    len(names) * (len(names) - 1) // 2,
+                    coverage["graph_density"],
+                )
         elif tokenizer == "rank":
             options = {"top_k": int(kw.get("top_k", 64)), "n_edges": 0}
             data = {"medians": gene_medians(self._counts_matrix(adata))}
@@ -339,7 +396,11 @@ class TokenizerMixin:
         enc = self.module.encoder
         tokenizer = self.module.tokenizer
         if tokenizer == "pathway":
-            enc.set_gene_sets(*map(torch.as_tensor, data["memberships"]))
+            weights = data.get("member_weights")
+            enc.set_gene_sets(
+                *map(torch.as_tensor, data["memberships"]),
+                None if weights is None else torch.as_tensor(weights, dtype=torch.float32),
+            )
             if "edges" in data:
                 enc.set_graph(torch.as_tensor(data["edges"]))
         if "medians" in data:
@@ -435,6 +496,30 @@ class TokenizerMixin:
             return (z - z0).pow(2).flatten(1).sum(1)
 
         return self._pathway_attributions(adata, indices, target, n_steps, batch_size)
+
+
+def _gene_scores(given, adata, genes: list[str], gene_var: np.ndarray) -> np.ndarray:
+    """The pathway tokenizer's gene scores: ``given`` (one value per gene, or the name of an
+    ``adata.var`` column), or else each gene's log-normalised variance."""
+    if given is None:
+        return gene_var
+    if isinstance(given, str):
+        if given not in adata.var:
+            raise SCFMInputError(
+                f"gene_scores={given!r} is not a column of adata.var; pass a column name or "
+                f"one score per gene ({len(genes)})."
+            )
+        given = adata.var[given].to_numpy()
+    try:
+        scores = np.asarray(given, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise SCFMInputError(f"gene_scores must be numbers, one per gene: {e}") from e
+    if scores.shape != (len(genes),) or not np.isfinite(scores).all():
+        raise SCFMInputError(
+            f"gene_scores has shape {scores.shape} or non-finite values; expected one finite "
+            f"score per gene ({len(genes)},), in adata.var_names' order."
+        )
+    return scores
 
 
 def _auto_id_map(var_names: Sequence[str], vocab: dict) -> dict[str, str] | None:

@@ -82,6 +82,9 @@ class PathwayTokenEncoder(PooledEncoder):
         self.register_buffer("edges", torch.zeros(n_edges, 2, dtype=torch.long))
         self.member_weight = nn.Parameter(torch.zeros(n_members, n_channels))
         self.per_set_inputs = per_set_inputs
+        # what a CellAnnotator's LoRA or adapters train in place besides their own weights:
+        # the gene → pathway weights (benchmarks/README.md, "Pathway tokens")
+        self.annotator_trainable = ("member_weight", "set_in") if per_set_inputs else ()
         if per_set_inputs:  # nn.Linear's initialisation, one map per set
             bound = n_channels**-0.5
             self.set_in = nn.Parameter(
@@ -94,9 +97,16 @@ class PathwayTokenEncoder(PooledEncoder):
         self._graph_cache: tuple | None = None
 
     @torch.no_grad()
-    def set_gene_sets(self, member_set: torch.Tensor, member_gene: torch.Tensor) -> None:
-        """Memberships as parallel index arrays; weights start at the set mean (channel 0)
-        and small random contrasts (other channels), each scaled by the set's size."""
+    def set_gene_sets(
+        self,
+        member_set: torch.Tensor,
+        member_gene: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        """Memberships as parallel index arrays. Weights start at ``weights`` ``(M,
+        n_channels)`` when given (such as :func:`~scfm_adapt.data.set_components`), else at
+        the set mean (channel 0) and small random contrasts (other channels), each scaled
+        by the set's size."""
         member_set = torch.as_tensor(member_set, dtype=torch.long)
         member_gene = torch.as_tensor(member_gene, dtype=torch.long)
         if member_set.shape != self.member_set.shape or member_gene.shape != member_set.shape:
@@ -113,6 +123,11 @@ class PathwayTokenEncoder(PooledEncoder):
         inv = size[member_set].rsqrt()[:, None]  # (M, 1)
         w = torch.randn(self.member_weight.shape) * inv
         w[:, 0] = inv[:, 0]
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=w.dtype)
+            if weights.shape != w.shape:
+                raise ValueError(f"Expected weights of shape {tuple(w.shape)}.")
+            w = weights
         self.member_weight.copy_(w)
 
     @torch.no_grad()
