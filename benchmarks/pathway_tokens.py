@@ -11,14 +11,19 @@ Two sections:
     25%. The test cells are never read, so the defaults can be chosen from this table.
     Variants (``--variants``): ``default``; ``ranked16`` / ``ranked32`` (16 or 32 sets
     chosen first by their members' variance, ``n_ranked``); ``propagated`` (GO annotations
-    propagated up ``is_a``/``part_of``, ``max_size=100``); ``channels1`` (one weighted sum
-    per set: the set's mean, no within-set contrasts); ``graph_any`` (GO gene graph, a
-    single edge links two sets) and ``graph_share10`` (links need 10% of member pairs).
+    propagated up ``is_a``/``part_of``, ``max_size=100``); ``channels1`` / ``channels8``
+    (one weighted sum per set, the set's mean, or eight); ``pca4`` / ``pca8`` (member
+    weights started at the sets' principal axes, 4 or 8 channels); ``random4`` (the random
+    contrasts, explicitly); ``residual16`` (16 catch-all programmes); ``graph_any`` (GO gene
+    graph, a single edge links two sets) and ``graph_share10`` (links need 10% of member
+    pairs); ``latent`` (the latent tokenizer, for reference).
 ``kang``
     Kang 2018 IFN-beta, ``perturbation.py``'s units (the stimulated cells of one cell type
     held out). A :class:`~scfm_adapt.model.PerturbationModel` with ``tokenizer="pathway"``
-    (its gene sets ranked first by the training perturbations' response) is trained as in
-    ``tokenizer_bench.py`` (``--pert-epochs``, ``--head-steps``), then
+    (its gene sets ranked first by the training perturbations' response; ``--n-ranked 0``:
+    by coverage alone) is trained with the default anchor, ``--pert-epochs`` backbone
+    epochs and ``--head-steps`` head steps, and scored (Pearson of the mean change on all
+    genes and on the 20 most changed), then
     ``get_pathway_attributions`` explains the predicted response of up to ``--cells`` of the
     held-out type's control cells. Reported: the top 5 pathways by mean |attribution|, and
     the rank of the best interferon-signalling token (GO:0060337 or a term below it).
@@ -45,7 +50,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-#: GO:0060337 (type I interferon signalling) and the terms below it in GO.db 3.16.
+#: GO:0060337 (type I interferon signalling) and the terms GO.db 3.16 lists under it (its
+#: regulation terms, linked by ``regulates``, and GO:0039502, an ``is_a`` child of one).
 INTERFERON_TERMS = ("GO:0060337", "GO:0060338", "GO:0060339", "GO:0060340", "GO:0039502")
 BASE = {"max_sets": 64, "min_size": 10, "max_size": 300}
 VARIANTS = {
@@ -178,12 +184,13 @@ def run_kang(args) -> dict:
             train = task["train"].copy()
             reset_seeds(seed)
             sfa.model.PerturbationModel.setup_anndata(train, **task["setup"])
+            tok_kw = dict(BASE) if args.n_ranked is None else {**BASE, "n_ranked": args.n_ranked}
             model = sfa.model.PerturbationModel(
                 train,
                 gene_features=None,
                 tokenizer="pathway",
                 gene_sets="go",
-                tokenizer_kwargs=dict(BASE),
+                tokenizer_kwargs=tok_kw,
             )
             model.backbone.train(
                 max_epochs=args.pert_epochs, stage="vae", enable_progress_bar=False
@@ -191,6 +198,20 @@ def run_kang(args) -> dict:
             model.train(head_steps=args.head_steps, progress=False, seed=seed, train_backbone=False)
             names = model.backbone.pathway_names_
             chosen = interferon_rank(names)
+            # the prediction's quality: Pearson of the mean change, all genes and the 20
+            # most changed (as perturbation.py's pearson_delta / pearson_delta_top20)
+            lognorm = sfa.metrics.lognorm
+            pred = model.predict_perturbation(
+                ctrl, "stim", covariates={"cluster_id": ct}, seed=seed
+            )
+            base = lognorm(ctrl).mean(0)
+            d_pred = lognorm(pred).mean(0) - base
+            d_true = lognorm(task["test"][key][1]).mean(0) - base
+            top = np.argsort(-np.abs(d_true))[:20]
+            quality = {
+                "pearson_delta": float(np.corrcoef(d_pred, d_true)[0, 1]),
+                "pearson_delta_top20": float(np.corrcoef(d_pred[top], d_true[top])[0, 1]),
+            }
             rng = np.random.default_rng(seed)
             idx = np.sort(rng.permutation(ctrl.n_obs)[: args.cells])
             df = model.get_pathway_attributions(
@@ -205,13 +226,15 @@ def run_kang(args) -> dict:
                 "interferon_rank": rank,
                 "n_tokens": len(names),
                 "top5": [[str(k), float(v)] for k, v in order.head(5).items()],
+                **quality,
                 "genes": list(df.attrs.get("genes", [])),
                 "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
             print(
                 f"{ct} seed {seed}: interferon token chosen {row['interferon_set_chosen']}, "
-                f"rank {rank} of {len(names)}; top 5: "
+                f"rank {rank} of {len(names)}; pearson_delta {quality['pearson_delta']:.3f}, "
+                f"top-20 {quality['pearson_delta_top20']:.3f}; top 5: "
                 + "; ".join(k for k, _ in row["top5"])
                 + f" ({row['seconds']:.0f} s)",
                 flush=True,
@@ -223,6 +246,11 @@ def run_kang(args) -> dict:
         ranks = [r["interferon_rank"] for r in rs]
         top5 = sum(r is not None and r <= 5 for r in ranks)
         print(f"| {ct} | {ranks} | {top5} of {len(rs)} | {rs[0]['top5'][0][0]} |", flush=True)
+    for key in ("pearson_delta", "pearson_delta_top20"):
+        per_seed = [
+            np.mean([r[key] for r in rows if r["seed"] == s]) for s in dict.fromkeys(args.seeds)
+        ]
+        print(f"{key}, mean over units, seeds {args.seeds}: {mean_sd(per_seed)}", flush=True)
     return {"rows": rows}
 
 
@@ -237,6 +265,9 @@ def main() -> None:
     parser.add_argument("--head-steps", type=int, default=300)
     parser.add_argument("--cells", type=int, default=100, help="control cells explained")
     parser.add_argument("--units", nargs="+", default=None, help="Kang cell types (default all)")
+    parser.add_argument(
+        "--n-ranked", type=int, default=None, help="kang: n_ranked (default: the model's own)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -24,7 +24,8 @@ Two sections, each on the splits of the existing benchmarks and with their code:
     self-supervised, train cells only, a fixed number of epochs *without* early stopping, so
     every tokenizer gets the same epochs), then a :class:`~scfm_adapt.model.CellAnnotator`
     is fitted per strategy with ``annotation.py``'s settings (``ANNOTATOR``: learning rates,
-    LoRA rank 8 on the encoder's default targets; at most ``--annot-epochs`` epochs, early
+    LoRA rank 8 on the encoder's default targets, and for pathway tokens the gene → pathway
+    weights, which ``CellAnnotator`` trains with LoRA; at most ``--annot-epochs`` epochs, early
     stopping on 10% validation cells). For pathway tokenizers, integrated-gradient pathway
     attributions of the LoRA annotator (``CellAnnotator.get_pathway_attributions``, the
     logit of the true type, ``n_steps=32``) on up to 25 test cells of each of two cell types.

@@ -231,6 +231,17 @@ def test_annotator_trains_the_gene_to_pathway_weights_in_its_copy(pathway_model,
     back = sfa.model.CellAnnotator.load(ann.save(tmp_path / "ann"), adata=train)
     torch.testing.assert_close(back.module.backbone.encoder.member_weight, enc.member_weight)
     assert list(back.predict(train)) == list(ann.predict(train))
+    # they belong to the adapter: saved with it, parked when it is switched off
+    bb = ann.module.backbone
+    name = bb.active_adapter
+    tuned = enc.member_weight.detach().clone()
+    assert torch.equal(bb.adapter_tensors(name)["encoder.member_weight"], tuned)
+    bb.set_adapter(None)
+    assert torch.equal(enc.member_weight.detach(), pre["member_weight"])
+    bb.set_adapter(name)
+    assert torch.equal(enc.member_weight.detach(), tuned) and enc.member_weight.requires_grad
+    bottleneck = sfa.model.CellAnnotator(train, pretrained=m, strategy="adapter")
+    assert bottleneck.module.backbone.encoder.set_in.requires_grad
     # a linear probe reads the pretrained tokens as they are
     probe = sfa.model.CellAnnotator(train, pretrained=m, strategy="linear_probe")
     assert not probe.module.backbone.encoder.member_weight.requires_grad
@@ -396,7 +407,11 @@ def test_perturbation_pathway_backbone_ranks_sets_by_the_response():
     # A, B and C multiply g0-14 by 4; the others move only through the library size
     assert scores.shape == (30,) and scores[:15].mean() > scores[15:].mean() + 0.1
     # alphabetical order favours the sets of genes that do not respond
-    sets = {"Z_resp": [f"g{j}" for j in range(6)], "A_null": [f"g{j}" for j in range(20, 26)]}
+    sets = {
+        "Z_resp": [f"g{j}" for j in range(6)],
+        "A_null": [f"g{j}" for j in range(20, 26)],
+        "N_own": [f"g{j}" for j in range(24, 30)],
+    }
     kw = {
         "gene_features": None,
         "n_ensemble": 2,
@@ -414,3 +429,10 @@ def test_perturbation_pathway_backbone_ranks_sets_by_the_response():
         a, **kw, tokenizer_kwargs={"min_size": 3, "max_sets": 1, "n_ranked": 0}
     )
     assert off.backbone.pathway_names_[0] == "A_null"
+    # the caller's scores replace the response, still for the first 16 sets
+    own = np.zeros(30)
+    own[26:30] = 1.0
+    given = sfa.model.PerturbationModel(
+        a, **kw, tokenizer_kwargs={"min_size": 3, "max_sets": 1, "gene_scores": own}
+    )
+    assert given.backbone.pathway_names_[0] == "N_own"

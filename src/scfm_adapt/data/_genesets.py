@@ -54,9 +54,10 @@ def go_gene_sets(
 
     Keys read ``"GO:0006955 immune response"``. By default a term holds the genes annotated
     to it directly; with ``propagate`` it also holds those of every term below it through
-    ``is_a`` and ``part_of`` (GO's true-path rule), so a parent such as type I interferon
-    signalling includes the genes of its regulation terms. Size filters and the choice among
-    the ~12k BP terms are :func:`select_gene_sets`' job, against a data set's genes.
+    ``is_a`` and ``part_of`` (GO's true-path rule), so a process includes the genes of its
+    subtypes and parts. Regulation terms (``regulates`` links) are not propagated: the
+    regulation of a process is not part of it. Size filters and the choice among the ~12k BP
+    terms are :func:`select_gene_sets`' job, against a data set's genes.
     """
     from ..datasets import go_gene2go, go_terms
 
@@ -139,6 +140,14 @@ def select_gene_sets(
         When ``gene_scores`` does not have one finite value per gene.
     """
     index = {g: i for i, g in enumerate(map(str, var_names))}
+    score = None
+    if gene_scores is not None:
+        score = np.asarray(gene_scores, dtype=np.float64)
+        if score.shape != (len(index),) or not np.isfinite(score).all():
+            raise SCFMInputError(
+                f"gene_scores has shape {score.shape}; expected one finite value per gene "
+                f"({len(index)},)."
+            )
     fitted = {}
     for name, genes in gene_sets.items():
         idx = np.unique([index[g] for g in map(str, genes) if g in index]).astype(np.int64)
@@ -162,13 +171,7 @@ def select_gene_sets(
             for c in chosen.values()
         )
 
-    if gene_scores is not None and n_ranked > 0:
-        score = np.asarray(gene_scores, dtype=np.float64)
-        if score.shape != (len(index),) or not np.isfinite(score).all():
-            raise SCFMInputError(
-                f"gene_scores has shape {score.shape}; expected one finite value per gene "
-                f"({len(index)},)."
-            )
+    if score is not None and n_ranked > 0:
         for name, idx in sorted(fitted.items(), key=lambda kv: (-score[kv[1]].mean(), kv[0])):
             if len(chosen) >= min(n_ranked, max_sets):
                 break
@@ -300,12 +303,16 @@ def set_components(
     Parameters
     ----------
     x
-        Cells × genes, log-normalised expression (dense; a sample of the training cells).
+        Cells × genes, log-normalised expression (a sample of the training cells; dense or
+        scipy sparse).
     set_idx, gene_idx
         Memberships, as :func:`memberships` returns them.
     n_sets, n_channels
         Sets and channels of the encoder.
     """
+    from scipy import sparse
+
+    x = x.toarray() if sparse.issparse(x) else x
     x = np.asarray(x, dtype=np.float64)
     out = np.zeros((set_idx.size, n_channels), dtype=np.float64)
     for p in range(n_sets):
@@ -318,13 +325,12 @@ def set_components(
             continue
         sub = x[:, gene_idx[rows]]
         sub = sub - sub.mean(0)
-        val, vec = np.linalg.eigh(sub.T @ sub)  # ascending
-        vec = vec[:, ::-1][:, :k]
-        val = val[::-1][:k]
-        vec = vec * np.where(
-            vec[np.abs(vec).argmax(0), np.arange(k)] < 0, -1.0, 1.0
-        )  # a fixed sign
-        vec[:, val <= 1e-12 * max(val[0], 1e-300)] = 0.0  # no variance: no direction
+        # thin SVD: cells × genes costs min(cells, genes)² × max, even for a catch-all token
+        # of thousands of genes
+        _, sv, vt = np.linalg.svd(sub, full_matrices=False)
+        vec = vt[:k].T  # genes × k, unit columns, by falling variance
+        vec = vec * np.where(vec[np.abs(vec).argmax(0), np.arange(k)] < 0, -1.0, 1.0)
+        vec[:, sv[:k] <= 1e-6 * max(sv[0], 1e-300)] = 0.0  # no variance: no direction
         out[rows, 1 : k + 1] = vec
     return out
 

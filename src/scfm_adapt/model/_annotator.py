@@ -145,6 +145,12 @@ class CellAnnotator(BaseModel):
                 # most: across protocols LoRA on the transformer alone fails where LoRA with
                 # this layer works (benchmarks/README.md, annotation on CellBench).
                 adapt_kwargs.setdefault("target_modules", _annotator_targets(backbone.encoder))
+            if strategy in ("lora", "adapter"):
+                # Weights that play that part but are not linear layers LoRA could wrap (a
+                # pathway encoder's gene → pathway weights) train in place, as part of the
+                # adapter (benchmarks/README.md, "pathway_tokens.py").
+                own = getattr(backbone.encoder, "annotator_trainable", ())
+                adapt_kwargs.setdefault("train_params", tuple(f"encoder.{p}" for p in own))
             backbone.add_adapter(adapter_name, strategy, **adapt_kwargs)
             if OBSERVED_KEY in adata.var:  # aligned to the pretrained genes (align_genes):
                 # the genes this data set lacks are unobserved, not zero counts
@@ -190,19 +196,12 @@ class CellAnnotator(BaseModel):
         return str(self._label_mapping()[-1])
 
     def _freeze(self) -> None:
-        """The adapter's encoder-side weights and the head train; nothing else. With LoRA
-        or bottleneck adapters, an encoder's ``annotator_trainable`` weights train too, in
-        this annotator's copy: a pathway encoder's gene → pathway weights, which no LoRA
-        layer can reach (they are not linear layers) and which hold, like the latent
-        encoder's gene projection, where a new data set differs most."""
+        """The adapter's encoder-side weights and the head train; nothing else."""
         bb = self.module.backbone
         bb.set_stage("vae")
         for n, p in bb.named_parameters():
             if not n.startswith("encoder."):
                 p.requires_grad_(False)
-        if self.strategy_ in ("lora", "adapter"):
-            for name in getattr(bb.encoder, "annotator_trainable", ()):
-                getattr(bb.encoder, name).requires_grad_(True)
         self.module.head.requires_grad_(True)
 
     def parameter_report(self) -> dict[str, int | float]:

@@ -2027,15 +2027,23 @@ def response_scores(adata: AnnData, setup: Mapping, max_cells: int = 2000) -> np
         m = lognorm_sample(x[idx], max_cells=idx.size)
         return np.asarray(m.mean(0), dtype=np.float64).ravel()
 
-    total, n = np.zeros(adata.n_vars), 0
+    total, n, skipped = np.zeros(adata.n_vars), 0, 0
     for c in pd.unique(ctx):
         in_c = ctx == c
+        perts = pd.unique(pert[in_c & ~is_ctrl])
         if not (in_c & is_ctrl).any():
+            skipped += len(perts)
             continue
         base = mean_of(in_c & is_ctrl)
-        for p in pd.unique(pert[in_c & ~is_ctrl]):
+        for p in perts:
             total += np.abs(mean_of(in_c & (pert == p)) - base)
             n += 1
+    logger.info(
+        "Gene response scores from %d (perturbation, context) pairs; %d skipped (no control "
+        "cells in their context).",
+        n,
+        skipped,
+    )
     if n == 0:
         raise SCFMInputError(
             "No context has both control and perturbed cells, so no gene's response can be "
@@ -2045,13 +2053,13 @@ def response_scores(adata: AnnData, setup: Mapping, max_cells: int = 2000) -> np
 
 
 def _response_ranked_pathways(adata: AnnData, setup: Mapping, kwargs: dict) -> dict:
-    """A pathway backbone's SCFM arguments with the gene sets ranked first by the training
-    perturbations' response (unless the caller gave scores or ``n_ranked``)."""
+    """A pathway backbone's SCFM arguments with ``n_ranked`` gene sets (default 16) ranked
+    first by their genes' scores: the caller's ``gene_scores``, or else the training
+    perturbations' response. ``n_ranked=0`` leaves the choice to coverage alone."""
     from ._tokenizers import N_RESPONSE_RANKED
 
     kw = dict(kwargs.get("tokenizer_kwargs") or {})
-    if "gene_scores" in kw or kw.get("n_ranked", 1) == 0:
-        return kwargs
-    kw["gene_scores"] = response_scores(adata, setup)
     kw.setdefault("n_ranked", N_RESPONSE_RANKED)
+    if kw["n_ranked"] and "gene_scores" not in kw:
+        kw["gene_scores"] = response_scores(adata, setup)
     return {**kwargs, "tokenizer_kwargs": kw}

@@ -190,10 +190,12 @@ class SCFM(
         16) and ``gene_scores`` (an ``adata.var`` column or one number per gene; default
         the genes' variance; a :class:`PerturbationModel`'s backbone: their response to
         the training perturbations): that many sets are chosen first by their members'
-        mean score, :func:`~scfm_adapt.data.select_gene_sets`; ``go_propagate`` (False:
-        GO terms with the genes of the terms below them), ``n_channels`` (4),
-        ``min_jaccard`` (0.05), ``min_edge_share`` (0: with ``gene_graph``, the share of
-        member pairs joined by edges that links two sets, :func:`~scfm_adapt.data.set_graph`),
+        mean score, :func:`~scfm_adapt.data.select_gene_sets`; ``go_propagate`` (False;
+        True gives each GO term the genes of the terms below it), ``n_channels`` (4),
+        ``member_init`` (``"random"``, or ``"pca"``: the member weights start at the sets'
+        principal axes, :func:`~scfm_adapt.data.set_components`), ``min_jaccard`` (0.05),
+        ``min_edge_share`` (0.1: with ``gene_graph``, the share of member pairs joined by
+        edges that links two sets, :func:`~scfm_adapt.data.set_graph`),
         ``sparse_threshold`` (0: graph attention on the fused kernel with a mask),
         ``n_residual`` (8: the genes in no set are split into that many expression
         programmes, :func:`~scfm_adapt.data.residual_programmes`; 1: one catch-all token);

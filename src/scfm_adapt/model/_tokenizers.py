@@ -192,6 +192,11 @@ class TokenizerMixin:
             x = lognorm_sample(self._counts_matrix(adata))
             gene_var = log_norm_variance(x)
             scores = _gene_scores(kw.get("gene_scores"), adata, genes, gene_var)
+            if "gene_scores" in kw and not kw.get("n_ranked", N_RANKED):
+                logger.warning(
+                    "gene_scores are used only for the first n_ranked sets, and n_ranked is "
+                    "0: pass tokenizer_kwargs={'n_ranked': k} as well."
+                )
             sets = resolve_gene_sets(
                 "go" if gene_sets is None else gene_sets,
                 genes,
@@ -442,8 +447,10 @@ class TokenizerMixin:
         """How much of the training data the named gene sets hold (``tokenizer="pathway"``):
         ``n_sets``, ``n_catch_all``, ``genes_in_sets``, ``variance_in_sets`` (their share of
         the summed variance of log-normalised expression), ``catch_all_genes`` and
-        ``catch_all_variance`` (:func:`~scfm_adapt.data.set_coverage`). ``None`` for models
-        saved before it was recorded."""
+        ``catch_all_variance`` (:func:`~scfm_adapt.data.set_coverage`); with a gene graph,
+        ``graph_edges`` and ``graph_density`` (the share of token pairs linked,
+        :func:`~scfm_adapt.data.graph_density`). ``None`` for models saved before it was
+        recorded."""
         self._require_pathways()
         return self.module.hparams_["tokenizer_options"].get("coverage")
 

@@ -24,6 +24,7 @@ kept, so switching adapters restores them exactly.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -46,7 +47,9 @@ class AdapterSpec:
     strategy: str
     parts: tuple[str, ...]
     options: dict = field(default_factory=dict)
-    param_names: list[str] = field(default_factory=list)  # partial/full: base weights trained
+    # base weights the adapter trains in place: partial/full, or a LoRA/bottleneck adapter's
+    # ``train_params``; parked and restored when adapters switch
+    param_names: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -59,6 +62,8 @@ class AdapterSpec:
         kwargs = {k: o[k] for k in ("rank", "alpha", "dropout", "bottleneck", "n_blocks") if k in o}
         if o.get("target_modules"):
             kwargs["target_modules"] = tuple(o["target_modules"])
+        if o.get("train_params"):
+            kwargs["train_params"] = tuple(o["train_params"])
         return kwargs
 
     @classmethod
@@ -114,8 +119,15 @@ class AdaptableMixin:
         target_modules: tuple[str, ...] | list[str] | None = None,
         bottleneck: int = 16,
         n_blocks: int = 1,
+        train_params: Sequence[str] = (),
     ) -> AdapterSpec:
-        """Create adapter ``name`` with ``strategy`` on ``parts`` and make it active."""
+        """Create adapter ``name`` with ``strategy`` on ``parts`` and make it active.
+
+        ``train_params`` (LoRA and bottleneck adapters): full names of base weights that the
+        adapter also trains in place, such as a pathway encoder's gene → pathway weights,
+        which are not linear layers LoRA could wrap. Like partial unfreezing, their
+        pretrained values are kept and restored whenever another adapter (or none) is
+        active, and they are saved with the adapter."""
         if strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
         parts = tuple(parts)
@@ -137,9 +149,22 @@ class AdaptableMixin:
                 "Bottleneck adapters sit inside transformer blocks; the decoder has none. "
                 "Use parts=('encoder', 'dit') or strategy='lora' for the decoder."
             )
+        if train_params and strategy not in ("lora", "adapter"):
+            raise ValueError(
+                f"train_params applies to LoRA and bottleneck adapters; a {strategy!r} adapter "
+                "chooses the base weights it trains itself."
+            )
+        known = self._canonical_params()
+        unknown = [p for p in train_params if canonical(p) not in known]
+        if unknown:
+            raise ValueError(f"train_params {unknown} are not parameters of this module.")
         self.set_adapter(None)  # partial/full adapters snapshot pristine base weights
         options: dict = {}
         spec = AdapterSpec(name, strategy, parts, options)
+        if train_params:
+            options["train_params"] = [canonical(p) for p in train_params]
+            spec.param_names = list(options["train_params"])
+            self._base_values[name] = self._copy_params(spec.param_names)
         if strategy == "lora":
             options.update(rank=rank, alpha=alpha, dropout=dropout)
             options["target_modules"] = list(target_modules) if target_modules else None
@@ -244,11 +269,11 @@ class AdaptableMixin:
             self.unmerge_adapter()  # before any base weight is parked or restored
         if current is not None and current in self.adapter_specs and current != name:
             spec = self.adapter_specs[current]
-            if spec.strategy in ("partial", "full"):  # park the tuned weights, restore base
+            if spec.param_names:  # park the tuned weights, restore base
                 self._tuned_values[current] = self._copy_params(spec.param_names)
                 self._write_params(self._base_values[current])
         spec = self.adapter_specs.get(name) if name is not None else None
-        if spec is not None and spec.strategy in ("partial", "full") and current != name:
+        if spec is not None and spec.param_names and current != name:
             if name in self._tuned_values:
                 self._write_params(self._tuned_values.pop(name))
         for layer in tuner_layers(self):
@@ -332,8 +357,9 @@ class AdaptableMixin:
                 out[n] = not _is_added(n) and not self._pretrained_external(n)
             elif spec.strategy == "lora":
                 out[n] = f"lora_A.{spec.name}." in n or f"lora_B.{spec.name}." in n
+                out[n] = out[n] or canonical(n) in names  # train_params
             elif spec.strategy == "adapter":
-                out[n] = f".adapters.{spec.name}." in n
+                out[n] = f".adapters.{spec.name}." in n or canonical(n) in names
             else:
                 out[n] = canonical(n) in names
             out[n] = out[n] or (spec is not None and is_extension(n) and n.startswith(prefixes))
@@ -365,14 +391,17 @@ class AdaptableMixin:
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The weights of adapter ``name`` alone, keyed independently of its name."""
         spec = self.adapter_specs[name]
-        if spec.strategy in ("partial", "full"):
+        vals = {}
+        if spec.param_names:  # partial/full, or a LoRA/bottleneck adapter's train_params
             vals = (
                 self._copy_params(spec.param_names)
                 if self.active_adapter == name
                 else self._tuned_values.get(name, self._base_values[name])
             )
-            return {k: v.detach().cpu().contiguous() for k, v in vals.items()}
-        return {
+        out = {k: v.detach().cpu().contiguous() for k, v in vals.items()}
+        if spec.strategy in ("partial", "full"):
+            return out
+        return out | {
             key: p.detach().cpu().contiguous()
             for n, p in self.named_parameters()
             if (key := _neutral_key(n, name)) is not None
@@ -395,11 +424,13 @@ class AdaptableMixin:
                 f"{len(extra)} unexpected (e.g. {extra[:2]}), {len(shapes)} with another shape "
                 f"(e.g. {shapes[:2]}). Was it saved from a model of another size?"
             )
-        if spec.strategy in ("partial", "full"):
+        if spec.param_names:
+            own = {k: tensors[k] for k in spec.param_names}
             if self.active_adapter == name:
-                self._write_params(tensors)
+                self._write_params(own)
             else:
-                self._tuned_values[name] = {k: v.clone() for k, v in tensors.items()}
+                self._tuned_values[name] = {k: v.clone() for k, v in own.items()}
+        if spec.strategy in ("partial", "full"):
             return
         for n, p in self.named_parameters():
             key = _neutral_key(n, name)

@@ -82,8 +82,8 @@ class PathwayTokenEncoder(PooledEncoder):
         self.register_buffer("edges", torch.zeros(n_edges, 2, dtype=torch.long))
         self.member_weight = nn.Parameter(torch.zeros(n_members, n_channels))
         self.per_set_inputs = per_set_inputs
-        # what a CellAnnotator's LoRA or adapters train in place besides their own weights:
-        # the gene → pathway weights (benchmarks/README.md, "Pathway tokens")
+        # what a CellAnnotator's LoRA or bottleneck adapter also trains (``train_params``):
+        # the gene → pathway weights (benchmarks/README.md, "pathway_tokens.py")
         self.annotator_trainable = ("member_weight", "set_in") if per_set_inputs else ()
         if per_set_inputs:  # nn.Linear's initialisation, one map per set
             bound = n_channels**-0.5
