@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import quiet
 
 #: GO:0060337 (type I interferon signalling) and the terms GO.db 3.16 lists under it (its
 #: regulation terms, linked by ``regulates``, and GO:0039502, an ``is_a`` child of one).
@@ -198,19 +198,15 @@ def run_kang(args) -> dict:
             model.train(head_steps=args.head_steps, progress=False, seed=seed, train_backbone=False)
             names = model.backbone.pathway_names_
             chosen = interferon_rank(names)
-            # the prediction's quality: Pearson of the mean change, all genes and the 20
-            # most changed (as perturbation.py's pearson_delta / pearson_delta_top20)
+            # the prediction's quality, as perturbation.py scores it
             lognorm = sfa.metrics.lognorm
             pred = model.predict_perturbation(
                 ctrl, "stim", covariates={"cluster_id": ct}, seed=seed
             )
-            base = lognorm(ctrl).mean(0)
-            d_pred = lognorm(pred).mean(0) - base
-            d_true = lognorm(task["test"][key][1]).mean(0) - base
-            top = np.argsort(-np.abs(d_true))[:20]
+            cells = [lognorm(a) for a in (pred, task["test"][key][1], ctrl)]
             quality = {
-                "pearson_delta": float(np.corrcoef(d_pred, d_true)[0, 1]),
-                "pearson_delta_top20": float(np.corrcoef(d_pred[top], d_true[top])[0, 1]),
+                "pearson_delta": sfa.metrics.pearson_delta(*cells),
+                "pearson_delta_top20": sfa.metrics.pearson_delta(*cells, top_k=20),
             }
             rng = np.random.default_rng(seed)
             idx = np.sort(rng.permutation(ctrl.n_obs)[: args.cells])
@@ -270,8 +266,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
+    quiet()
     out = run_validation(args) if args.section == "validation" else run_kang(args)
     if args.out:
         path = Path(__file__).parent / "results" / f"{args.out}.json"

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 REPO = Path(__file__).parents[1]
 
@@ -210,6 +211,18 @@ def pytest_terminal_summary(terminalreporter):
 # ------------------------------------------------------------------ perturbations
 #: Effects of the synthetic perturbations: gene blocks multiplied by 4 (A, B, D-like A).
 EFFECTS = {"A": slice(0, 5), "B": slice(5, 10), "C": slice(10, 15)}
+
+
+class EncoderHost(nn.Module):
+    """Stands in for the project's module in LoRA tests: the encoder lives at attribute
+    ``encoder``, where the target names expect it."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        return self.encoder(x)
 
 
 def make_perturbation_adata(n_per_group: int = 50, n_genes: int = 30, seed: int = 0):

@@ -11,8 +11,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from conftest import EncoderHost
 from scfm_adapt.data._geneformer import (
     find_geneformer_files,
     load_geneformer,
@@ -270,21 +270,10 @@ def test_parameter_names_unique_and_prefixed(ckpt_v1):
 
 
 # ---------------------------------------------------------------------------- adaptation
-class Wrapper(nn.Module):
-    """Stands in for the project's module: the encoder lives at attribute ``encoder``."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x):
-        return self.encoder(x)
-
-
 def test_lora_injection_by_module_name(ckpt_v1):
     from peft import LoraConfig, inject_adapter_in_model
 
-    wrapper = Wrapper(make_encoder(ckpt_v1))
+    wrapper = EncoderHost(make_encoder(ckpt_v1))
     x = random_x(4, seed=3)
     with torch.no_grad():
         before = wrapper(x)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import EncoderHost
 from scfm_adapt.data import load_scgpt, map_genes_to_vocab, write_random_scgpt
 from scfm_adapt.errors import CheckpointError
 from scfm_adapt.nn._scgpt import ScGPTEncoder, bin_values
@@ -358,22 +359,13 @@ def test_matches_the_scgpt_package(which, ckpts, tmp_path):
 
 
 # ---------------------------------------------------------------------------- adaptation
-class Wrapper(nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x):
-        return self.encoder(x)
-
-
 def test_lora_injection_by_module_name(ckpts):
     from peft import LoraConfig, inject_adapter_in_model
 
     from scfm_adapt.module._lora import lora_pattern
 
     ck = ckpts["flash"]
-    wrapper = Wrapper(make_encoder(ck))
+    wrapper = EncoderHost(make_encoder(ck))
     x = random_x(4, seed=3)
     with torch.no_grad():
         before = wrapper(x)

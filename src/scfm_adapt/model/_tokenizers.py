@@ -61,13 +61,19 @@ GRAPH_KWARGS = ("go_max_term_size",)
 BACKBONE_TOKENIZERS = ("geneformer", "scgpt")
 
 
+def random_rows(n: int, max_rows: int, seed: int = 0) -> np.ndarray:
+    """Up to ``max_rows`` random row indices of ``n``, sorted (a random subset: the first
+    rows of a file are often one batch or type)."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max_rows])
+
+
 def cp10k_sample(matrix, max_cells: int = 20000, seed: int = 0):
     """Counts per 10k (``counts / library * 1e4``) of up to ``max_cells`` random cells
     (CSR, float64, in the cells' order)."""
     from scipy import sparse
 
     n = matrix.shape[0]
-    rows = np.sort(np.random.default_rng(seed).permutation(n)[:max_cells])
+    rows = random_rows(n, max_cells, seed)
     x = sparse.csr_matrix(matrix[rows] if n > max_cells else matrix[:], dtype=np.float64)
     lib = np.asarray(x.sum(1)).ravel()
     return sparse.csr_matrix(sparse.diags(1e4 / np.maximum(lib, 1.0)) @ x)
@@ -140,18 +146,7 @@ class TokenizerMixin:
         tokenizer_kwargs: dict | None,
     ) -> tuple[dict, dict]:
         """JSON options of the module and the arrays to fill it with, for ``adata``."""
-        from ..data import (
-            as_gene_graph,
-            go_gene_graph,
-            graph_density,
-            memberships,
-            residual_programmes,
-            resolve_gene_sets,
-            set_components,
-            set_coverage,
-            set_graph,
-            uncovered_genes,
-        )
+        from ..data import as_gene_graph, go_gene_graph
         from ..module._scfm import TOKENIZERS
 
         if tokenizer not in TOKENIZERS:
@@ -186,90 +181,7 @@ class TokenizerMixin:
         options: dict = {}
         data: dict = {}
         if tokenizer == "pathway":
-            select = {
-                k: kw[k] for k in ("min_size", "max_size", "max_sets", "max_overlap") if k in kw
-            }
-            x = lognorm_sample(self._counts_matrix(adata))
-            gene_var = log_norm_variance(x)
-            scores = _gene_scores(kw.get("gene_scores"), adata, genes, gene_var)
-            if "gene_scores" in kw and not kw.get("n_ranked", N_RANKED):
-                logger.warning(
-                    "gene_scores are used only for the first n_ranked sets, and n_ranked is "
-                    "0: pass tokenizer_kwargs={'n_ranked': k} as well."
-                )
-            sets = resolve_gene_sets(
-                "go" if gene_sets is None else gene_sets,
-                genes,
-                propagate=bool(kw.get("go_propagate", False)),
-                gene_scores=scores,
-                n_ranked=int(kw.get("n_ranked", N_RANKED)),
-                **select,
-            )
-            rest = uncovered_genes(sets, len(genes))
-            n_residual = int(kw.get("n_residual", N_RESIDUAL))
-            residual = None
-            if n_residual > 1 and rest.size:
-                # a random subset: the first rows of a file are often one batch or type
-                rng = np.random.default_rng(0)
-                cells = np.sort(rng.permutation(x.shape[0])[:PROGRAMME_CELLS])
-                dense = x[cells][:, rest].toarray()  # cells × uncovered genes
-                residual = residual_programmes(dense, rest, genes, n_residual)
-            names, set_idx, gene_idx = memberships(sets, len(genes), residual=residual)
-            coverage = set_coverage(set_idx, gene_idx, names, gene_var)
-            logger.info(
-                "%d gene sets hold %d of the %d genes (%.1f%% of the variance); %d genes "
-                "(%.1f%%) go to %d catch-all token(s).",
-                coverage["n_sets"],
-                coverage["genes_in_sets"],
-                len(genes),
-                100 * coverage["variance_in_sets"],
-                coverage["catch_all_genes"],
-                100 * coverage["catch_all_variance"],
-                coverage["n_catch_all"],
-            )
-            options = {
-                "set_names": names,
-                "n_sets": len(names),
-                "n_members": int(set_idx.size),
-                "n_channels": int(kw.get("n_channels", 4)),
-                "n_edges": 0,
-                "sparse_threshold": float(kw.get("sparse_threshold", 0.0)),
-                "per_set_inputs": True,
-                "coverage": coverage,
-            }
-            data = {"memberships": (set_idx, gene_idx)}
-            member_init = str(kw.get("member_init", MEMBER_INIT))
-            if member_init not in ("pca", "random"):
-                raise SCFMInputError(
-                    f"member_init={member_init!r}; choose 'pca' (the sets' principal axes "
-                    "over the training cells) or 'random'."
-                )
-            options["member_init"] = member_init
-            if member_init == "pca":
-                rng = np.random.default_rng(0)
-                cells = np.sort(rng.permutation(x.shape[0])[:COMPONENT_CELLS])
-                data["member_weights"] = set_components(
-                    x[cells].toarray(), set_idx, gene_idx, len(names), options["n_channels"]
-                )
-            if edges is not None:
-                set_edges = set_graph(
-                    set_idx,
-                    gene_idx,
-                    len(names),
-                    edges,
-                    float(kw.get("min_jaccard", 0.05)),
-                    float(kw.get("min_edge_share", MIN_EDGE_SHARE)),
-                )
-                options["n_edges"] = len(set_edges)
-                data["edges"] = set_edges
-                coverage["graph_edges"] = len(set_edges)
-                coverage["graph_density"] = graph_density(set_edges, len(names))
-                logger.info(
-                    "The pathway graph links %d of the %d token pairs (density %.2f).",
-                    len(set_edges),
-                    len(names) * (len(names) - 1) // 2,
-                    coverage["graph_density"],
-                )
+            options, data = self._resolve_pathway(adata, gene_sets, edges, kw)
         elif tokenizer == "rank":
             options = {"top_k": int(kw.get("top_k", 64)), "n_edges": 0}
             data = {"medians": gene_medians(self._counts_matrix(adata))}
@@ -280,6 +192,102 @@ class TokenizerMixin:
             options, data = self._resolve_geneformer(adata, backbone, kw)
         elif tokenizer == "scgpt":
             options, data = self._resolve_scgpt(adata, backbone, kw)
+        return options, data
+
+    def _resolve_pathway(self, adata, gene_sets, edges, kw: dict) -> tuple[dict, dict]:
+        """Gene sets fitted to the data, catch-all programmes, coverage, member weights and
+        the pathway graph (``edges``: a gene graph, or ``None``)."""
+        from ..data import (
+            graph_density,
+            memberships,
+            residual_programmes,
+            resolve_gene_sets,
+            set_components,
+            set_coverage,
+            set_graph,
+            uncovered_genes,
+        )
+
+        genes = list(self.var_names_)
+        select = {k: kw[k] for k in ("min_size", "max_size", "max_sets", "max_overlap") if k in kw}
+        x = lognorm_sample(self._counts_matrix(adata))
+        gene_var = log_norm_variance(x)
+        scores = _gene_scores(kw.get("gene_scores"), adata, genes, gene_var)
+        if "gene_scores" in kw and not kw.get("n_ranked", N_RANKED):
+            logger.warning(
+                "gene_scores are used only for the first n_ranked sets, and n_ranked is "
+                "0: pass tokenizer_kwargs={'n_ranked': k} as well."
+            )
+        sets = resolve_gene_sets(
+            "go" if gene_sets is None else gene_sets,
+            genes,
+            propagate=bool(kw.get("go_propagate", False)),
+            gene_scores=scores,
+            n_ranked=int(kw.get("n_ranked", N_RANKED)),
+            **select,
+        )
+        rest = uncovered_genes(sets, len(genes))
+        n_residual = int(kw.get("n_residual", N_RESIDUAL))
+        residual = None
+        if n_residual > 1 and rest.size:
+            cells = random_rows(x.shape[0], PROGRAMME_CELLS)
+            dense = x[cells][:, rest].toarray()  # cells × uncovered genes
+            residual = residual_programmes(dense, rest, genes, n_residual)
+        names, set_idx, gene_idx = memberships(sets, len(genes), residual=residual)
+        coverage = set_coverage(set_idx, gene_idx, names, gene_var)
+        logger.info(
+            "%d gene sets hold %d of the %d genes (%.1f%% of the variance); %d genes "
+            "(%.1f%%) go to %d catch-all token(s).",
+            coverage["n_sets"],
+            coverage["genes_in_sets"],
+            len(genes),
+            100 * coverage["variance_in_sets"],
+            coverage["catch_all_genes"],
+            100 * coverage["catch_all_variance"],
+            coverage["n_catch_all"],
+        )
+        options = {
+            "set_names": names,
+            "n_sets": len(names),
+            "n_members": int(set_idx.size),
+            "n_channels": int(kw.get("n_channels", 4)),
+            "n_edges": 0,
+            "sparse_threshold": float(kw.get("sparse_threshold", 0.0)),
+            "per_set_inputs": True,
+            "coverage": coverage,
+        }
+        data = {"memberships": (set_idx, gene_idx)}
+        member_init = str(kw.get("member_init", MEMBER_INIT))
+        if member_init not in ("pca", "random"):
+            raise SCFMInputError(
+                f"member_init={member_init!r}; choose 'pca' (the sets' principal axes "
+                "over the training cells) or 'random'."
+            )
+        options["member_init"] = member_init
+        if member_init == "pca":
+            cells = random_rows(x.shape[0], COMPONENT_CELLS)
+            data["member_weights"] = set_components(
+                x[cells].toarray(), set_idx, gene_idx, len(names), options["n_channels"]
+            )
+        if edges is not None:
+            set_edges = set_graph(
+                set_idx,
+                gene_idx,
+                len(names),
+                edges,
+                float(kw.get("min_jaccard", 0.05)),
+                float(kw.get("min_edge_share", MIN_EDGE_SHARE)),
+            )
+            options["n_edges"] = len(set_edges)
+            data["edges"] = set_edges
+            coverage["graph_edges"] = len(set_edges)
+            coverage["graph_density"] = graph_density(set_edges, len(names))
+            logger.info(
+                "The pathway graph links %d of the %d token pairs (density %.2f).",
+                len(set_edges),
+                len(names) * (len(names) - 1) // 2,
+                coverage["graph_density"],
+            )
         return options, data
 
     def _align_vocab(self, adata, vocab: dict, kw: dict) -> tuple[np.ndarray, dict]:

@@ -52,6 +52,24 @@ class ExternalBackboneEncoder(PosteriorEncoder):
         return self.gene_token_ids.shape[0]
 
 
+def top_genes(
+    score: torch.Tensor, valid: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each cell's (at most ``max_len``) highest-scoring valid genes.
+
+    Returns ``order`` ``(B, k)``, gene indices by falling ``score`` (a stable sort: ties in
+    gene order; ``score`` must be ``-inf`` where not ``valid``), ``mask`` ``(B, k)``, true
+    for a cell's own genes, and ``n`` ``(B,)``, the genes each cell keeps; ``k`` is the
+    largest ``n`` of the batch.
+    """
+    n = valid.sum(1).clamp(max=max_len)  # (B,)
+    k = int(n.max()) if n.numel() else 0
+    # A stable sort keeps ties in gene order; topk gives no such guarantee.
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
+    mask = torch.arange(k, device=score.device) < n[:, None]  # (B, k)
+    return order, mask, n
+
+
 @torch.no_grad()
 def copy_strict(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], fix: str) -> None:
     """Copy ``given`` into the encoder's tensors ``own`` (same names): every one of ``own``

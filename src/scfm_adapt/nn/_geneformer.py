@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ._bottleneck_adapter import AdapterHost
-from ._external_backbone import ExternalBackboneEncoder, copy_strict
+from ._external_backbone import ExternalBackboneEncoder, copy_strict, top_genes
 
 # Buffers of BertEmbeddings that old transformers saved but that are rebuilt, not loaded.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -189,12 +189,7 @@ class GeneformerEncoder(ExternalBackboneEncoder):
         expr = torch.expm1(x_norm.float())  # (B, G): counts per 10k, Geneformer's scale
         valid = (expr > 0) & (self.gene_token_ids >= 0)  # (B, G)
         score = torch.where(valid, expr / self.gene_median, float("-inf"))
-        n = valid.sum(1).clamp(max=self.max_len)  # (B,) genes kept per cell
-        k = int(n.max()) if n.numel() else 0
-        # A stable sort keeps ties in gene order; topk gives no such guarantee.
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
-        pos = torch.arange(k, device=x_norm.device)
-        mask = pos < n[:, None]  # (B, k)
+        order, mask, n = top_genes(score, valid, self.max_len)  # (B, k), (B, k), (B,)
         ids = torch.where(mask, self.gene_token_ids[order], self.pad_id)  # (B, k)
         b = ids.shape[0]
         if self.cls_id is not None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ._bottleneck_adapter import AdapterHost
-from ._external_backbone import ExternalBackboneEncoder, copy_strict
+from ._external_backbone import ExternalBackboneEncoder, copy_strict, top_genes
 
 #: scGPT clamps values at this before its continuous value encoder.
 MAX_VALUE = 512.0
@@ -324,11 +324,8 @@ class ScGPTEncoder(ExternalBackboneEncoder):
             kept = torch.where(valid, torch.expm1(x_norm.float()), 0.0)  # counts per 10k
             vals = kept / kept.sum(1, keepdim=True).clamp(min=1e-12) * 1e4
             vals = torch.log1p(vals) if self.input_style == "log1p" else vals
-        n = valid.sum(1).clamp(max=self.max_len)  # (B,)
-        k = int(n.max()) if n.numel() else 0
         score = torch.where(valid, x_norm.float(), float("-inf"))
-        top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]  # (B, k)
-        mask = torch.arange(k, device=x_norm.device) < n[:, None]  # (B, k): a cell's genes
+        top, mask, _ = top_genes(score, valid, self.max_len)  # (B, k)
         # The kept genes in data order, then the padding (index G sorts last).
         order = torch.sort(torch.where(mask, top, self.n_genes), dim=1).values
         safe = order.clamp(max=self.n_genes - 1)
